@@ -1,0 +1,84 @@
+"""Writing WebDataset shards in the project's shard contract (DESIGN §2).
+
+Per sample: an image (`jpg`), a caption (`txt`) and metadata (`json`: url, width, height, original
+size, sha256 and any scores). Per shard: `NNNNN.tar`, `NNNNN.parquet` listing every input row with its
+status and error, and `NNNNN_stats.json` counting them, as img2dataset writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+import webdataset as wds
+from PIL import Image
+
+
+@dataclass
+class ShardSample:
+    key: str
+    image: Optional[Image.Image]
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None   # a row that failed: listed in the parquet, not written to the tar
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_shard(samples: list[ShardSample], path: Path) -> dict[str, int]:
+    """Write one shard and its parquet/stats siblings atomically (tmp files renamed into place)."""
+    path = Path(path)
+    rows, successes = [], 0
+    tmp = path.with_suffix(".tar.tmp")
+    with wds.TarWriter(str(tmp)) as writer:
+        for sample in samples:
+            row = {"key": sample.key, "caption": sample.caption, **{k: v for k, v in sample.meta.items() if not isinstance(v, (dict, list))}}
+            if sample.error is not None or sample.image is None:
+                rows.append({**row, "status": "failed", "error_message": sample.error or "no image"})
+                continue
+            data = encode_jpeg(sample.image)
+            meta = {"key": sample.key, "caption": sample.caption, "width": sample.image.width,
+                    "height": sample.image.height, "original_width": sample.meta.get("original_width", sample.image.width),
+                    "original_height": sample.meta.get("original_height", sample.image.height),
+                    "sha256": hashlib.sha256(data).hexdigest(), **sample.meta, "status": "success"}
+            writer.write({"__key__": sample.key, "jpg": data, "txt": sample.caption, "json": json.dumps(meta)})
+            rows.append({**row, "status": "success", "error_message": None})
+            successes += 1
+    stats = {"count": len(samples), "successes": successes, "failed_to_download": len(samples) - successes}
+    pd.DataFrame(rows).to_parquet(path.with_suffix(".parquet"))
+    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats))
+    os.replace(tmp, path)
+    return stats
+
+
+def write_shards(samples: Iterable[ShardSample], out_dir: Path, samples_per_shard: int) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, chunk = [], []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == samples_per_shard:
+            paths.append(out_dir / f"{len(paths):05d}.tar")
+            write_shard(chunk, paths[-1])
+            chunk = []
+    if chunk:
+        paths.append(out_dir / f"{len(paths):05d}.tar")
+        write_shard(chunk, paths[-1])
+    return paths
+
+
+def shard_pattern(paths: list[Path]) -> str:
+    """A brace pattern covering consecutively numbered shards: dir/{00000..00007}.tar."""
+    if len(paths) == 1:
+        return str(paths[0])
+    return f"{paths[0].parent}/{{{paths[0].stem}..{paths[-1].stem}}}.tar"

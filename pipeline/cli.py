@@ -1,0 +1,113 @@
+"""The `addpipe` command line: each command parses its config and calls one library function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Adversarial Diffusion Distillation: prep -> train -> sample -> eval.")
+
+
+class UserError(Exception):
+    """Errors caused by input, printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from addpipe.pipeline.config import ConfigError
+    from addpipe.train.data import ShardError
+    from addpipe.train.models import ModelLoadError
+
+    return (ConfigError, ShardError, ModelLoadError, UserError)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.student_lr=1e-5 data.shards='/d/{000..099}.tar'"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*.yaml)"),
+    zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage of the student (0-3)"),
+    offload: Optional[str] = typer.Option(None, "--offload", help="Offload optimizer state: none, cpu or nvme"),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Shortcut for run_dir=..."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in run_dir"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config with its documentation and exit"),
+) -> None:
+    """Train an ADD student (one process, or several under torchrun / the deepspeed launcher)."""
+    from addpipe.pipeline.config import load, to_yaml
+    from addpipe.train.config import TrainConfig
+
+    extra = list(overrides or [])
+    if zero is not None:
+        extra.append(f"engine.zero={zero}")
+    if offload is not None:
+        extra.append(f"engine.offload_optimizer={offload}")
+    if run_dir is not None:
+        extra.append(f"run_dir={run_dir}")
+    cfg = load(TrainConfig, config, extra)
+    if dry_run:
+        typer.echo(to_yaml(cfg, with_docs=True))
+        return
+    from addpipe.train.loop import train as run_training
+
+    student = run_training(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"student exported to {student}")
+
+
+@app.command()
+def sample(
+    student: Path = typer.Option(..., "--student", help="Exported student directory (run_dir/student)"),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt; repeat for several images"),
+    steps: int = typer.Option(1, "--steps", help="Sampling steps (1-4 for the default student)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("sample.png"), "--out", "-o", help="PNG file (a grid when several prompts)"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the student's native size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+) -> None:
+    """Sample from an exported student: deterministic for a seed, no guidance."""
+    import torch
+
+    from addpipe.train.sampling import generate, load_student, sample_timesteps, save_grid, vae_downsample_factor
+
+    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    components, schedule, info = load_student(str(student), target)
+    try:
+        timesteps = sample_timesteps(info, steps)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    size = resolution or components.unet.config.sample_size * vae_downsample_factor(components)
+    images = generate(components.unet, components, schedule, list(prompt), timesteps, seed, size, target)
+    save_grid(images.cpu(), out, rows=1)
+    typer.echo(f"wrote {out} ({len(prompt)} image(s), {steps} step(s), timesteps {timesteps})")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Working directory of the demo"),
+    steps: int = typer.Option(300, "--steps", help="ADD training steps"),
+    images: int = typer.Option(400, "--images", help="Digit images to build shards from"),
+    teacher_steps: int = typer.Option(600, "--teacher-steps", help="Steps of the small teacher's own diffusion training"),
+) -> None:
+    """The main job offline on CPU: digit shards -> small teacher -> ADD student -> 1/2/4-step grid."""
+    from addpipe.pipeline.demo import run_demo
+
+    grid = run_demo(out, steps=steps, images=images, teacher_steps=teacher_steps)
+    typer.echo(f"demo finished: {grid}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        app()
+    except _user_errors() as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""The training stage's config tree. Defaults are the ADD paper's constants (DESIGN §1).
+
+Each field's docstring is read back by `addpipe.pipeline.config` for `--dry-run` and for the error
+that lists valid keys, so keep them short and specific.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, low-resolution"
+)
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Hub id or local diffusers-format directory of the teacher pipeline (unet, vae, text encoder(s), tokenizer(s), scheduler)."""
+    revision: Optional[str] = None
+    """Hub revision of the teacher (branch, tag or commit)."""
+    variant: Optional[str] = None
+    """Weight file variant to load, e.g. fp16."""
+    architecture: Literal["auto", "sd", "sdxl"] = "auto"
+    """sd: one text encoder; sdxl: two encoders, pooled embedding and size/crop time ids; auto: from the directory."""
+    vae: Optional[str] = None
+    """Hub id or directory of a replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); default: the teacher's."""
+    student_init: Optional[str] = None
+    """Directory or hub id of a UNet to start the student from; default: a copy of the teacher's UNet."""
+    gradient_checkpointing: bool = False
+    """Recompute student activations in backward to save memory."""
+    frozen_placement: Literal["replicate", "partition"] = "replicate"
+    """Frozen teacher UNet: a full copy per rank, or partitioned across ranks by a ZeRO-3 inference engine (needs engine.zero=3)."""
+
+
+@dataclass
+class StudentConfig:
+    num_timesteps: int = 4
+    """N, the number of student timesteps; tau_i = T-1 - floor(i*T/N), e.g. {999, 749, 499, 249} for N=4."""
+    timesteps: tuple[int, ...] = ()
+    """Explicit student timesteps (descending, first = T-1) instead of the evenly spaced default."""
+    prediction_type: Literal["v_prediction", "sample"] = "v_prediction"
+    """What the student's output means; both stay finite at zero terminal SNR (epsilon does not)."""
+    zero_terminal_snr: bool = True
+    """Rescale the student's schedule so alpha at T-1 is 0 (Lin et al. 2023): training then starts from pure noise."""
+
+    def __post_init__(self) -> None:
+        if self.num_timesteps < 1:
+            raise ValueError("student.num_timesteps must be at least 1")
+        if self.timesteps and list(self.timesteps) != sorted(self.timesteps, reverse=True):
+            raise ValueError(f"student.timesteps must be descending, got {list(self.timesteps)}")
+
+
+@dataclass
+class DiscriminatorConfig:
+    feature_network: str = "facebook/dinov2-small"
+    """Hub id or local directory of the frozen DINOv2 ViT (transformers) whose tokens the heads read."""
+    image_encoder: Optional[str] = None
+    """DINOv2 for the image condition c_img (CLS of the real image); default: the feature network itself."""
+    num_heads: int = 5
+    """Number of heads, on evenly spaced transformer layers (StyleGAN-T uses 5)."""
+    layers: tuple[int, ...] = ()
+    """Explicit 1-based transformer layer indices for the heads instead of evenly spaced ones."""
+    input_size: int = 224
+    """Images are resized to this square size (a multiple of the ViT patch size) before the feature network."""
+    projection_dim: int = 64
+    """Width of the conditioning projection (StyleGAN-T's cmap_dim)."""
+    kernel_size: int = 9
+    """Kernel of the heads' 1-D convolutions over the token sequence."""
+    virtual_batch_size: int = 8
+    """Group size of the heads' local batch norm; without normalisation the heads did not learn (DESIGN §1)."""
+    text_conditioning: bool = True
+    """Project the pooled text embedding into the heads' output."""
+    image_conditioning: bool = True
+    """Project the DINOv2 CLS embedding of the real image into the heads' output."""
+    r1_gamma: float = 1e-5
+    """Weight of R1: squared gradient norm of each head's output w.r.t. that head's input features."""
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 and not self.layers:
+            raise ValueError("discriminator.num_heads must be at least 1")
+        if self.r1_gamma < 0:
+            raise ValueError("discriminator.r1_gamma must be >= 0")
+
+
+@dataclass
+class DistillConfig:
+    weighting: Literal["exponential", "sds", "nfsd"] = "nfsd"
+    """c(t): exponential = alpha_t; sds = alpha_t/(2 sigma_t) * sigma_t^2; nfsd = noise-free score distillation with the SDS weight."""
+    space: Literal["latent", "pixel"] = "pixel"
+    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable)."""
+    weight: float = 2.5
+    """lambda: L = L_adv + lambda * L_distill."""
+    teacher_guidance: float = 7.5
+    """Classifier-free guidance scale of the teacher target (1 = no guidance)."""
+    t_min: int = 20
+    """Smallest teacher timestep t for re-noising the student sample."""
+    t_max: int = 980
+    """Largest teacher timestep t."""
+    nfsd_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """NFSD's negative prompt for the domain term at large t."""
+    nfsd_t_threshold: int = 200
+    """NFSD uses the unconditional prediction alone below this t, minus the negative-prompt one above it."""
+    adversarial: bool = True
+    """Include the adversarial loss (turn off for the distillation-only ablation)."""
+    distillation: bool = True
+    """Include the distillation loss (turn off for the adversarial-only ablation)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.t_min < self.t_max:
+            raise ValueError(f"need 0 <= distill.t_min < distill.t_max, got {self.t_min}, {self.t_max}")
+        if not (self.adversarial or self.distillation):
+            raise ValueError("at least one of distill.adversarial and distill.distillation must be on")
+
+
+@dataclass
+class OptimConfig:
+    student_lr: float = 1e-5
+    """Peak AdamW learning rate of the student."""
+    discriminator_lr: float = 2e-5
+    """Peak AdamW learning rate of the discriminator heads."""
+    student_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas of the student."""
+    discriminator_betas: tuple[float, float] = (0.0, 0.99)
+    """AdamW betas of the heads (StyleGAN-T style)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, both optimizers."""
+    warmup_steps: int = 500
+    """Linear learning-rate warm-up from 0 over this many steps, then constant."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip for both models; 0 disables (DeepSpeed's own default would be 1.0 silently)."""
+    ema_decay: float = 0.0
+    """EMA decay of the student's weights; 0 disables the EMA."""
+    discriminator_interval: int = 1
+    """Run the discriminator phase every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.student_lr <= 0 or self.discriminator_lr <= 0:
+            raise ValueError("learning rates must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("optim.ema_decay must be in [0, 1)")
+        if self.warmup_steps < 0 or self.discriminator_interval < 1:
+            raise ValueError("optim.warmup_steps must be >= 0 and optim.discriminator_interval >= 1")
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """WebDataset shards: a brace pattern ('/data/{00000..01023}.tar'), a directory, or several joined by '::'."""
+    resolution: int = 512
+    """Training images are resized (shorter side) and cropped to this square size."""
+    batch_size: int = 4
+    """Micro-batch per rank; the global batch is batch_size * world_size."""
+    num_workers: int = 2
+    """DataLoader workers per rank; each reads its own stream of shards."""
+    random_crop: bool = False
+    """Random instead of centre crops (the crop corner is passed to SDXL's time ids either way)."""
+    caption_key: str = "txt"
+    """Sample key holding the caption."""
+    seed: int = 0
+    """Seed of the shard order; each epoch reshuffles shards deterministically."""
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8 or self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("data.resolution >= 8, data.batch_size >= 1, data.num_workers >= 0 required")
+
+
+@dataclass
+class EngineConfig:
+    zero: int = 2
+    """DeepSpeed ZeRO stage of the student: 0, 1, 2 or 3."""
+    discriminator_zero: Optional[int] = None
+    """ZeRO stage of the discriminator heads; default min(zero, 2): they are small and R1 needs a double backward."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-Offload of the student's optimizer state (stage >= 1)."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Offload of the student's parameters (stage 3 only)."""
+    nvme_path: str = "/local_nvme"
+    """Directory for NVMe offload."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 on devices that support it (auto), or force one."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: nccl on GPUs, gloo on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"engine.zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.discriminator_zero is not None and self.discriminator_zero not in (0, 1, 2, 3):
+            raise ValueError("engine.discriminator_zero must be 0..3")
+        if self.offload_param != "none" and self.zero != 3:
+            raise ValueError("engine.offload_param needs engine.zero=3")
+        if self.offload_optimizer != "none" and self.zero == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints."""
+    export_ema: bool = True
+    """Export the EMA weights as the student when the EMA is on."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Write metrics.jsonl / TensorBoard every this many steps."""
+    sample_every: int = 500
+    """Write a sample grid every this many steps (0: only at the end)."""
+    sample_prompts: tuple[str, ...] = (
+        "a photo of a red fox in the snow",
+        "an astronaut riding a horse, oil painting",
+        "a bowl of ramen, studio lighting",
+        "a lighthouse at dusk",
+    )
+    """Prompts of the sample grid."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under run_dir/tensorboard."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/add"
+    """Where config, metrics, checkpoints, samples and the exported student go."""
+    steps: int = 10000
+    """Total optimisation steps."""
+    seed: int = 0
+    """Seed of all training noise; noise is a function of (seed, step, stream), so resumes are exact."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher and student networks."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """Student timesteps and parameterisation."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """Frozen feature network and trainable heads."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Score distillation loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisers, schedules, EMA."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """WebDataset input."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """DeepSpeed and precision."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and export."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics, TensorBoard, sample grids."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.model.frozen_placement == "partition" and self.engine.zero != 3:
+            raise ValueError("model.frozen_placement=partition needs engine.zero=3")

@@ -1,0 +1,254 @@
+"""Training data: WebDataset shards (DESIGN §2's contract) read as deterministic, resumable streams.
+
+The data is cut into `world_size * streams_per_rank` streams. Each epoch shuffles the shard list with
+a seed and deals the shards to the streams round-robin; a stream reads its shards in order and wraps
+into the next epoch, so epochs are resampled forever. A rank owns `streams_per_rank` consecutive
+streams (one per DataLoader worker) and builds each micro-batch from an equal chunk of each of them.
+
+Two properties follow, and the tests rely on both:
+- The global batch of a step depends only on (shards, seed, total streams), not on how streams are
+  spread over ranks: two ranks with one worker each see exactly what one rank with two workers sees.
+- A stream's position is (epoch, shard index, sample offset) after its last delivered chunk; saved in
+  a checkpoint, it lets a resumed run continue with the very next sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardError(FileNotFoundError):
+    """Shards that are missing or too few for the data layout."""
+
+
+def expand_shards(spec: str) -> list[str]:
+    """'a/{000..009}.tar' brace patterns, directories of .tar files, or several joined by '::'."""
+    if not spec:
+        raise ShardError("data.shards is empty: give a brace pattern like '/data/{00000..00099}.tar' or a directory")
+    paths: list[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part.strip())
+        if part and os.path.isdir(part):
+            paths.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+        elif part:
+            paths.extend(braceexpand(part))
+    if not paths:
+        raise ShardError(f"no shards found for {spec!r}")
+    remote = ("pipe:", "http://", "https://", "s3://", "gs://")
+    missing = [p for p in paths if not p.startswith(remote) and not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ShardError(f"{len(missing)} of {len(paths)} shards are missing: {shown}")
+    return paths
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_shards))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+@dataclass
+class StreamState:
+    """Where a stream continues: the next sample is `offset` into the `shard`-th shard of `epoch`."""
+
+    epoch: int = 0
+    shard: int = 0
+    offset: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "skipped": self.skipped}
+
+
+def load_image(sample: dict[str, Any]) -> Image.Image:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            with Image.open(io.BytesIO(sample[key])) as image:
+                image.load()
+                return image.convert("RGB")
+    raise ValueError(f"sample {sample.get('__key__')} has none of the image keys {IMAGE_KEYS}")
+
+
+def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Random]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Shorter side to `resolution` (bicubic), then a square crop (random when rng is given).
+    Returns pixels in [-1, 1] (3, R, R) and the crop's (top, left) for SDXL's time ids."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    if rng is None:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top, left = rng.randint(0, new_h - resolution), rng.randint(0, new_w - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
+
+
+def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng: Optional[random.Random]) -> dict[str, Any]:
+    """One raw WebDataset sample -> tensors; raises on anything unusable (the caller skips and counts)."""
+    if caption_key not in sample:
+        raise ValueError(f"sample {sample.get('__key__')} has no {caption_key!r} caption")
+    caption = sample[caption_key]
+    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    image = load_image(sample)
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    original = (int(meta.get("original_height") or image.height), int(meta.get("original_width") or image.width))
+    pixels, crop = resize_and_crop(image, resolution, rng)
+    return {"pixels": pixels, "caption": caption.strip(), "original_size": original, "crop": crop}
+
+
+class ShardStreams(torch.utils.data.IterableDataset):
+    """Yields chunks of `chunk_size` decoded samples, each tagged with its stream and the stream's state."""
+
+    def __init__(self, shards: list[str], stream_ids: list[int], num_streams: int, chunk_size: int, resolution: int,
+                 caption_key: str = "txt", seed: int = 0, random_crop: bool = False,
+                 states: Optional[dict[int, StreamState]] = None):
+        super().__init__()
+        if len(shards) < num_streams:
+            raise ShardError(
+                f"{len(shards)} shards cannot feed {num_streams} data streams (world_size x max(1, num_workers)); "
+                "use fewer workers or more, smaller shards"
+            )
+        self.shards, self.stream_ids, self.num_streams = shards, stream_ids, num_streams
+        self.chunk_size, self.resolution, self.caption_key = chunk_size, resolution, caption_key
+        self.seed, self.random_crop = seed, random_crop
+        self.states = states or {}
+
+    def samples(self, stream: int) -> Iterator[tuple[Optional[dict[str, Any]], StreamState]]:
+        """Decoded samples of one stream forever; None stands for a skipped (corrupt) sample."""
+        state = StreamState(**self.states[stream].as_dict()) if stream in self.states else StreamState()
+        while True:
+            mine = epoch_order(len(self.shards), self.seed, state.epoch)[stream :: self.num_streams]
+            while state.shard < len(mine):
+                path = self.shards[mine[state.shard]]
+                index = -1
+                try:
+                    for index, raw in enumerate(wds.tarfile_samples([{"url": path}])):
+                        if index < state.offset:
+                            continue
+                        rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
+                        try:
+                            decoded = decode_sample(raw, self.resolution, self.caption_key, rng)
+                        except Exception as error:  # a corrupt image or missing caption: skip and count
+                            logger.warning("skipping sample %s of %s: %s", raw.get("__key__"), path, error)
+                            state.skipped += 1
+                            decoded = None
+                        state.offset = index + 1
+                        yield decoded, StreamState(**state.as_dict())
+                except Exception as error:  # a truncated shard: keep what was read, move on
+                    if isinstance(error, (KeyboardInterrupt, GeneratorExit)):
+                        raise
+                    logger.warning("shard %s failed after %d samples: %s", path, index + 1, error)
+                    state.skipped += 1
+                state.shard, state.offset = state.shard + 1, 0
+            state.epoch, state.shard = state.epoch + 1, 0
+
+    def chunks(self, stream: int) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for decoded, state in self.samples(stream):
+            if decoded is not None:
+                buffer.append(decoded)
+            if len(buffer) == self.chunk_size:
+                yield {
+                    "pixels": torch.stack([b["pixels"] for b in buffer]),
+                    "captions": [b["caption"] for b in buffer],
+                    "original_sizes": torch.tensor([b["original_size"] for b in buffer], dtype=torch.long),
+                    "crops": torch.tensor([b["crop"] for b in buffer], dtype=torch.long),
+                    "stream": stream,
+                    "state": state.as_dict(),
+                }
+                buffer = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            iterators = [self.chunks(stream) for stream in self.stream_ids]
+            while True:  # round-robin over this rank's streams, as DataLoader does over workers
+                for iterator in iterators:
+                    yield next(iterator)
+        else:
+            yield from self.chunks(self.stream_ids[info.id])
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor
+    captions: list[str]
+    original_sizes: torch.Tensor
+    crops: torch.Tensor
+    streams: list[int] = field(default_factory=list)
+
+
+class TrainingData:
+    """This rank's micro-batches plus the stream positions needed to resume them."""
+
+    def __init__(self, config, rank: int, world_size: int, states: Optional[dict[str, Any]] = None):
+        self.shards = expand_shards(config.shards)
+        self.streams_per_rank = max(1, config.num_workers)
+        if config.batch_size % self.streams_per_rank:
+            raise ValueError(
+                f"data.batch_size ({config.batch_size}) must be a multiple of the streams per rank "
+                f"(max(1, data.num_workers) = {self.streams_per_rank})"
+            )
+        self.num_streams = world_size * self.streams_per_rank
+        self.stream_ids = [rank * self.streams_per_rank + j for j in range(self.streams_per_rank)]
+        self.layout = {"num_streams": self.num_streams, "num_shards": len(self.shards), "seed": config.seed}
+        restored: dict[int, StreamState] = {}
+        if states:
+            if states.get("layout") == self.layout:
+                restored = {int(k): StreamState(**v) for k, v in states["streams"].items() if int(k) in self.stream_ids}
+            else:
+                logger.warning("data layout changed since the checkpoint (%s -> %s): streams restart at epoch 0",
+                               states.get("layout"), self.layout)
+        self.states = {s: restored.get(s, StreamState()) for s in self.stream_ids}
+        dataset = ShardStreams(
+            self.shards, self.stream_ids, self.num_streams, config.batch_size // self.streams_per_rank,
+            config.resolution, config.caption_key, config.seed, config.random_crop, dict(self.states),
+        )
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=config.num_workers,
+            persistent_workers=config.num_workers > 0, prefetch_factor=2 if config.num_workers > 0 else None,
+        )
+        self._iterator: Optional[Iterator[dict[str, Any]]] = None
+
+    def __iter__(self) -> "TrainingData":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
+        for chunk in chunks:
+            self.states[chunk["stream"]] = StreamState(**chunk["state"])
+        return Batch(
+            pixels=torch.cat([c["pixels"] for c in chunks]),
+            captions=[caption for c in chunks for caption in c["captions"]],
+            original_sizes=torch.cat([c["original_sizes"] for c in chunks]),
+            crops=torch.cat([c["crops"] for c in chunks]),
+            streams=[c["stream"] for c in chunks for _ in c["captions"]],
+        )
+
+    @property
+    def skipped(self) -> int:
+        return sum(state.skipped for state in self.states.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layout": self.layout, "streams": {str(k): v.as_dict() for k, v in self.states.items()}}

@@ -1,0 +1,200 @@
+"""The ADD discriminator: a frozen DINOv2 ViT and trainable 1-D convolutional heads on its tokens.
+
+StyleGAN-T's design (DESIGN §1): a head per selected transformer layer, each a 1x1 conv block and a
+residual block with a wide kernel over the token sequence, normalised by a "local" batch norm over
+small virtual groups (without normalisation the heads did not learn), ending in projection
+conditioning: per-token features are projected and dotted with an affine map of the condition
+(pooled text embedding and DINOv2 CLS embedding of the real image).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def evenly_spaced_layers(num_layers: int, num_heads: int) -> list[int]:
+    """1-based layer indices spread over the network, always including the last layer."""
+    if num_heads > num_layers:
+        raise ValueError(f"{num_heads} heads requested but the feature network has only {num_layers} layers")
+    return sorted({round(num_layers * (i + 1) / num_heads) for i in range(num_heads)})
+
+
+class LocalBatchNorm(nn.Module):
+    """Batch norm over virtual groups of at most `virtual_batch_size` samples (StyleGAN-T's BatchNormLocal):
+    statistics stay comparable whatever the per-rank batch, and no running state is kept."""
+
+    def __init__(self, channels: int, virtual_batch_size: int = 8, eps: float = 1e-5):
+        super().__init__()
+        self.virtual_batch_size = virtual_batch_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def group_count(self, batch: int) -> int:
+        groups = math.ceil(batch / self.virtual_batch_size)
+        while batch % groups:
+            groups += 1
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, length = x.shape
+        groups = self.group_count(batch)
+        grouped = x.float().view(groups, batch // groups, channels, length)
+        mean = grouped.mean(dim=(1, 3), keepdim=True)
+        var = grouped.var(dim=(1, 3), keepdim=True, unbiased=False)
+        normed = ((grouped - mean) * torch.rsqrt(var + self.eps)).view(batch, channels, length).to(x.dtype)
+        return normed * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, channels: int, kernel_size: int, virtual_batch_size: int):
+        super().__init__(
+            nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular"),
+            LocalBatchNorm(channels, virtual_batch_size),
+            nn.LeakyReLU(0.2),
+        )
+
+
+class DiscriminatorHead(nn.Module):
+    """Tokens (B, C, N) and a condition (B, D) -> per-token logits (B, N)."""
+
+    def __init__(self, channels: int, condition_dim: int, projection_dim: int, kernel_size: int, virtual_batch_size: int):
+        super().__init__()
+        self.stem = ConvBlock(channels, 1, virtual_batch_size)
+        self.residual = ConvBlock(channels, kernel_size, virtual_batch_size)
+        self.condition_dim = condition_dim
+        if condition_dim > 0:
+            self.to_logits = nn.Conv1d(channels, projection_dim, 1)
+            self.project_condition = nn.Linear(condition_dim, projection_dim)
+        else:
+            self.to_logits = nn.Conv1d(channels, 1, 1)
+
+    def forward(self, tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.stem(tokens)
+        hidden = (hidden + self.residual(hidden)) / math.sqrt(2.0)
+        out = self.to_logits(hidden)
+        if self.condition_dim == 0:
+            return out.squeeze(1)
+        condition_map = self.project_condition(condition).unsqueeze(-1)
+        return (out * condition_map).sum(dim=1) / math.sqrt(out.shape[1])
+
+
+class Discriminator(nn.Module):
+    """Frozen feature network + heads. Call `features()` on images, then the module on those features.
+
+    The split lets the trainer take R1 with respect to exactly the tensors each head consumed and
+    keeps the trainable part (the heads) the only thing a DeepSpeed engine has to optimise.
+    """
+
+    def __init__(
+        self,
+        feature_network: nn.Module,
+        layers: Sequence[int],
+        text_dim: int,
+        image_dim: int,
+        projection_dim: int = 64,
+        kernel_size: int = 9,
+        virtual_batch_size: int = 8,
+        text_conditioning: bool = True,
+        image_conditioning: bool = True,
+        input_size: int = 224,
+        image_encoder: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.feature_network = feature_network
+        # A separate image encoder is kept outside the module tree when it is the same network.
+        self.separate_image_encoder = image_encoder is not None and image_encoder is not feature_network
+        if self.separate_image_encoder:
+            self.image_encoder = image_encoder
+        self.layers = list(layers)
+        self.text_conditioning = text_conditioning
+        self.image_conditioning = image_conditioning
+        self.input_size = input_size
+        channels = feature_network.config.hidden_size
+        condition_dim = (text_dim if text_conditioning else 0) + (image_dim if image_conditioning else 0)
+        self.heads = nn.ModuleList(
+            DiscriminatorHead(channels, condition_dim, projection_dim, kernel_size, virtual_batch_size)
+            for _ in self.layers
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self._freeze()
+
+    def _freeze(self) -> None:
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+            module.eval()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.feature_network] + ([self.image_encoder] if self.separate_image_encoder else [])
+
+    def train(self, mode: bool = True) -> "Discriminator":
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()  # the backbone never leaves eval mode (no dropout, no stat updates)
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] RGB -> ImageNet-normalised input at the feature network's size."""
+        images = (images.float() + 1.0) / 2.0
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False, antialias=True)
+        dtype = next(self.feature_network.parameters()).dtype
+        return ((images - self.mean) / self.std).to(dtype)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens of the selected layers as (B, C, N); differentiable w.r.t. the images."""
+        output = self.feature_network(pixel_values=self.preprocess(images), output_hidden_states=True)
+        return [output.hidden_states[layer].transpose(1, 2).float() for layer in self.layers]
+
+    @torch.no_grad()
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """c_img: the DINOv2 CLS embedding of the (real) images."""
+        encoder = self.image_encoder if self.separate_image_encoder else self.feature_network
+        return encoder(pixel_values=self.preprocess(images)).pooler_output.float()
+
+    def condition(self, text_embedding: torch.Tensor | None, image_embedding: torch.Tensor | None) -> torch.Tensor | None:
+        parts = []
+        if self.text_conditioning:
+            parts.append(text_embedding)
+        if self.image_conditioning:
+            parts.append(image_embedding)
+        return torch.cat([p.float() for p in parts], dim=1) if parts else None
+
+    def forward(
+        self, features: Sequence[torch.Tensor], text_embedding: torch.Tensor | None, image_embedding: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        condition = self.condition(text_embedding, image_embedding)
+        return [head(tokens, condition) for head, tokens in zip(self.heads, features)]
+
+
+def build_discriminator(config, text_dim: int, dtype: torch.dtype = torch.float32) -> Discriminator:
+    """The discriminator a DiscriminatorConfig describes, its DINOv2 loaded with transformers."""
+    from transformers import Dinov2Model
+
+    from addpipe.train.models import load_pretrained
+
+    feature_network = load_pretrained(Dinov2Model, config.feature_network, torch_dtype=dtype)
+    image_encoder = None
+    if config.image_encoder and config.image_encoder != config.feature_network:
+        image_encoder = load_pretrained(Dinov2Model, config.image_encoder, torch_dtype=dtype)
+    num_layers = feature_network.config.num_hidden_layers
+    layers = list(config.layers) or evenly_spaced_layers(num_layers, config.num_heads)
+    if any(not 1 <= layer <= num_layers for layer in layers):
+        raise ValueError(f"discriminator.layers {layers} must lie in 1..{num_layers}")
+    image_dim = (image_encoder or feature_network).config.hidden_size
+    return Discriminator(
+        feature_network, layers, text_dim=text_dim, image_dim=image_dim,
+        projection_dim=config.projection_dim, kernel_size=config.kernel_size,
+        virtual_batch_size=config.virtual_batch_size, text_conditioning=config.text_conditioning,
+        image_conditioning=config.image_conditioning, input_size=config.input_size, image_encoder=image_encoder,
+    )

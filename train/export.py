@@ -1,0 +1,59 @@
+"""Export the student as a complete diffusers pipeline directory (StableDiffusion(XL)Pipeline loads it).
+
+The scheduler is diffusers' LCMScheduler configured for the student: trailing timesteps, zero terminal
+SNR, the student's prediction type. Its step is ADD's sampler (predict x0, re-noise with fresh noise),
+so `pipe(prompt, timesteps=[999], guidance_scale=0)` is a one-step ADD sample.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch.nn as nn
+
+from addpipe.train import distributed
+from addpipe.train.engines import full_parameters
+from addpipe.train.models import TeacherComponents
+from addpipe.train.sampling import STUDENT_INFO
+
+
+def student_scheduler(components: TeacherComponents, prediction_type: str, zero_terminal_snr: bool):
+    from diffusers import LCMScheduler
+
+    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+    base = {k: components.scheduler_config[k] for k in keys if k in components.scheduler_config}
+    return LCMScheduler(**base, prediction_type=prediction_type, rescale_betas_zero_snr=zero_terminal_snr,
+                        timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False,
+                        original_inference_steps=4, steps_offset=1)
+
+
+def export_student(student: nn.Module, components: TeacherComponents, out_dir: Path, prediction_type: str,
+                   zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
+    """Collective under ZeRO-3 (parameters are gathered on every rank); rank 0 writes."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    with full_parameters(student):
+        state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()} if distributed.is_main() else None
+    if distributed.is_main():
+        unet = UNet2DConditionModel.from_config(student.config)
+        unet.load_state_dict(state)
+        scheduler = student_scheduler(components, prediction_type, zero_terminal_snr)
+        parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                     unet=unet, scheduler=scheduler)
+        if components.architecture == "sdxl":
+            pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=components.text_encoders[1],
+                                                 tokenizer_2=components.tokenizers[1])
+        else:
+            pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                               requires_safety_checker=False)
+        out_dir = Path(out_dir)
+        pipeline.save_pretrained(out_dir)
+        info = {"architecture": components.architecture, "prediction_type": prediction_type,
+                "zero_terminal_snr": zero_terminal_snr, "timesteps": list(timesteps),
+                "num_train_timesteps": int(components.scheduler_config["num_train_timesteps"]),
+                "teacher": components.source}
+        (out_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2))
+    distributed.barrier()
+    return Path(out_dir)

@@ -1,0 +1,304 @@
+"""The ADD training loop: a generator phase and a discriminator phase per step (StyleGAN-T style).
+
+Generator phase: noise real latents to a student timestep s, predict x0, decode it, and minimise
+L_adv + lambda * L_distill with the teacher's (stop-gradient) denoised re-noised sample as the target.
+Discriminator phase: hinge loss on real vs the same (detached) fakes, plus gamma * R1 on the real
+features each head consumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from addpipe.pipeline.config import to_yaml
+from addpipe.train import checkpoint, distributed, engines, losses
+from addpipe.train.config import TrainConfig
+from addpipe.train.data import Batch, TrainingData
+from addpipe.train.discriminator import build_discriminator
+from addpipe.train.ema import EMA
+from addpipe.train.export import export_student
+from addpipe.train.models import (TeacherComponents, TextConditioning, encode_prompts, load_teacher, make_student,
+                                  sdxl_time_ids, vae_decode, vae_encode)
+from addpipe.train.report import Reporter, check_finite, report, use
+from addpipe.train.sampling import generate, save_grid, vae_downsample_factor
+from addpipe.train.schedule import (add_noise, draw_training_noise, predicted_eps, predicted_x0, schedule_from_config,
+                                    student_timesteps, warmup_factor)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInputs:
+    """Everything the two phases share for one batch."""
+
+    latents: torch.Tensor
+    pixels: torch.Tensor
+    conditioning: TextConditioning
+    time_ids: Optional[torch.Tensor]
+    image_embedding: torch.Tensor
+    streams: list[int]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = config
+        self.device = distributed.initialize(config.engine.backend)
+        self.dtype = engines.resolve_precision(config.engine.precision, self.device)
+        self.run_dir = Path(config.run_dir)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(config))
+        distributed.barrier()
+        torch.manual_seed(config.seed)  # identical head initialisation on every rank
+
+        frozen_dtype = self.dtype
+        self.teacher = load_teacher(config.model, dtype=frozen_dtype)
+        student = make_student(self.teacher, config.model)
+        for module in self.teacher.frozen_modules():
+            module.to(self.device)
+        self.teacher_unet = self.teacher.unet
+        if config.model.frozen_placement == "partition":
+            self.teacher_unet = engines.partitioned_frozen(self.teacher.unet, config.data.batch_size, self.dtype)
+
+        scheduler_config = self.teacher.scheduler_config
+        self.teacher_schedule = schedule_from_config(
+            scheduler_config, bool(scheduler_config.get("rescale_betas_zero_snr", False))).to(self.device)
+        self.student_schedule = schedule_from_config(
+            scheduler_config, config.student.zero_terminal_snr, config.student.prediction_type).to(self.device)
+        num_train = self.student_schedule.num_train_timesteps
+        self.timesteps = list(config.student.timesteps) or student_timesteps(config.student.num_timesteps, num_train)
+        if self.timesteps[0] != num_train - 1:
+            raise ValueError(f"the first student timestep must be {num_train - 1} (pure noise), got {self.timesteps}")
+
+        discriminator = build_discriminator(config.discriminator, self.teacher.pooled_dim, dtype=torch.float32)
+        discriminator.to(self.device)
+        self.heads = [p for p in discriminator.heads.parameters()]
+
+        optim = config.optim
+        schedule = lambda step: warmup_factor(step, optim.warmup_steps)  # noqa: E731 - a function of the step
+        engine = config.engine
+        self.student = engines.build_engine(
+            student, [p for p in student.parameters() if p.requires_grad], optim.student_lr, optim.student_betas,
+            optim.weight_decay, schedule,
+            engines.deepspeed_config(engine.zero, config.data.batch_size, optim.gradient_clipping, self.dtype,
+                                     engine.offload_optimizer, engine.offload_param, engine.nvme_path))
+        disc_zero = engine.discriminator_zero if engine.discriminator_zero is not None else min(engine.zero, 2)
+        self.discriminator = engines.build_engine(
+            discriminator, self.heads, optim.discriminator_lr, optim.discriminator_betas, optim.weight_decay, schedule,
+            engines.deepspeed_config(disc_zero, config.data.batch_size, optim.gradient_clipping, torch.float32))
+        self.ema = EMA(engines.local_tensors(self.student.module), optim.ema_decay) if optim.ema_decay > 0 else None
+
+        self.step = 0
+        self.last_checkpoint: Optional[Path] = None
+        data_state = None
+        if resume:
+            found = checkpoint.latest(self.run_dir)
+            if found is None:
+                logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
+            else:
+                state = checkpoint.load(found, self.engines())
+                self.step, data_state = state["step"], state["data"]
+                if self.ema is not None and state.get("ema") is not None:
+                    self.ema.load_state_dict(state["ema"])
+                self.last_checkpoint = found
+                if distributed.is_main():
+                    logger.info("resumed from %s at step %d", found, self.step)
+        self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), data_state)
+
+        with torch.no_grad():
+            self.empty = encode_prompts(self.teacher, [""], self.device)
+            self.negative = encode_prompts(self.teacher, [config.distill.nfsd_negative_prompt], self.device)
+        self.reporter = Reporter(self.run_dir, config.log.tensorboard)
+
+    def engines(self) -> dict[str, Any]:
+        return {"student": self.student, "discriminator": self.discriminator}
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batch: Batch) -> StepInputs:
+        pixels = batch.pixels.to(self.device)
+        with engines.autocast(self.device, self.dtype):
+            latents = vae_encode(self.teacher, pixels)
+            conditioning = encode_prompts(self.teacher, batch.captions, self.device)
+        time_ids = None
+        if self.teacher.architecture == "sdxl":
+            time_ids = sdxl_time_ids(batch.original_sizes, batch.crops, self.config.data.resolution).to(self.device)
+        image_embedding = self.discriminator.module.image_embedding(pixels)
+        return StepInputs(latents, pixels, conditioning, time_ids, image_embedding, batch.streams)
+
+    def teacher_target(self, x0_student: torch.Tensor, inputs: StepInputs, teacher_t: torch.Tensor,
+                       teacher_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stop-gradient target x_psi and the weight c(t) (DESIGN §1.3)."""
+        cfg = self.config.distill
+        alpha, sigma = self.teacher_schedule.at(teacher_t, x0_student.ndim)
+        x_t = add_noise(x0_student.detach(), teacher_noise, alpha, sigma)
+        n = x_t.shape[0]
+        branches = [inputs.conditioning]
+        if cfg.weighting == "nfsd" or cfg.teacher_guidance != 1.0:
+            branches.append(self.empty.select([0] * n))
+        if cfg.weighting == "nfsd":
+            branches.append(self.negative.select([0] * n))
+        conditioning = TextConditioning.cat(branches)
+        time_ids = None if inputs.time_ids is None else inputs.time_ids.repeat(len(branches), 1)
+        k = len(branches)
+        with torch.no_grad(), engines.autocast(self.device, self.dtype):
+            output = self.teacher_unet(x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k), **conditioning.unet_kwargs(time_ids),
+                                       return_dict=False)[0].float()
+            eps = predicted_eps(output, x_t.repeat(k, 1, 1, 1), alpha.repeat(k, 1, 1, 1), sigma.repeat(k, 1, 1, 1),
+                                self.teacher_schedule.prediction_type).chunk(k)
+            if cfg.weighting == "nfsd":
+                target = losses.nfsd_target(x0_student.detach(), alpha, sigma, teacher_t, eps[0], eps[1], eps[2],
+                                            cfg.teacher_guidance, cfg.nfsd_t_threshold)
+            else:
+                guided = losses.guided_eps(eps[1], eps[0], cfg.teacher_guidance) if k > 1 else eps[0]
+                target = losses.x0_from_eps(x_t, guided, alpha, sigma)
+        return target, losses.distillation_weight(cfg.weighting, alpha, sigma)
+
+    def generator_phase(self, inputs: StepInputs, noise) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        cfg = self.config.distill
+        timesteps = torch.tensor(self.timesteps, device=self.device)[noise.student_index.to(self.device)]
+        alpha, sigma = self.student_schedule.at(timesteps, inputs.latents.ndim)
+        x_s = add_noise(inputs.latents, noise.noise.to(self.device), alpha, sigma)
+        engines.set_requires_grad(self.discriminator.module, False, self.heads)
+        terms: dict[str, torch.Tensor] = {}
+        with engines.autocast(self.device, self.dtype):
+            output = self.student(x_s, timesteps, **inputs.conditioning.unet_kwargs(inputs.time_ids), return_dict=False)[0]
+            x0 = predicted_x0(output.float(), x_s, alpha, sigma, self.student_schedule.prediction_type)
+            need_pixels = cfg.adversarial or cfg.space == "pixel"
+            fake_pixels = vae_decode(self.teacher, x0) if need_pixels else None
+            total = x0.new_zeros(())
+            if cfg.adversarial:
+                # The heads are called through .module: under ZeRO-1/2 the engine's forward must not see this pass.
+                logits = self.discriminator.module(self.discriminator.module.features(fake_pixels),
+                                                   inputs.conditioning.pooled, inputs.image_embedding)
+                terms["loss/generator_adversarial"] = losses.generator_adversarial_loss(logits)
+                total = total + terms["loss/generator_adversarial"]
+            if cfg.distillation:
+                target, weight = self.teacher_target(x0, inputs, noise.teacher_t.to(self.device),
+                                                     noise.teacher_noise.to(self.device))
+                if cfg.space == "pixel":
+                    with torch.no_grad():
+                        target = vae_decode(self.teacher, target)
+                    terms["loss/distillation"] = losses.distillation_loss(fake_pixels, target, weight)
+                else:
+                    terms["loss/distillation"] = losses.distillation_loss(x0, target, weight)
+                total = total + cfg.weight * terms["loss/distillation"]
+        terms["loss/generator_total"] = total
+        self.student.backward(total)
+        self.student.step()
+        engines.set_requires_grad(self.discriminator.module, True, self.heads)
+        return terms, None if fake_pixels is None else fake_pixels.detach()
+
+    def discriminator_phase(self, inputs: StepInputs, fake_pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        module = self.discriminator.module
+        with torch.no_grad():
+            real_features = module.features(inputs.pixels)
+            fake_features = module.features(fake_pixels)
+        real_inputs = [f.detach().requires_grad_(True) for f in real_features]
+        text, image = inputs.conditioning.pooled, inputs.image_embedding
+        # Through .module, not the engine: the engine hooks its outputs to start gradient reduction on
+        # any backward, and R1's autograd.grad is a backward that must not trigger it.
+        real_logits = module(real_inputs, text, image)
+        fake_logits = module(fake_features, text, image)
+        hinge = losses.discriminator_hinge_loss(real_logits, fake_logits)
+        gamma = self.config.discriminator.r1_gamma
+        r1 = losses.r1_penalty(real_logits, real_inputs) if gamma > 0 else real_logits[0].new_zeros(())
+        total = hinge["real"] + hinge["fake"] + gamma * r1
+        self.discriminator.backward(total)
+        self.discriminator.step()
+        return {"loss/discriminator_real": hinge["real"], "loss/discriminator_fake": hinge["fake"], "loss/r1": r1,
+                "logits/real": torch.stack([l.mean() for l in real_logits]).sum().detach(),
+                "logits/fake": torch.stack([l.mean() for l in fake_logits]).sum().detach()}
+
+    # ----------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "data": self.data.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema is not None else None}
+        self.last_checkpoint = checkpoint.save(self.run_dir, self.step, self.engines(), state,
+                                               self.config.checkpoint.keep_last)
+        return self.last_checkpoint
+
+    def sample_grid(self) -> Optional[Path]:
+        """Rows: 1, 2 and 4 steps (those the student supports); columns: the configured prompts."""
+        prompts = list(self.config.log.sample_prompts)
+        step_counts = [k for k in (1, 2, 4) if k <= len(self.timesteps)]
+        module = self.student.module
+        was_training = module.training
+        module.eval()
+        rows = []
+        for count in step_counts:
+            with engines.autocast(self.device, self.dtype):
+                rows.append(generate(module, self.teacher, self.student_schedule, prompts,
+                                     student_timesteps(count, self.student_schedule.num_train_timesteps),
+                                     seed=self.config.seed, resolution=self.config.data.resolution, device=self.device))
+        module.train(was_training)
+        if not distributed.is_main():
+            return None
+        return save_grid(torch.cat(rows).float().cpu(), self.run_dir / "samples" / f"step_{self.step:08d}.png", len(rows))
+
+    def export(self) -> Path:
+        out = self.run_dir / "student"
+        tensors = engines.local_tensors(self.student.module)
+        use_ema = self.ema is not None and self.config.checkpoint.export_ema
+        context = self.ema.applied(tensors) if use_ema else torch.no_grad()
+        with context:
+            export_student(self.student.module, self.teacher, out, self.config.student.prediction_type,
+                           self.config.student.zero_terminal_snr, self.timesteps)
+        return out
+
+    def run(self) -> Path:
+        config = self.config
+        use(self.reporter)
+        latent_size = config.data.resolution // vae_downsample_factor(self.teacher)
+        latent_shape = (self.teacher.vae.config.latent_channels, latent_size, latent_size)
+        progress = tqdm(total=config.steps, initial=self.step, desc="ADD", dynamic_ncols=True,
+                        disable=not (distributed.is_main() and config.log.progress))
+        world = distributed.world_size()
+        try:
+            while self.step < config.steps:
+                started = time.perf_counter()
+                inputs = self.prepare(next(self.data))
+                noise = draw_training_noise(config.seed, self.step, inputs.streams, latent_shape, len(self.timesteps),
+                                            config.distill.t_min, config.distill.t_max)
+                terms, fake_pixels = self.generator_phase(inputs, noise)
+                if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:
+                    terms.update(self.discriminator_phase(inputs, fake_pixels))
+                if self.ema is not None:
+                    self.ema.update(engines.local_tensors(self.student.module))
+                check_finite(self.step, terms, self.device, self.last_checkpoint)
+                self.step += 1
+                elapsed = time.perf_counter() - started
+                for name, value in terms.items():
+                    report(name, value)
+                report("lr/student", engines.learning_rate(self.student))
+                report("lr/discriminator", engines.learning_rate(self.discriminator))
+                report("perf/images_per_second", inputs.latents.shape[0] * world / elapsed)
+                report("data/skipped_samples", self.data.skipped)
+                if self.step % config.log.every == 0 or self.step == config.steps:
+                    means = self.reporter.flush(self.step, self.device)
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")})
+                progress.update(1)
+                if config.log.sample_every and self.step % config.log.sample_every == 0:
+                    self.sample_grid()
+                if self.step % config.checkpoint.every == 0 and self.step < config.steps:
+                    self.save()
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+                self.save()
+            self.sample_grid()
+            return self.export()
+        finally:
+            progress.close()
+            self.reporter.close()
+            use(None)
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Run (or continue) an ADD training run; returns the exported student directory."""
+    return Trainer(config, resume=resume).run()

@@ -1,0 +1,92 @@
+"""ADD's losses as pure functions of tensors (DESIGN §1). Nothing here calls backward or touches an optimizer.
+
+Conventions: a discriminator returns one logit tensor per head, shaped (batch, tokens); a head's score
+is the mean over its tokens, and the heads' terms are summed (StyleGAN-T's multi-scale sum).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def generator_adversarial_loss(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_adv^G = -E[sum_k D_k(F_k(x_hat))]."""
+    return -sum(logits.mean() for logits in fake_logits)
+
+
+def discriminator_hinge_loss(
+    real_logits: Sequence[torch.Tensor], fake_logits: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Hinge terms: real = E[sum_k max(0, 1 - D_k(real))], fake = E[sum_k max(0, 1 + D_k(fake))]."""
+    real = sum(F.relu(1.0 - logits).mean() for logits in real_logits)
+    fake = sum(F.relu(1.0 + logits).mean() for logits in fake_logits)
+    return {"real": real, "fake": fake}
+
+
+def r1_penalty(head_outputs: Sequence[torch.Tensor], head_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """R1 = sum_k E_batch ||d D_k / d F_k||^2: the gradient of each head's output w.r.t. its own input
+    features (not the pixels, not the parameters). `head_inputs[k]` must require grad and be the
+    tensor head k consumed; the graph is kept so the penalty itself can be differentiated."""
+    total = head_outputs[0].new_zeros(())
+    for output, features in zip(head_outputs, head_inputs):
+        (gradient,) = torch.autograd.grad(output.sum(), features, create_graph=True)
+        total = total + gradient.pow(2).flatten(1).sum(1).mean()
+    return total
+
+
+def distillation_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """c(t). exponential: alpha_t. sds (and nfsd): alpha_t / (2 sigma_t) * w(t) with DreamFusion's
+    w(t) = sigma_t^2, chosen so d/dx of c(t)||x - x_psi||^2 equals w(t)(eps_psi - eps)."""
+    if kind == "exponential":
+        return alpha
+    if kind in ("sds", "nfsd"):
+        return alpha / (2.0 * sigma) * sigma.pow(2)
+    raise ValueError(f"unknown distillation weighting {kind!r}")
+
+
+def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return (x_t - sigma * eps) / alpha
+
+
+def nfsd_target(
+    student_x0: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    timesteps: torch.Tensor,
+    eps_cond: torch.Tensor,
+    eps_uncond: torch.Tensor,
+    eps_negative: torch.Tensor,
+    guidance_scale: float,
+    t_threshold: int = 200,
+) -> torch.Tensor:
+    """Noise-free score distillation (Katzir et al. 2023) as an x0 target.
+
+    NFSD's update direction is g = delta_D + s * delta_C with delta_C = eps_c - eps_u and
+    delta_D = eps_u for t < threshold, eps_u - eps_neg otherwise: the injected noise eps never enters.
+    With the SDS weight c(t), the target x0 - (sigma/alpha) g makes the gradient of
+    c(t)||x0 - sg(target)||^2 equal to w(t) g exactly.
+    """
+    small_t = (timesteps < t_threshold).view((-1,) + (1,) * (student_x0.ndim - 1))
+    delta_domain = torch.where(small_t, eps_uncond, eps_uncond - eps_negative)
+    direction = delta_domain + guidance_scale * (eps_cond - eps_uncond)
+    return student_x0 - (sigma / alpha) * direction
+
+
+def distillation_loss(student_x0: torch.Tensor, target_x0: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """E[c(t) * ||x_theta - sg(x_psi)||^2], the squared error averaged over elements of each sample
+    (resolution-independent) and weighted per sample. The target is detached here, whatever the caller did."""
+    squared = (student_x0 - target_x0.detach()).pow(2).flatten(1).mean(1)
+    return (weight.flatten() * squared).mean()
+
+
+def generator_total(adversarial: torch.Tensor, distillation: torch.Tensor, weight: float) -> torch.Tensor:
+    """L = L_adv + lambda * L_distill."""
+    return adversarial + weight * distillation

@@ -1,0 +1,218 @@
+"""Loading the teacher's components and turning prompts into UNet conditioning (SD- and SDXL-style).
+
+Everything loads through `from_pretrained` from a hub id or a local diffusers-format directory, the
+way users point at `stabilityai/sdxl-turbo`-style repositories; tests point it at tiny random-init
+directories they write themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+# diffusers must be imported before deepspeed.zero.Init ever runs (DESIGN §4).
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+MIN_TOKENIZER_VOCAB = 1000
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory or hub id that cannot be loaded, with what was tried."""
+
+
+def looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+
+
+def load_pretrained(cls, name: str, subfolder: Optional[str] = None, **kwargs):
+    """`cls.from_pretrained` with errors that name the path and the component."""
+    component = f"{name}/{subfolder}" if subfolder else name
+    if looks_local(name):
+        path = Path(os.path.expanduser(name))
+        target = path / subfolder if subfolder else path
+        if not target.exists():
+            raise ModelLoadError(f"model directory {target} does not exist (needed for {cls.__name__})")
+        name = str(path)
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if "torch_dtype" in kwargs and cls.__module__.startswith("transformers"):
+        kwargs["dtype"] = kwargs.pop("torch_dtype")  # transformers >= 4.56 spells it dtype
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as error:
+        hint = " (the hub is unreachable when HF_HUB_OFFLINE=1; pass a local directory)" if not looks_local(name) else ""
+        raise ModelLoadError(f"could not load {cls.__name__} from {component}{hint}: {error}") from error
+
+
+def detect_architecture(teacher: str, revision: Optional[str] = None) -> str:
+    """'sdxl' when the pipeline has a second text encoder, else 'sd'."""
+    index: dict[str, Any]
+    if looks_local(teacher):
+        index_path = Path(os.path.expanduser(teacher)) / "model_index.json"
+        if not index_path.is_file():
+            raise ModelLoadError(f"{index_path} not found: {teacher} is not a diffusers pipeline directory")
+        index = json.loads(index_path.read_text())
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            index = json.loads(Path(hf_hub_download(teacher, "model_index.json", revision=revision)).read_text())
+        except Exception as error:  # network, auth and missing-file errors all mean the same here
+            raise ModelLoadError(f"could not read model_index.json of {teacher}: {error}") from error
+    return "sdxl" if "text_encoder_2" in index else "sd"
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    # Offline with no cache, CLIPTokenizer.from_pretrained can silently return a 2-token vocabulary.
+    if len(tokenizer) < MIN_TOKENIZER_VOCAB:
+        raise ModelLoadError(
+            f"tokenizer from {where} has only {len(tokenizer)} tokens; its vocab.json/merges.txt are missing"
+        )
+
+
+@dataclass
+class TeacherComponents:
+    """The frozen networks and settings of a text-to-image diffusion pipeline."""
+
+    architecture: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    scheduler_config: dict[str, Any]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled text embedding (the discriminator's text condition)."""
+        encoder = self.text_encoders[-1]
+        config = encoder.config
+        return config.projection_dim if isinstance(encoder, CLIPTextModelWithProjection) else config.hidden_size
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders]
+
+
+def load_teacher(model_config, dtype: torch.dtype = torch.float32) -> TeacherComponents:
+    from diffusers import DDPMScheduler
+
+    name, revision, variant = model_config.teacher, model_config.revision, model_config.variant
+    architecture = model_config.architecture
+    if architecture == "auto":
+        architecture = detect_architecture(name, revision)
+    common = {"revision": revision, "variant": variant}
+    unet = load_pretrained(UNet2DConditionModel, name, "unet", torch_dtype=dtype, **common)
+    vae_source = model_config.vae
+    vae = (load_pretrained(AutoencoderKL, vae_source, torch_dtype=dtype) if vae_source
+           else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, **common))
+    try:  # the raw scheduler config: its class, prediction type and zero-SNR flag as the authors wrote them
+        scheduler_config = dict(DDPMScheduler.load_config(name, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not read the scheduler config of {name}: {error}") from error
+    tokenizer_names = ["tokenizer"] + (["tokenizer_2"] if architecture == "sdxl" else [])
+    tokenizers = []
+    for sub in tokenizer_names:
+        tokenizer = load_pretrained(CLIPTokenizer, name, sub, revision=revision)
+        check_tokenizer(tokenizer, f"{name}/{sub}")
+        tokenizers.append(tokenizer)
+    if architecture == "sdxl":
+        text_encoders = [
+            load_pretrained(CLIPTextModel, name, "text_encoder", torch_dtype=dtype, **common),
+            load_pretrained(CLIPTextModelWithProjection, name, "text_encoder_2", torch_dtype=dtype, **common),
+        ]
+    else:
+        text_encoders = [load_pretrained(CLIPTextModel, name, "text_encoder", torch_dtype=dtype, **common)]
+    for module in [unet, vae, *text_encoders]:
+        module.requires_grad_(False)
+        module.eval()
+    return TeacherComponents(architecture, unet, vae, text_encoders, tokenizers, scheduler_config, name)
+
+
+def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """The student starts as a trainable copy of the teacher's UNet (initialisation is crucial, DESIGN §1)."""
+    if model_config.student_init:
+        student = load_pretrained(UNet2DConditionModel, model_config.student_init, torch_dtype=dtype)
+    else:
+        student = copy.deepcopy(teacher.unet).to(dtype)
+    student.requires_grad_(True)
+    student.train()
+    if model_config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+@dataclass
+class TextConditioning:
+    """What a UNet needs besides the noisy input, plus the pooled embedding for the discriminator."""
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor
+
+    def unet_kwargs(self, time_ids: Optional[torch.Tensor]) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
+        if time_ids is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": time_ids}
+        return kwargs
+
+    def select(self, index: torch.Tensor | slice) -> "TextConditioning":
+        return TextConditioning(self.hidden_states[index], self.pooled[index])
+
+    @staticmethod
+    def cat(items: list["TextConditioning"]) -> "TextConditioning":
+        return TextConditioning(torch.cat([i.hidden_states for i in items]), torch.cat([i.pooled for i in items]))
+
+
+@torch.no_grad()
+def encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str) -> TextConditioning:
+    """SD: last hidden state of CLIP-L (pooled: its EOS token). SDXL: penultimate hidden states of both
+    encoders concatenated; pooled: the projected EOS embedding of the second encoder."""
+    hidden_parts, pooled = [], None
+    for tokenizer, encoder in zip(teacher.tokenizers, teacher.text_encoders):
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
+        output = encoder(ids, output_hidden_states=True)
+        if teacher.architecture == "sdxl":
+            hidden_parts.append(output.hidden_states[-2])
+            pooled = output.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else output.pooler_output
+        else:
+            hidden_parts.append(output.last_hidden_state)
+            pooled = output.pooler_output
+    return TextConditioning(torch.cat(hidden_parts, dim=-1), pooled)
+
+
+def sdxl_time_ids(original_sizes: torch.Tensor, crops: torch.Tensor, target_size: int) -> torch.Tensor:
+    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+    target = torch.tensor([target_size, target_size], dtype=original_sizes.dtype).expand(original_sizes.shape[0], 2)
+    return torch.cat([original_sizes, crops, target.to(original_sizes.device)], dim=1).float()
+
+
+def vae_encode(teacher: TeacherComponents, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents. The posterior mean keeps the encoding deterministic."""
+    dtype = next(teacher.vae.parameters()).dtype
+    latents = teacher.vae.encode(pixels.to(dtype)).latent_dist.mean
+    return ((latents - teacher.latent_shift) * teacher.latent_scale).float()
+
+
+def vae_decode(teacher: TeacherComponents, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> pixels in about [-1, 1]; undoing the scaling factor first (a known defect otherwise)."""
+    dtype = next(teacher.vae.parameters()).dtype
+    latents = latents / teacher.latent_scale + teacher.latent_shift
+    return teacher.vae.decode(latents.to(dtype)).sample.float()

@@ -1,0 +1,86 @@
+"""Observability: one `report(name, value)` API feeding metrics.jsonl and TensorBoard, and the NaN stop.
+
+Values are accumulated between flushes and averaged over steps and over ranks (every rank flushes at
+the same steps, so the all-reduce lines up).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from addpipe.train import distributed
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+class Reporter:
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.main = distributed.is_main()
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if self.main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def report(self, name: str, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            value = float(value.detach().float().item())
+        self.sums[name] += float(value)
+        self.counts[name] += 1
+
+    def flush(self, step: int, device: torch.device) -> dict[str, float]:
+        """Average what was reported since the last flush over steps and ranks; write it on rank 0."""
+        names = sorted(self.sums)
+        packed = torch.tensor([[self.sums[n], self.counts[n]] for n in names] or [[0.0, 0.0]],
+                              dtype=torch.float64, device=device)
+        distributed.all_reduce_sum(packed)
+        means = {n: packed[i, 0].item() / max(packed[i, 1].item(), 1.0) for i, n in enumerate(names)}
+        self.sums.clear()
+        self.counts.clear()
+        if self.main and means:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, "time": time.time(), **means}) + "\n")
+            if self.writer is not None:
+                for name, value in means.items():
+                    self.writer.add_scalar(name, value, step)
+                self.writer.flush()
+        return means
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+_current: Optional[Reporter] = None
+
+
+def use(reporter: Optional[Reporter]) -> None:
+    global _current
+    _current = reporter
+
+
+def report(name: str, value: float | torch.Tensor) -> None:
+    """Record a scalar for the next flush; a no-op outside a training run."""
+    if _current is not None:
+        _current.report(name, value)
+
+
+def check_finite(step: int, terms: dict[str, torch.Tensor], device: torch.device, last_checkpoint: Optional[Path]) -> None:
+    """Stop every rank together when any rank sees a NaN/Inf loss term."""
+    bad = [name for name, value in terms.items() if not math.isfinite(float(value.detach().float().item()))]
+    if distributed.any_rank(bool(bad), device):
+        where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
+        names = ", ".join(f"{n}={float(terms[n]):.4g}" for n in bad) or "on another rank"
+        raise NonFiniteLossError(f"non-finite loss at step {step} ({names}); stopping{where}")

@@ -1,0 +1,88 @@
+"""Few-step sampling of an ADD student (DESIGN §1.5): predict x0, re-noise to the next smaller timestep
+with fresh noise, repeat; never classifier-free guidance. Used by the trainer's sample grids,
+`addpipe sample` and the evaluation stage alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from addpipe.train.models import TeacherComponents, encode_prompts, sdxl_time_ids, vae_decode
+from addpipe.train.schedule import NoiseSchedule, predicted_x0, schedule_from_config, student_timesteps
+
+STUDENT_INFO = "addpipe_student.json"
+
+
+def vae_downsample_factor(components: TeacherComponents) -> int:
+    return 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def sample_latents(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
+                   timesteps: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """x at timesteps[0] is pure noise (alpha = 0 under zero terminal SNR); returns the final x0."""
+    x = noise
+    for index, timestep in enumerate(timesteps):
+        t = torch.full((x.shape[0],), int(timestep), dtype=torch.long, device=x.device)
+        output = unet(x, t, **unet_kwargs, return_dict=False)[0].float()
+        alpha, sigma = schedule.at(t, x.ndim)
+        x0 = predicted_x0(output, x, alpha, sigma, schedule.prediction_type)
+        if index == len(timesteps) - 1:
+            return x0
+        next_t = torch.full_like(t, int(timesteps[index + 1]))
+        alpha, sigma = schedule.at(next_t, x.ndim)
+        fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = alpha * x0 + sigma * fresh
+    return x
+
+
+@torch.no_grad()
+def generate(unet: nn.Module, components: TeacherComponents, schedule: NoiseSchedule, prompts: list[str],
+             timesteps: Sequence[int], seed: int, resolution: int, device: torch.device) -> torch.Tensor:
+    """Images in [0, 1], (n, 3, H, W). Same seed, same images: noise comes from a seeded CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    size = resolution // vae_downsample_factor(components)
+    channels = components.vae.config.latent_channels
+    noise = torch.randn((len(prompts), channels, size, size), generator=generator).to(device)
+    conditioning = encode_prompts(components, prompts, device)
+    time_ids = None
+    if components.architecture == "sdxl":
+        n = len(prompts)
+        time_ids = sdxl_time_ids(torch.full((n, 2), resolution), torch.zeros(n, 2, dtype=torch.long), resolution).to(device)
+    latents = sample_latents(unet, schedule, conditioning.unet_kwargs(time_ids), noise, timesteps, generator)
+    return ((vae_decode(components, latents) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def save_grid(images: torch.Tensor, path: Path, rows: int) -> Path:
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(path), nrow=max(1, images.shape[0] // max(rows, 1)), padding=2)
+    return path
+
+
+def load_student(directory: str, device: torch.device) -> tuple[TeacherComponents, NoiseSchedule, dict]:
+    """An exported student directory (diffusers pipeline format + addpipe_student.json)."""
+    from addpipe.train.config import ModelConfig
+    from addpipe.train.models import ModelLoadError, load_teacher
+
+    info_path = Path(directory) / STUDENT_INFO
+    if not info_path.is_file():
+        raise ModelLoadError(f"{info_path} not found: {directory} is not a student exported by `addpipe train`")
+    info = json.loads(info_path.read_text())
+    components = load_teacher(ModelConfig(teacher=str(directory), architecture=info["architecture"]))
+    for module in components.frozen_modules():
+        module.to(device)
+    schedule = schedule_from_config(components.scheduler_config, info["zero_terminal_snr"], info["prediction_type"])
+    return components, schedule.to(device), info
+
+
+def sample_timesteps(info: dict, steps: int) -> list[int]:
+    trained = info["timesteps"]
+    if not 1 <= steps <= len(trained):
+        raise ValueError(f"steps must be between 1 and {len(trained)} (the student was trained on timesteps {trained})")
+    return student_timesteps(steps, info["num_train_timesteps"])

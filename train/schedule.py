@@ -1,0 +1,147 @@
+"""Noise schedules and parameterisations: alpha/sigma tables, student timesteps, x0 from a network output.
+
+Forward process (DESIGN §1): x_t = alpha_t * x_0 + sigma_t * eps, with alpha_t = sqrt(alphabar_t) and
+sigma_t = sqrt(1 - alphabar_t) taken from a diffusers scheduler's config. The student's table is
+rescaled to zero terminal SNR, so alpha at T-1 is exactly 0: the student starts from pure noise, and
+its output must be a v- or x0-prediction, which stays finite there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """alpha_t and sigma_t for t = 0..T-1, plus what the network's output means."""
+
+    alphas: torch.Tensor
+    sigmas: torch.Tensor
+    prediction_type: str
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas.shape[0]
+
+    def at(self, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha_t, sigma_t gathered for a batch of integer timesteps and shaped to broadcast over ndim."""
+        timesteps = timesteps.to(self.alphas.device).long()
+        shape = (-1,) + (1,) * (ndim - 1)
+        return self.alphas[timesteps].view(shape), self.sigmas[timesteps].view(shape)
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        return NoiseSchedule(self.alphas.to(device), self.sigmas.to(device), self.prediction_type)
+
+
+def betas_from_config(config) -> torch.Tensor:
+    """The beta table a diffusers scheduler config describes (the schedules SD/SDXL use)."""
+    steps = int(config["num_train_timesteps"])
+    kind = config.get("beta_schedule", "linear")
+    start, end = float(config["beta_start"]), float(config["beta_end"])
+    if config.get("trained_betas") is not None:
+        return torch.tensor(config["trained_betas"], dtype=torch.float64)
+    if kind == "linear":
+        return torch.linspace(start, end, steps, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    raise ValueError(f"unsupported beta_schedule {kind!r} (linear and scaled_linear are supported)")
+
+
+def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str | None = None) -> NoiseSchedule:
+    """Build a NoiseSchedule from a diffusers scheduler config (a dict or FrozenDict)."""
+    betas = betas_from_config(config)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    prediction = prediction_type or config.get("prediction_type", "epsilon")
+    if zero_terminal_snr and prediction == "epsilon":
+        raise ValueError(
+            "an epsilon-prediction cannot give x0 where alpha = 0 (zero terminal SNR): "
+            "use prediction_type v_prediction or sample"
+        )
+    alphas = alphas_cumprod.sqrt()
+    sigmas = (1.0 - alphas_cumprod).clamp(min=0.0).sqrt()
+    return NoiseSchedule(alphas.float(), sigmas.float(), prediction)
+
+
+def student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """tau_i = T-1 - floor(i*T/N), i = 0..N-1: {999, 749, 499, 249} for N = 4; tau_1 = T-1 is pure noise."""
+    if num_steps < 1 or num_steps > num_train_timesteps:
+        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    return [num_train_timesteps - 1 - (i * num_train_timesteps) // num_steps for i in range(num_steps)]
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return alpha * x0 + sigma * noise
+
+
+def predicted_x0(
+    output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """x0 implied by a network output. v: x0 = alpha*x_t - sigma*v (at alpha = 0 simply -v)."""
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * output
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "epsilon":
+        if bool((alpha == 0).any()):
+            raise ValueError("epsilon-prediction has no finite x0 at alpha = 0")
+        return (x_t - sigma * output) / alpha
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_eps(
+    output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """eps implied by a network output (teachers run at t < T-1, where sigma > 0)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha * output + sigma * x_t
+    if prediction_type == "sample":
+        return (x_t - alpha * output) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up from 0 to 1 over warmup_steps, then 1. A function of the step, so resumes agree."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class TrainingNoise:
+    """All randomness of one training step: student timestep indices and noise, teacher t and noise."""
+
+    student_index: torch.Tensor
+    noise: torch.Tensor
+    teacher_t: torch.Tensor
+    teacher_noise: torch.Tensor
+
+
+def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: tuple[int, ...],
+                        num_student_timesteps: int, t_min: int, t_max: int) -> TrainingNoise:
+    """Noise as a pure function of (seed, step, data stream): a resumed run draws exactly what the
+    uninterrupted run drew, and the global batch's noise does not depend on how streams map to ranks."""
+    parts: list[TrainingNoise] = []
+    start = 0
+    while start < len(streams):
+        end = start
+        while end < len(streams) and streams[end] == streams[start]:
+            end += 1
+        count = end - start
+        mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + streams[start] * 0xC2B2AE3D + 1) % (2**63 - 1)
+        generator = torch.Generator().manual_seed(mixed)
+        parts.append(TrainingNoise(
+            torch.randint(0, num_student_timesteps, (count,), generator=generator),
+            torch.randn((count, *latent_shape), generator=generator),
+            torch.randint(t_min, t_max + 1, (count,), generator=generator),
+            torch.randn((count, *latent_shape), generator=generator),
+        ))
+        start = end
+    return TrainingNoise(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                           ("student_index", "noise", "teacher_t", "teacher_noise")))

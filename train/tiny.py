@@ -1,0 +1,139 @@
+"""Tiny random-init model directories in the exact formats the real models ship in.
+
+No weights can be downloaded on the project's machines, so tests and the offline demo build small
+networks from configs (diffusers' own tests use `block_out_channels=(4, 8)`-sized models) and save
+them with `save_pretrained`; the trainer then loads them through the same `from_pretrained` path
+as `stabilityai/stable-diffusion-xl-base-1.0`. The tokenizer is the real CLIP BPE vocabulary,
+rebuilt from the copy open_clip ships.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> Path:
+    """Write vocab.json/merges.txt of the 49,408-token CLIP tokenizer from open_clip's bundled BPE file."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe_path = resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [token + "</w>" for token in vocab]
+    vocab += ["".join(merge) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "do_lower_case": True,
+    }))
+    return directory
+
+
+def _text_encoder_config(hidden: int, with_projection: bool, projection_dim: int, max_length: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, projection_dim=projection_dim if with_projection else hidden,
+    )
+
+
+def build_tiny_pipeline(
+    directory: str | Path,
+    architecture: str = "sd",
+    latent_size: int = 8,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    channels: tuple[int, int] = (32, 64),
+    max_length: int = 16,
+) -> Path:
+    """A complete diffusers-format SD- or SDXL-style pipeline directory with random weights.
+
+    The VAE downsamples by 2 (two blocks), so images are 2 * latent_size pixels square.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    text_hidden = 32
+    unet_kwargs = dict(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    if architecture == "sdxl":
+        time_dim, pooled_dim = 8, 32
+        unet = UNet2DConditionModel(
+            **unet_kwargs, cross_attention_dim=2 * text_hidden, addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+            use_linear_projection=True,
+        )
+    elif architecture == "sd":
+        unet = UNet2DConditionModel(**unet_kwargs, cross_attention_dim=text_hidden)
+    else:
+        raise ValueError(f"architecture must be sd or sdxl, got {architecture!r}")
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size, scaling_factor=0.18215 if architecture == "sd" else 0.13025,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+    )
+    tokenizer_dir = write_clip_tokenizer(directory / "_tokenizer_src", max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(_text_encoder_config(text_hidden, False, text_hidden, max_length))
+    if architecture == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(text_hidden, True, 32, max_length))
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipeline.save_pretrained(directory)
+    for path in sorted((directory / "_tokenizer_src").iterdir()):
+        path.unlink()
+    (directory / "_tokenizer_src").rmdir()
+    return directory
+
+
+def build_tiny_dinov2(directory: str | Path, image_size: int = 32, hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
+    """A random-init DINOv2-architecture ViT saved in transformers' format."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, mlp_ratio=2, patch_size=4,
+        image_size=image_size, layerscale_value=1.0,
+    )
+    Dinov2Model(config).save_pretrained(directory)
+    return Path(directory)
