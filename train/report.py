@@ -82,5 +82,5 @@ def check_finite(step: int, terms: dict[str, torch.Tensor], device: torch.device
     bad = [name for name, value in terms.items() if not math.isfinite(float(value.detach().float().item()))]
     if distributed.any_rank(bool(bad), device):
         where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
-        names = ", ".join(f"{n}={float(terms[n]):.4g}" for n in bad) or "on another rank"
+        names = ", ".join(f"{n}={float(terms[n].detach()):.4g}" for n in bad) or "on another rank"
         raise NonFiniteLossError(f"non-finite loss at step {step} ({names}); stopping{where}")

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-init model directories and digit shards, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "addpipe" / "torch_extensions"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    from addpipe.train.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd", "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from addpipe.train.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sdxl", "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> Path:
+    from addpipe.train.tiny import build_tiny_dinov2
+
+    return build_tiny_dinov2(tmp_path_factory.mktemp("models") / "dinov2", image_size=32)
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory) -> Path:
+    from addpipe.dataprep.digits import digit_images
+    from addpipe.dataprep.shards import ShardSample, write_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    samples = (ShardSample(f"{i:06d}", image, caption, meta)
+               for i, (caption, image, meta) in enumerate(digit_images(96, size=16)))
+    write_shards(samples, out, samples_per_shard=12)
+    return out
+
+
+def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides on configs/tiny.yaml pointing at the session's tiny models and shards."""
+    values = {
+        "run_dir": str(run_dir), "model.teacher": str(teacher), "discriminator.feature_network": str(dino),
+        "data.shards": str(shards), "log.tensorboard": "false", "log.progress": "false",
+        "checkpoint.every": "1000", "log.every": "1",
+    }
+    values.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"

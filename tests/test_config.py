@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+
+from addpipe.pipeline.config import ConfigError, load, to_yaml
+from addpipe.train.config import TrainConfig
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["sd15_add", "sd21_add", "sdxl_add", "tiny"])
+def test_shipped_configs_load_with_paper_constants(name):
+    config = load(TrainConfig, REPO / "configs" / f"{name}.yaml")
+    assert config.distill.weight == 2.5
+    assert config.discriminator.r1_gamma == 1e-5
+    assert config.student.num_timesteps == 4 and config.student.zero_terminal_snr
+    if name != "tiny":
+        assert config.discriminator.feature_network.startswith("facebook/dinov2")
+        assert config.distill.weighting == "nfsd"
+
+
+def test_real_configs_name_hub_models():
+    assert load(TrainConfig, REPO / "configs/sdxl_add.yaml").model.teacher == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert load(TrainConfig, REPO / "configs/sd21_add.yaml").model.teacher == "stabilityai/stable-diffusion-2-1"
+
+
+def test_dotted_overrides_are_typed():
+    config = load(TrainConfig, None, ["optim.student_lr=3e-5", "data.shards=/d/{00000..00009}.tar",
+                                      "discriminator.layers=[3,6,9,12]", "engine.zero=3", "log.tensorboard=false"])
+    assert config.optim.student_lr == 3e-5
+    assert config.data.shards == "/d/{00000..00009}.tar"
+    assert config.discriminator.layers == (3, 6, 9, 12)
+    assert config.engine.zero == 3 and config.log.tensorboard is False
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as error:
+        load(TrainConfig, None, ["optim.student_lrr=1"])
+    message = str(error.value)
+    assert "optim.student_lrr" in message and "student_lr:" in message and "discriminator_lr:" in message
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(ConfigError, match="engine.zero must be"):
+        load(TrainConfig, None, ["engine.zero=4"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load(TrainConfig, None, ["distill.weighting=l2"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load(TrainConfig, None, ["steps=many"])
+    with pytest.raises(ConfigError, match="partition needs engine.zero=3"):
+        load(TrainConfig, None, ["model.frozen_placement=partition", "engine.zero=2"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    config = load(TrainConfig, REPO / "configs/sdxl_add.yaml", ["steps=7"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(config, with_docs=True))
+    assert load(TrainConfig, path) == config
+
+
+def test_cli_dry_run_prints_documented_config():
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "train", "-c", str(REPO / "configs/sdxl_add.yaml"),
+                             "--zero", "3", "--dry-run", "optim.student_lr=2e-6"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "student_lr: 2.0e-06" in result.stdout and "zero: 3" in result.stdout
+    assert "# Peak AdamW learning rate of the student." in result.stdout
+
+
+def test_cli_unknown_key_exits_with_message():
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "train", "--dry-run", "data.shard=x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "unknown config key data.shard" in result.stderr and "shards:" in result.stderr

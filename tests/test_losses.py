@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from addpipe.train import losses
+
+
+def test_hinge_losses_match_formula():
+    real = [torch.tensor([[2.0, 0.5], [-1.0, 0.0]]), torch.tensor([[0.0], [3.0]])]
+    fake = [torch.tensor([[-2.0, 0.5], [1.0, -0.5]]), torch.tensor([[0.2], [-3.0]])]
+    terms = losses.discriminator_hinge_loss(real, fake)
+    expected_real = (0 + 0.5 + 2.0 + 1.0) / 4 + (1.0 + 0.0) / 2
+    expected_fake = (0 + 1.5 + 2.0 + 0.5) / 4 + (1.2 + 0.0) / 2
+    assert terms["real"].item() == pytest.approx(expected_real)
+    assert terms["fake"].item() == pytest.approx(expected_fake)
+
+
+def test_generator_loss_sign_rewards_higher_fake_logits():
+    low = losses.generator_adversarial_loss([torch.zeros(2, 3), torch.zeros(2, 1)])
+    high = losses.generator_adversarial_loss([torch.ones(2, 3), 2 * torch.ones(2, 1)])
+    assert high.item() == pytest.approx(-3.0) and low.item() == 0.0
+    assert high < low
+
+
+def test_r1_is_gradient_norm_wrt_head_input_features():
+    """Hand-built head D(f) = sum_tokens (w . f_token)^2 / 2: dD/df = (w . f) w per token."""
+    torch.manual_seed(0)
+    w = torch.randn(5, requires_grad=True)
+    features = torch.randn(3, 5, 7, requires_grad=True)  # (B, C, N)
+
+    def head(f):
+        return 0.5 * torch.einsum("c,bcn->bn", w, f) ** 2
+
+    r1 = losses.r1_penalty([head(features)], [features])
+    projection = torch.einsum("c,bcn->bn", w, features).detach()
+    gradient = projection[:, None, :] * w.detach()[None, :, None]
+    expected = gradient.pow(2).flatten(1).sum(1).mean()
+    assert r1.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the penalty is differentiable w.r.t. the head parameters (its graph is kept)
+    (grad_w,) = torch.autograd.grad(r1, w)
+    assert torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
+
+
+def test_r1_sums_over_heads():
+    f1, f2 = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    both = losses.r1_penalty([f1.sum(1) * 2, f2.sum(1) * 3], [f1, f2])
+    # d/df of 2*sum_c f = 2 per element: 3*4 elements * 4 = 48; for 3: 12 * 9 = 108
+    assert both.item() == pytest.approx(48 + 108)
+
+
+def test_distillation_weights_match_formulas():
+    alpha, sigma = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.4359, 0.8660, 0.9950])
+    torch.testing.assert_close(losses.distillation_weight("exponential", alpha, sigma), alpha)
+    sds = alpha / (2 * sigma) * sigma**2
+    torch.testing.assert_close(losses.distillation_weight("sds", alpha, sigma), sds)
+    torch.testing.assert_close(losses.distillation_weight("nfsd", alpha, sigma), sds)
+    with pytest.raises(ValueError):
+        losses.distillation_weight("unknown", alpha, sigma)
+
+
+def test_sds_weight_gives_the_sds_gradient():
+    """d/dx c(t)||x - x_psi||^2 (per element, mean-free form) equals w(t)(eps_psi - eps) with w = sigma^2."""
+    torch.manual_seed(0)
+    alpha, sigma = torch.tensor(0.6), torch.tensor(0.8)
+    x0 = torch.randn(6, requires_grad=True)
+    eps, eps_psi = torch.randn(6), torch.randn(6)
+    x_t = alpha * x0.detach() + sigma * eps
+    target = losses.x0_from_eps(x_t, eps_psi, alpha, sigma)
+    weight = losses.distillation_weight("sds", alpha, sigma)
+    (weight * (x0 - target.detach()).pow(2).sum()).backward()
+    torch.testing.assert_close(x0.grad, sigma**2 * (eps_psi - eps), atol=1e-5, rtol=1e-5)
+
+
+def test_nfsd_gradient_is_noise_free_direction():
+    torch.manual_seed(0)
+    alpha, sigma = torch.full((2, 1), 0.6), torch.full((2, 1), 0.8)
+    t = torch.tensor([100, 500])
+    x0 = torch.randn(2, 5, requires_grad=True)
+    eps_c, eps_u, eps_n = torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5)
+    scale = 7.5
+    target = losses.nfsd_target(x0.detach(), alpha, sigma, t, eps_c, eps_u, eps_n, scale, t_threshold=200)
+    weight = losses.distillation_weight("nfsd", alpha, sigma)
+    (weight * (x0 - target).pow(2)).sum().backward()
+    delta_c = eps_c - eps_u
+    expected = torch.stack([eps_u[0] + scale * delta_c[0], (eps_u[1] - eps_n[1]) + scale * delta_c[1]])
+    torch.testing.assert_close(x0.grad, sigma**2 * expected, atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_loss_is_weighted_mse_with_stop_gradient():
+    student = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.randn(2, 3, 4, 4, requires_grad=True)
+    weight = torch.tensor([0.5, 2.0]).view(2, 1, 1, 1)
+    loss = losses.distillation_loss(student, target, weight)
+    expected = (torch.tensor([0.5, 2.0]) * (student - target).pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert target.grad is None and student.grad is not None
+
+
+def test_guidance_and_total():
+    u, c = torch.zeros(3), torch.ones(3)
+    torch.testing.assert_close(losses.guided_eps(u, c, 7.5), torch.full((3,), 7.5))
+    assert losses.generator_total(torch.tensor(1.0), torch.tensor(2.0), 2.5).item() == pytest.approx(6.0)

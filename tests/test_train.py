@@ -1,0 +1,164 @@
+"""The trainer end to end on tiny random-init models saved to temporary directories."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from addpipe.pipeline.config import load
+from addpipe.train.config import TrainConfig
+from conftest import TINY_CONFIG, tiny_overrides
+
+LOSS_TERMS = ["loss/generator_adversarial", "loss/distillation", "loss/discriminator_real", "loss/discriminator_fake",
+              "loss/r1", "lr/student", "lr/discriminator", "perf/images_per_second"]
+
+
+def clean_env():
+    """In-process trainers set the rendezvous variables; a child process must pick its own."""
+    import os
+
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", *args], capture_output=True, text=True,
+                            env=clean_env())
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def unet_weights(student_dir):
+    return load_file(str(next((student_dir / "unet").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("architecture", ["sd", "sdxl"])
+def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino, digit_shards, tmp_path):
+    teacher = request.getfixturevalue(f"tiny_{architecture}")
+    run = tmp_path / "run"
+    cli("train", "-c", str(TINY_CONFIG), "--zero", "2",
+        *tiny_overrides(teacher, tiny_dino, digit_shards, run, steps=3, **{"log.sample_every": 2}))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    for term in LOSS_TERMS:
+        assert all(term in line and line[term] == line[term] for line in lines), term
+    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000003"
+    assert (run / "samples" / "step_00000002.png").is_file() and (run / "config.yaml").is_file()
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_cls = StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
+    pipe = pipeline_cls.from_pretrained(run / "student")
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    images = pipe("a handwritten seven", timesteps=[999, 499], guidance_scale=0.0, height=16, width=16,
+                  output_type="np").images
+    assert images.shape == (1, 16, 16, 3) and (images == images).all()
+
+    # One diffusers step from the same noise equals our sampler's one step.
+    from addpipe.train.sampling import load_student, sample_latents
+    from addpipe.train.models import encode_prompts, sdxl_time_ids
+
+    components, schedule, info = load_student(str(run / "student"), torch.device("cpu"))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ours_kwargs = encode_prompts(components, ["a red two"], "cpu").unet_kwargs(
+        sdxl_time_ids(torch.tensor([[16, 16]]), torch.zeros(1, 2, dtype=torch.long), 16) if architecture == "sdxl" else None)
+    ours = sample_latents(components.unet, schedule, ours_kwargs, noise, [999])
+    theirs = pipe("a red two", timesteps=[999], guidance_scale=0.0, height=16, width=16, latents=noise.clone(),
+                  output_type="latent").images
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+
+
+def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from addpipe.train.loop import train
+
+    def config(run, steps):
+        return load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps,
+                                                             **{"optim.ema_decay": 0.9}))
+
+    whole = train(config(tmp_path / "whole", 4))
+    train(config(tmp_path / "split", 2))
+    split = train(config(tmp_path / "split", 4), resume=True)
+    a, b = unet_weights(whole), unet_weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    heads = [torch.load(p / "checkpoints/step_00000004/discriminator/mp_rank_00_model_states.pt", weights_only=False)["module"]
+             for p in (tmp_path / "whole", tmp_path / "split")]
+    for key in heads[0]:
+        torch.testing.assert_close(heads[0][key], heads[1][key], atol=1e-5, rtol=1e-4, msg=key)
+    whole_metrics = (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
+    split_metrics = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["loss/distillation"] for l in whole_metrics] == pytest.approx(
+        [json.loads(l)["loss/distillation"] for l in split_metrics], rel=1e-4)
+
+
+def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from addpipe.train.loop import Trainer
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
+                                                                    **{"engine.zero": 0})))
+    frozen = {name: [p.detach().clone() for p in module.parameters()]
+              for name, module in [("teacher", trainer.teacher.unet), ("vae", trainer.teacher.vae),
+                                   ("text", trainer.teacher.text_encoders[0]),
+                                   ("dino", trainer.discriminator.module.feature_network)]}
+    student_before = [p.detach().clone() for p in trainer.student.module.parameters()]
+    heads_before = [p.detach().clone() for p in trainer.heads]
+    trainer.run()
+    for name, module in [("teacher", trainer.teacher.unet), ("vae", trainer.teacher.vae),
+                         ("text", trainer.teacher.text_encoders[0]), ("dino", trainer.discriminator.module.feature_network)]:
+        for before, param in zip(frozen[name], module.parameters()):
+            assert not param.requires_grad and param.grad is None, name
+            assert torch.equal(before, param), name
+    assert not trainer.discriminator.module.feature_network.training
+    assert any(not torch.equal(b, p) for b, p in zip(student_before, trainer.student.module.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from addpipe.train.loop import Trainer
+    from addpipe.train.report import NonFiniteLossError
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, steps=6,
+                                                                    **{"checkpoint.every": 2})))
+    prepare = trainer.prepare
+
+    def poisoned(batch):  # a corrupted batch at step 3 makes every loss NaN
+        inputs = prepare(batch)
+        if trainer.step == 3:
+            inputs.latents.fill_(float("nan"))
+        return inputs
+
+    trainer.prepare = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"step 3 .*step_00000002"):
+        trainer.run()
+    assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
+    assert not (tmp_path / "student").exists()
+
+
+def test_sample_cli_is_deterministic(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    run = tmp_path / "run"
+    cli("train", "-c", str(TINY_CONFIG), *tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=1))
+    outputs = []
+    for seed, name in [(0, "a.png"), (0, "b.png"), (1, "c.png")]:
+        cli("sample", "--student", str(run / "student"), "--prompt", "a red fox in snow", "--steps", "2",
+            "--seed", str(seed), "--out", str(tmp_path / name))
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+    bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "9", check=False)
+    assert bad.returncode == 2 and "steps must be between 1 and 4" in bad.stderr
+
+
+def test_bad_inputs_are_clear_errors(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    missing_model = cli("train", "-c", str(TINY_CONFIG),
+                        *tiny_overrides(tmp_path / "no_such_model", tiny_dino, digit_shards, tmp_path / "r1"), check=False)
+    assert missing_model.returncode == 2 and "no_such_model" in missing_model.stderr
+    missing_shard = cli("train", "-c", str(TINY_CONFIG),
+                        *tiny_overrides(tiny_sd, tiny_dino, f"{digit_shards}/{{00000..00011}}.tar", tmp_path / "r2"),
+                        check=False)
+    assert missing_shard.returncode == 2 and "4 of 12 shards are missing" in missing_shard.stderr
+    assert "00011.tar" in missing_shard.stderr
