@@ -1,0 +1,84 @@
+"""Pretraining a small teacher with plain diffusion training, for the offline demo.
+
+ADD needs a teacher that already draws the data. On a machine with no downloadable weights the demo
+makes one: first the VAE learns to reconstruct the shards' images, then the UNet learns the usual
+noise-prediction objective on those latents (with 10% empty captions so guidance works). The result
+is saved in place as a diffusers pipeline directory, which `addpipe train` then loads like any hub model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from addpipe.train.config import DataConfig, ModelConfig
+from addpipe.train.data import TrainingData
+from addpipe.train.models import encode_prompts, load_teacher, vae_encode
+from addpipe.train.schedule import add_noise, schedule_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: int, unet_steps: int,
+                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:
+    """Train the VAE, then the UNet, of the pipeline in `directory` on `shards`; save in place."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    components = load_teacher(ModelConfig(teacher=str(directory)))
+    data = TrainingData(DataConfig(shards=shards, resolution=resolution, batch_size=batch_size, num_workers=0, seed=seed), 0, 1)
+
+    vae = components.vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    for _ in tqdm(range(vae_steps), desc="teacher VAE", disable=not progress):
+        pixels = next(data).pixels
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # rescale latents to unit variance, as SD's scaling factor does
+        std = torch.cat([vae.encode(next(data).pixels).latent_dist.mean for _ in range(4)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+
+    schedule = schedule_from_config(components.scheduler_config, zero_terminal_snr=False)
+    unet = components.unet.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    bar = tqdm(range(unet_steps), desc="teacher UNet", disable=not progress)
+    for _ in bar:
+        batch = next(data)
+        with torch.no_grad():
+            latents = vae_encode(components, batch.pixels)
+            captions = [c if torch.rand(()) > 0.1 else "" for c in batch.captions]
+            conditioning = encode_prompts(components, captions, "cpu")
+        t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],))
+        noise = torch.randn_like(latents)
+        alpha, sigma = schedule.at(t, latents.ndim)
+        prediction = unet(add_noise(latents, noise, alpha, sigma), t, **conditioning.unet_kwargs(None),
+                          return_dict=False)[0]
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval().requires_grad_(False)
+
+    StableDiffusionPipeline(
+        vae=vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0], unet=unet,
+        scheduler=_teacher_scheduler(components.scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(directory)
+    return Path(directory)
+
+
+def _teacher_scheduler(config):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config)
