@@ -150,7 +150,9 @@ def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = 
     if model_config.student_init:
         student = load_pretrained(UNet2DConditionModel, model_config.student_init, torch_dtype=dtype)
     else:
-        student = copy.deepcopy(teacher.unet).to(dtype)
+        student = copy.deepcopy(teacher.unet)
+        if next(student.parameters()).dtype != dtype:
+            student = student.to(dtype)
     student.requires_grad_(True)
     student.train()
     if model_config.gradient_checkpointing:
