@@ -78,7 +78,7 @@ def bare_loop(config: TrainConfig, batch: tuple[torch.Tensor, list[str]], steps:
         with torch.no_grad():
             h = torch.cat([cond.hidden_states, empty.hidden_states.expand(b, -1, -1), negative.hidden_states.expand(b, -1, -1)])
             out = teacher.unet(x_t.repeat(k, 1, 1, 1), n.teacher_t.repeat(k), encoder_hidden_states=h, return_dict=False)[0]
-            eps = predicted_eps(out, x_t.repeat(k, 1, 1, 1), at.repeat(k, 1, 1, 1), st.repeat(k, 1, 1, 1), "epsilon").chunk(k)
+            eps = [predicted_eps(branch, x_t, at, st, "epsilon") for branch in out.chunk(k)]
             target = vae_decode(teacher, losses.nfsd_target(x0.detach(), at, st, n.teacher_t, *eps, config.distill.teacher_guidance))
         distill = losses.distillation_loss(fake, target, losses.distillation_weight("nfsd", at, st))
         opt_g.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -111,6 +111,6 @@ def learning_rate(engine) -> float:
     return float(engine.get_lr()[0])
 
 
-def set_requires_grad(module: nn.Module, flag: bool, only: Optional[list[nn.Parameter]] = None) -> None:
-    for parameter in only if only is not None else module.parameters():
+def set_requires_grad(parameters: list[nn.Parameter], flag: bool) -> None:
+    for parameter in parameters:
         parameter.requires_grad_(flag)

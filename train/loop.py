@@ -58,8 +58,7 @@ class Trainer:
         distributed.barrier()
         torch.manual_seed(config.seed)  # identical head initialisation on every rank
 
-        frozen_dtype = self.dtype
-        self.teacher = load_teacher(config.model, dtype=frozen_dtype)
+        self.teacher = load_teacher(config.model, dtype=self.dtype)
         student = make_student(self.teacher, config.model)
         for module in self.teacher.frozen_modules():
             module.to(self.device)
@@ -151,8 +150,8 @@ class Trainer:
         with torch.no_grad(), engines.autocast(self.device, self.dtype):
             output = self.teacher_unet(x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k), **conditioning.unet_kwargs(time_ids),
                                        return_dict=False)[0].float()
-            eps = predicted_eps(output, x_t.repeat(k, 1, 1, 1), alpha.repeat(k, 1, 1, 1), sigma.repeat(k, 1, 1, 1),
-                                self.teacher_schedule.prediction_type).chunk(k)
+            eps = [predicted_eps(branch, x_t, alpha, sigma, self.teacher_schedule.prediction_type)
+                   for branch in output.chunk(k)]
             if cfg.weighting == "nfsd":
                 target = losses.nfsd_target(x0_student.detach(), alpha, sigma, teacher_t, eps[0], eps[1], eps[2],
                                             cfg.teacher_guidance, cfg.nfsd_t_threshold)
@@ -166,7 +165,7 @@ class Trainer:
         timesteps = torch.tensor(self.timesteps, device=self.device)[noise.student_index.to(self.device)]
         alpha, sigma = self.student_schedule.at(timesteps, inputs.latents.ndim)
         x_s = add_noise(inputs.latents, noise.noise.to(self.device), alpha, sigma)
-        engines.set_requires_grad(self.discriminator.module, False, self.heads)
+        engines.set_requires_grad(self.heads, False)
         terms: dict[str, torch.Tensor] = {}
         with engines.autocast(self.device, self.dtype):
             output = self.student(x_s, timesteps, **inputs.conditioning.unet_kwargs(inputs.time_ids), return_dict=False)[0]
@@ -193,7 +192,7 @@ class Trainer:
         terms["loss/generator_total"] = total
         self.student.backward(total)
         self.student.step()
-        engines.set_requires_grad(self.discriminator.module, True, self.heads)
+        engines.set_requires_grad(self.heads, True)
         return terms, None if fake_pixels is None else fake_pixels.detach()
 
     def discriminator_phase(self, inputs: StepInputs, fake_pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: int, unet_steps: int,
                      batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True) -> Path:
     """Train the VAE, then the UNet, of the pipeline in `directory` on `shards`; save in place."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
     components = load_teacher(ModelConfig(teacher=str(directory)))
@@ -72,13 +72,8 @@ def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: i
 
     StableDiffusionPipeline(
         vae=vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0], unet=unet,
-        scheduler=_teacher_scheduler(components.scheduler_config), safety_checker=None, feature_extractor=None,
+        scheduler=DDPMScheduler.from_config(components.scheduler_config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(directory)
     return Path(directory)
 
-
-def _teacher_scheduler(config):
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(config)
