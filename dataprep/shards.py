@@ -35,29 +35,41 @@ def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def write_shard(samples: list[ShardSample], path: Path) -> dict[str, int]:
-    """Write one shard and its parquet/stats siblings atomically (tmp files renamed into place)."""
+def write_tar_shard(path: Path, samples: list[dict[str, Any]], rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    """Write `samples` (WebDataset dicts with `__key__`) to `path`, then its `.parquet` (one row per input
+    row) and `_stats.json`. The tar is renamed into place last, so a present tar means a finished shard;
+    a fixed mtime makes reruns byte-identical."""
     path = Path(path)
-    rows, successes = [], 0
     tmp = path.with_suffix(".tar.tmp")
-    with wds.TarWriter(str(tmp)) as writer:
+    with open(tmp, "wb") as handle:
+        writer = wds.TarWriter(handle, mtime=0)
         for sample in samples:
-            row = {"key": sample.key, "caption": sample.caption, **{k: v for k, v in sample.meta.items() if not isinstance(v, (dict, list))}}
-            if sample.error is not None or sample.image is None:
-                rows.append({**row, "status": "failed", "error_message": sample.error or "no image"})
-                continue
-            data = encode_jpeg(sample.image)
-            meta = {"key": sample.key, "caption": sample.caption, "width": sample.image.width,
-                    "height": sample.image.height, "original_width": sample.meta.get("original_width", sample.image.width),
-                    "original_height": sample.meta.get("original_height", sample.image.height),
-                    "sha256": hashlib.sha256(data).hexdigest(), **sample.meta, "status": "success"}
-            writer.write({"__key__": sample.key, "jpg": data, "txt": sample.caption, "json": json.dumps(meta)})
-            rows.append({**row, "status": "success", "error_message": None})
-            successes += 1
-    stats = {"count": len(samples), "successes": successes, "failed_to_download": len(samples) - successes}
-    pd.DataFrame(rows).to_parquet(path.with_suffix(".parquet"))
-    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats))
+            writer.write(sample)
+        writer.close()
+    parquet_tmp = path.with_suffix(".parquet.tmp")
+    pd.DataFrame(rows).to_parquet(parquet_tmp, index=False)
+    os.replace(parquet_tmp, path.with_suffix(".parquet"))
+    path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats, sort_keys=True))
     os.replace(tmp, path)
+
+
+def write_shard(samples: list[ShardSample], path: Path) -> dict[str, int]:
+    """Write one shard of in-memory images (JPEG-encoded) with its parquet/stats siblings."""
+    rows, records = [], []
+    for sample in samples:
+        row = {"key": sample.key, "caption": sample.caption, **{k: v for k, v in sample.meta.items() if not isinstance(v, (dict, list))}}
+        if sample.error is not None or sample.image is None:
+            rows.append({**row, "status": "failed", "error_message": sample.error or "no image"})
+            continue
+        data = encode_jpeg(sample.image)
+        meta = {"key": sample.key, "caption": sample.caption, "width": sample.image.width,
+                "height": sample.image.height, "original_width": sample.meta.get("original_width", sample.image.width),
+                "original_height": sample.meta.get("original_height", sample.image.height),
+                "sha256": hashlib.sha256(data).hexdigest(), **sample.meta, "status": "success"}
+        records.append({"__key__": sample.key, "jpg": data, "txt": sample.caption, "json": json.dumps(meta)})
+        rows.append({**row, "status": "success", "error_message": None})
+    stats = {"count": len(samples), "successes": len(records), "failed_to_download": len(samples) - len(records)}
+    write_tar_shard(path, records, rows, stats)
     return stats
 
 

@@ -19,11 +19,13 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from addpipe.dataprep.prep import PrepError
+    from addpipe.dataprep.table import InputError
     from addpipe.pipeline.config import ConfigError
     from addpipe.train.data import ShardError
     from addpipe.train.models import ModelLoadError
 
-    return (ConfigError, ShardError, ModelLoadError, UserError)
+    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -97,6 +99,96 @@ def demo(
 
     grid = run_demo(out, steps=steps, images=images, teacher_steps=teacher_steps)
     typer.echo(f"demo finished: {grid}")
+
+
+prep_app = typer.Typer(no_args_is_help=False, add_completion=False, pretty_exceptions_enable=False,
+                       help="Curate a URL table into filtered WebDataset shards (all stages, or one with a subcommand).")
+app.add_typer(prep_app, name="prep")
+
+_OUT = typer.Option(None, "--out", "-o", help="Output directory (its prep_config.yaml is reused on reruns)")
+_CONFIG = typer.Option(None, "--config", "-c", help="Prep config YAML (default: <out>/prep_config.yaml, else built-in defaults)")
+_SET = typer.Option(None, "--set", "-s", help="Dotted override, repeatable: --set filter.min_aesthetic=4.5")
+
+
+def _prep_config(out: Optional[Path], urls: Optional[str], config: Optional[Path], overrides: Optional[List[str]]):
+    from addpipe.dataprep.config import PrepConfig
+    from addpipe.pipeline.config import load
+
+    if config is None and out is not None and (out / "prep_config.yaml").is_file():
+        config = out / "prep_config.yaml"
+    cfg = load(PrepConfig, config, list(overrides or []))
+    if out is not None:
+        cfg.out = str(out)
+    if urls is not None:
+        cfg.input.urls = urls
+    return cfg
+
+
+def _prep_failures(run):
+    """Runs a prep stage, turning failures caused by input or settings into clear errors."""
+    from addpipe.dataprep.prep import PrepError
+
+    try:
+        return run()
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        if isinstance(error, (PrepError,) + _user_errors()):
+            raise
+        raise PrepError(str(error)) from error
+
+
+@prep_app.callback(invoke_without_command=True)
+def prep(
+    ctx: typer.Context,
+    urls: Optional[str] = typer.Option(None, "--urls", help="URL table: parquet, csv, tsv or jsonl (optionally .gz), or a directory"),
+    out: Optional[Path] = _OUT,
+    config: Optional[Path] = _CONFIG,
+    overrides: Optional[List[str]] = _SET,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config with its documentation and exit"),
+) -> None:
+    """All stages: download -> embed + score -> filter + dedup -> shards and report. Rerun to resume."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from addpipe.dataprep.prep import run_prep
+    from addpipe.pipeline.config import to_yaml
+
+    cfg = _prep_config(out, urls, config, overrides)
+    if dry_run:
+        typer.echo(to_yaml(cfg, with_docs=True))
+        return
+    report = _prep_failures(lambda: run_prep(cfg))
+    typer.echo(f"kept {report['kept']} of {report['input_rows']} rows -> {report['shard_pattern']} "
+               f"(report: {Path(cfg.out) / 'report.md'})")
+
+
+@prep_app.command("download")
+def prep_download(urls: Optional[str] = typer.Option(None, "--urls", help="URL table"), out: Optional[Path] = _OUT,
+                  config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET) -> None:
+    """Stage 1: normalise the URL table and download it with img2dataset (download.distributor=pyspark to scale out)."""
+    from addpipe.dataprep.prep import run_download
+
+    shards = _prep_failures(lambda: run_download(_prep_config(out, urls, config, overrides)))
+    typer.echo(f"downloaded {len(shards)} shard(s)")
+
+
+@prep_app.command("embed")
+def prep_embed(out: Optional[Path] = _OUT, config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET,
+               task_index: int = typer.Option(int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), "--task-index", help="This task's index (default $SLURM_ARRAY_TASK_ID)"),
+               task_count: int = typer.Option(int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)), "--task-count", help="Number of tasks (default $SLURM_ARRAY_TASK_COUNT)")) -> None:
+    """Stage 2: CLIP embeddings and scores for the shards with id % task-count == task-index (a SLURM array task)."""
+    from addpipe.dataprep.prep import run_embed
+
+    shards = _prep_failures(lambda: run_embed(_prep_config(out, None, config, overrides), task_index, task_count))
+    typer.echo(f"task {task_index}/{task_count}: {len(shards)} shard(s) embedded and scored")
+
+
+@prep_app.command("merge")
+def prep_merge(out: Optional[Path] = _OUT, config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET) -> None:
+    """Stage 3: global filters and dedup over all shards, output shards and the report."""
+    from addpipe.dataprep.prep import run_merge
+
+    cfg = _prep_config(out, None, config, overrides)
+    report = _prep_failures(lambda: run_merge(cfg))
+    typer.echo(f"kept {report['kept']} of {report['input_rows']} rows -> {report['shard_pattern']}")
 
 
 def main() -> None:
