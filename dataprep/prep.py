@@ -64,9 +64,10 @@ def merge_settings(config: PrepConfig) -> dict[str, Any]:
     return {"embed": embed_settings(config), "filter": to_dict(config.filter), "dedup": to_dict(config.dedup)}
 
 
-def check_fingerprint(directory: Path, settings: dict[str, Any], rebuild: bool) -> None:
-    """Make `directory` belong to `settings`: a new directory records them; a directory built with other
-    settings is rebuilt (rebuild=True) or refused."""
+def check_fingerprint(directory: Path, settings: dict[str, Any], rebuild: bool, record: bool = True) -> None:
+    """Make `directory` belong to `settings`: a new directory records them (unless record=False, for a
+    caller that records only once its stage has succeeded); a directory built with other settings is
+    rebuilt (rebuild=True) or refused."""
     marker = directory / "_fingerprint.json"
     if marker.exists():
         recorded = json.loads(marker.read_text())
@@ -79,8 +80,9 @@ def check_fingerprint(directory: Path, settings: dict[str, Any], rebuild: bool) 
             )
         logger.warning("settings changed since %s was built: rebuilding it", directory)
         shutil.rmtree(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(marker, json.dumps({"digest": _digest(settings), "settings": settings}, indent=2))
+    if record:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, json.dumps({"digest": _digest(settings), "settings": settings}, indent=2))
 
 
 def out_dir(config: PrepConfig) -> Path:
@@ -92,11 +94,11 @@ def out_dir(config: PrepConfig) -> Path:
 def run_download(config: PrepConfig) -> list[int]:
     """Normalise the input table and download it; -> the shard ids."""
     root = out_dir(config)
-    root.mkdir(parents=True, exist_ok=True)
+    settings = input_settings(config)
+    check_fingerprint(root / "input", settings, rebuild=False, record=False)
+    urls, carried, rows = write_normalised(config.input, root)  # validates the table before anything is recorded
+    check_fingerprint(root / "input", settings, rebuild=False)
     write_atomic(root / "prep_config.yaml", to_yaml(config))
-    input_dir = root / "input"
-    check_fingerprint(input_dir, input_settings(config), rebuild=False)
-    urls, carried, rows = write_normalised(config.input, root)
     logger.info("input: %d rows, carrying columns %s", rows, carried)
     return download_stage.download(urls, carried, rows, config.download, root / "download")
 

@@ -113,3 +113,77 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@dataclass
+class Row:
+    name: str
+    caption: Optional[str]
+    expected: str          # the reason the curation must give ("kept" for survivors of the base filters)
+    route: Optional[Route] = None
+    url: Optional[str] = None
+    pwatermark: float = 0.1
+    punsafe: float = 0.1
+
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def curation_rows(slow_seconds: float = 8.0) -> list[Row]:
+    """Good rows and every kind of bad one, with the outcome each must get under the test settings
+    (download.max_image_area=2e7, download.timeout < slow_seconds, filter.min_resolution=100,
+    filter.max_aspect_ratio=3, filter.min_caption_words=2, filter.min_caption_chars=5, max watermark/unsafe 0.5)."""
+    china, flower = sample_photos()
+    rows = [
+        Row("china.jpg", "a photo of a temple roof", "kept", Route(jpeg(china))),
+        Row("flower.jpg", "a flower in a garden", "kept", Route(jpeg(flower))),
+        Row("unicode.jpg", "un château près de la forêt, 東京タワー", "kept", Route(jpeg(digit_photo(11, 240)))),
+        Row("cmyk.jpg", "a temple printed in cmyk", "kept", Route(jpeg(china.transpose(Image.FLIP_LEFT_RIGHT), mode="CMYK"))),
+        Row("alpha.png", "a translucent flower picture", "kept",
+            Route(png(_with_alpha(flower.rotate(90, expand=True))), "image/png")),
+        Row("animated.gif", "an animated digit sequence", "kept", Route(_gif([digit_photo(20 + i, 200) for i in range(3)]), "image/gif")),
+        Row("small.jpg", "a tiny digit picture", "too_small", Route(jpeg(digit_photo(30, 48)))),
+        Row("wide.jpg", "a very wide banner image", "aspect_ratio", Route(jpeg(digit_photo(31, 200).resize((1000, 200))))),
+        Row("empty-caption.jpg", "", "caption_empty", Route(jpeg(digit_photo(32, 200)))),
+        Row("missing-caption.jpg", None, "caption_empty", Route(jpeg(digit_photo(33, 200)))),
+        Row("short-caption.jpg", "a", "caption_too_short", Route(jpeg(digit_photo(34, 200)))),
+        Row("watermarked.jpg", "a digit with a watermark", "watermark", Route(jpeg(digit_photo(35, 200))), pwatermark=0.9),
+        Row("unsafe.jpg", "a digit marked unsafe", "unsafe", Route(jpeg(digit_photo(36, 200))), punsafe=0.9),
+        Row("missing.jpg", "a picture that is gone", "failed_to_download: HTTP Error 404: Not Found"),
+        Row("refused.jpg", "a server that is down", "failed_to_download: <urlopen error [Errno 111] Connection refused>"),
+        Row("page.html", "a web page, not an image", "failed_to_resize: Image decoding error", Route(b"<html><body>hi</body></html>", "text/html")),
+        Row("truncated.jpg", "half of a flower", "failed_to_resize: Image decoding error", Route(jpeg(flower)[:6000])),
+        Row("zero.jpg", "nothing at all", "failed_to_resize: OpenCV(", Route(b"")),
+        Row("huge.jpg", "an enormous green field", "failed_to_resize: image area too large", Route(jpeg(Image.new("RGB", (6000, 5000), (20, 160, 40))))),
+        Row("slow.jpg", "a server that is too slow", "failed_to_download: timed out", Route(jpeg(china), delay=slow_seconds)),
+        Row("noai.jpg", "an artist who opted out", "failed_to_download: Use of image disallowed by X-Robots-Tag directive",
+            Route(jpeg(flower), headers=(("X-Robots-Tag", "noai"),))),
+    ]
+    rows += [Row(f"digit-{d}.jpg", f"a handwritten {word} in colour", "kept", Route(jpeg(digit_photo(d, 160 + 8 * d))))
+             for d, word in enumerate(DIGIT_WORDS)]
+    rows += [  # last, so the copies sit in a later shard than their originals: dedup must work across shards
+        Row("china-copy.jpg", "the same temple again", "exact_duplicate", Route(jpeg(china))),
+        Row("flower-near.jpg", "nearly the same flower", "near_duplicate", Route(jpeg(flower.resize((600, 400)), quality=60))),
+    ]
+    return rows
+
+
+def _with_alpha(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    rgba.putalpha(128)
+    return rgba
+
+
+def _gif(frames: list[Image.Image]) -> bytes:
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def serve_rows(rows: list[Row]) -> ImageServer:
+    """An unstarted server for `rows`; sets each row's url (refused rows point at a closed port)."""
+    server = ImageServer({"/" + row.name: row.route for row in rows if row.route is not None})
+    dead = closed_port()
+    for row in rows:
+        row.url = f"http://127.0.0.1:{dead}/{row.name}" if row.name.startswith("refused") else server.url("/" + row.name)
+    return server

@@ -1,0 +1,306 @@
+"""`addpipe prep` end to end against a loopback HTTP server serving real photos and every kind of bad row.
+
+One module-scoped run downloads, embeds and scores everything with base filters only (no CLIP or
+aesthetic threshold, no dedup); tests then rerun the merge step with thresholds chosen from the measured
+scores, so every expected outcome is known before the run it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from addpipe.dataprep.config import DedupConfig, FilterConfig, InputConfig
+from addpipe.dataprep.dedup import near_duplicates
+from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
+from tests.image_server import curation_rows, serve_rows
+from tests.test_train import clean_env
+
+ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
+
+
+def base_settings(tiny: dict[str, str], aesthetic: Path) -> list[str]:
+    settings = {
+        "embed.model": tiny["model"], "embed.model_config": tiny["model_config"], "embed.pretrained": tiny["pretrained"],
+        "embed.batch_size": 8, "filter.aesthetic_weights": str(aesthetic), "filter.min_aesthetic": "null",
+        "filter.min_clip_similarity": "null", "filter.min_resolution": 100, "dedup.enabled": "false",
+        "download.image_size": 64, "download.samples_per_shard": 8, "download.processes": 1, "download.threads": 8,
+        "download.timeout": 3, "download.max_image_area": 2e7,
+    }
+    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+
+
+def addpipe(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(ADDPIPE + list(args), capture_output=True, text=True, env=clean_env(), timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"addpipe {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    tiny = build_tiny_clip(root / "clip")
+    aesthetic = build_tiny_aesthetic(root / "aesthetic.pth", 32)
+    rows = curation_rows()
+    server = serve_rows(rows)
+    with server:
+        table = pd.DataFrame({"URL": [r.url for r in rows], "TEXT": [r.caption for r in rows], "name": [r.name for r in rows],
+                              "pwatermark": [r.pwatermark for r in rows], "punsafe": [r.punsafe for r in rows]})
+        table.to_parquet(root / "laion.parquet")
+        settings = base_settings(tiny, aesthetic) + ["--set", "input.url_column=URL", "--set", "input.caption_column=TEXT"]
+        out = root / "curated"
+        result = addpipe("prep", "--urls", str(root / "laion.parquet"), "--out", str(out), *settings)
+        yield {"root": root, "out": out, "rows": rows, "settings": settings, "tiny": tiny, "aesthetic": aesthetic,
+               "stdout": result.stdout, "server": server}
+
+
+def decisions(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "shards" / "_decisions.parquet").set_index("name")
+
+
+def merge(curated, *extra: str) -> dict:
+    addpipe("prep", "merge", "--out", str(curated["out"]), *extra)
+    return json.loads((curated["out"] / "report.json").read_text())
+
+
+def test_every_input_row_is_accounted_for_with_its_reason(curated):
+    report = json.loads((curated["out"] / "report.json").read_text())
+    rows = curated["rows"]
+    assert report["input_rows"] == len(rows) and sum(report["reasons"].values()) == len(rows)
+    table = decisions(curated["out"])
+    for row in rows:
+        expected = "kept" if row.expected in ("exact_duplicate", "near_duplicate") else row.expected  # dedup is off here
+        assert table.loc[row.name, "reason"].startswith(expected), (row.name, table.loc[row.name, "reason"], expected)
+    stages = {stage["stage"]: stage for stage in report["stages"]}
+    assert stages["download"]["entered"] == len(rows)
+    for before, after in zip(report["stages"], report["stages"][1:]):
+        assert after["entered"] == before["left"]
+    assert report["stages"][-1]["left"] == report["kept"]
+    markdown = (curated["out"] / "report.md").read_text()
+    assert "| download | %d |" % len(rows) in markdown and "caption_empty" in markdown
+    for path in report["plots"].values():
+        with Image.open(curated["out"] / path) as image:
+            assert image.format == "PNG" and image.width > 100
+
+
+def test_embeddings_use_clip_retrievals_layout_and_scores_match_their_definitions(curated):
+    import open_clip
+
+    out, tiny = curated["out"], curated["tiny"]
+    open_clip.add_model_config(tiny["model_config"])
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny["model"], pretrained=tiny["pretrained"])
+    tokenizer = open_clip.get_tokenizer(tiny["model"])
+    state = torch.load(curated["aesthetic"], weights_only=True)
+    table = decisions(out)
+    checked = 0
+    for shard in sorted(table["shard"].unique()):
+        img = np.load(out / "embeddings/img_emb" / f"img_emb_{shard:05d}.npy").astype(np.float32)
+        txt = np.load(out / "embeddings/text_emb" / f"text_emb_{shard:05d}.npy").astype(np.float32)
+        meta = pd.read_parquet(out / "embeddings/metadata" / f"metadata_{shard:05d}.parquet")
+        assert len(img) == len(txt) == len(meta)
+        with tarfile.open(out / "download" / f"{shard:05d}.tar") as tar:
+            images = {m.name.split(".")[0]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+        for i, key in enumerate(meta["key"]):
+            with torch.no_grad():
+                image = Image.open(io.BytesIO(images[key])).convert("RGB")
+                expected_img = torch.nn.functional.normalize(model.encode_image(preprocess(image)[None]), dim=-1)[0].numpy()
+                expected_txt = torch.nn.functional.normalize(model.encode_text(tokenizer([meta["caption"][i]])), dim=-1)[0].numpy()
+            np.testing.assert_allclose(img[i], expected_img, atol=2e-3)
+            np.testing.assert_allclose(txt[i], expected_txt, atol=2e-3)
+            row = table[table["key"] == key].iloc[0]
+            assert row["clip_similarity"] == pytest.approx(float(img[i] @ txt[i]), abs=1e-5)
+            # the published predictor has no activations: score = W7 W6 W4 W2 W0 e + biases, by hand
+            h = img[i]
+            for layer in (0, 2, 4, 6, 7):
+                h = state[f"layers.{layer}.weight"].numpy() @ h + state[f"layers.{layer}.bias"].numpy()
+            assert row["aesthetic"] == pytest.approx(float(h[0]), abs=1e-4)
+            checked += 1
+    assert checked == (table["status"] == "success").sum() >= 16
+
+
+def test_clip_and_aesthetic_thresholds_drop_exactly_the_rows_below_them(curated):
+    table = decisions(curated["out"])
+    entering = table[table["reason"] == "kept"]
+    clip_cut = float(np.median(entering["clip_similarity"]))
+    after_clip = entering[entering["clip_similarity"] >= clip_cut]
+    aesthetic_cut = float(np.median(after_clip["aesthetic"]))
+    report = merge(curated, "--set", f"filter.min_clip_similarity={clip_cut!r}", "--set", f"filter.min_aesthetic={aesthetic_cut!r}")
+    result = decisions(curated["out"])
+    low_clip = set(entering.index[entering["clip_similarity"] < clip_cut])
+    low_aesthetic = set(after_clip.index[after_clip["aesthetic"] < aesthetic_cut])
+    assert set(result.index[result["reason"] == "low_clip_similarity"]) == low_clip and low_clip
+    assert set(result.index[result["reason"] == "low_aesthetic"]) == low_aesthetic and low_aesthetic
+    assert report["kept"] == len(entering) - len(low_clip) - len(low_aesthetic)
+
+    # keep-top-fraction instead of a threshold: exactly ceil(f * n) of the rows reaching the CLIP stage survive
+    merge(curated, "--set", "filter.clip_keep_fraction=0.25")
+    result = decisions(curated["out"])
+    survivors = result[result["reason"] == "kept"]
+    assert len(survivors) == int(np.ceil(0.25 * len(entering)))
+    assert survivors["clip_similarity"].min() >= result.loc[result["reason"] == "below_clip_top_fraction", "clip_similarity"].max()
+
+
+def test_exact_and_near_duplicates_are_removed_across_shards(curated):
+    merge(curated)  # back to the base settings of prep_config.yaml
+    table = decisions(curated["out"])
+    alive = table[table["reason"] == "kept"].sort_values(["shard", "key"])
+    embeddings = np.concatenate([np.load(curated["out"] / "embeddings/img_emb" / f"img_emb_{s:05d}.npy")[[i]]
+                                 for s, i in zip(alive["shard"], alive["embedding_index"])]).astype(np.float32)
+    similarity = embeddings @ embeddings.T
+    names = list(alive.index)
+    near = similarity[names.index("flower-near.jpg"), names.index("flower.jpg")]
+    exact = {names.index("china-copy.jpg"), names.index("china.jpg")}
+    others = [similarity[i, j] for i in range(len(names)) for j in range(i) if {i, j} != exact
+              and {names[i], names[j]} != {"flower-near.jpg", "flower.jpg"}]
+    assert near > max(others), "the tiny CLIP must separate the near-duplicate from distinct images"
+    threshold = float(near + max(others)) / 2
+    assert table.loc["flower-near.jpg", "shard"] != table.loc["flower.jpg", "shard"]  # found across shards
+    report = merge(curated, "--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4")
+    result = decisions(curated["out"])
+    assert set(result.index[result["reason"] == "exact_duplicate"]) == {"china-copy.jpg"}
+    assert set(result.index[result["reason"] == "near_duplicate"]) == {"flower-near.jpg"}
+    expected = {r.name: r.expected for r in curated["rows"]}
+    assert all(result.loc[name, "reason"].startswith(reason) for name, reason in expected.items())
+    assert report["kept"] == sum(r.expected == "kept" for r in curated["rows"])
+    curated["final_settings"] = ["--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4"]
+
+
+def test_output_shards_follow_the_contract_and_the_trainer_reads_them(curated):
+    from addpipe.train.config import DataConfig
+    from addpipe.train.data import TrainingData
+
+    out = curated["out"]
+    table = decisions(out)
+    kept = table[table["reason"] == "kept"]
+    seen = {}
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        listing = pd.read_parquet(tar_path.with_suffix(".parquet"))
+        stats = json.loads(tar_path.with_name(tar_path.stem + "_stats.json").read_text())
+        assert stats["count"] == len(listing) == stats["successes"] + stats["failed_to_download"] + stats["filtered"]
+        assert set(listing.loc[listing["status"] == "success", "key"]) == set(kept.loc[kept["shard"] == int(tar_path.stem), "key"])
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                seen.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    assert set(seen) == set(kept["key"])
+    for name, row in kept.iterrows():
+        sample = seen[row["key"]]
+        meta = json.loads(sample["json"])
+        assert sample["txt"].decode("utf-8") == row["caption"]
+        for field in ("url", "width", "height", "original_width", "original_height", "sha256", "clip_similarity", "aesthetic", "name", "pwatermark"):
+            assert field in meta, field
+        assert meta["clip_similarity"] == pytest.approx(row["clip_similarity"])
+        Image.open(io.BytesIO(sample["jpg"])).verify()
+    assert seen[kept.loc["unicode.jpg", "key"]]["txt"].decode() == "un château près de la forêt, 東京タワー"
+
+    data = TrainingData(DataConfig(shards=str(out / "shards"), resolution=16, batch_size=4, num_workers=0), rank=0, world_size=1)
+    batch = next(iter(data))
+    assert batch.pixels.shape == (4, 3, 16, 16) and set(batch.captions) <= set(kept["caption"])
+
+
+def _run_until(args: list[str], marker: Path, env: dict) -> None:
+    """Start a prep run and SIGKILL its whole process group as soon as `marker` exists (or it finishes)."""
+    process = subprocess.Popen(ADDPIPE + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while process.poll() is None and not marker.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
+    if "final_settings" not in curated:
+        pytest.skip("needs the dedup test's settings (run the module in order)")
+    out = curated["root"] / "killed"
+    args = ["prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(out), *curated["settings"], *curated["final_settings"]]
+    env = clean_env()
+    for marker in ("download/00001_stats.json", "scores/00001.parquet", "shards/00001.tar"):
+        _run_until(args, out / marker, env)
+    addpipe(*args)
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    reference = curated["out"] / "shards"
+    names = sorted(p.name for p in reference.glob("*.tar"))
+    assert names == sorted(p.name for p in (out / "shards").glob("*.tar")) and names
+    for name in names:
+        assert digest(out / "shards" / name) == digest(reference / name), name
+        a = pd.read_parquet((out / "shards" / name).with_suffix(".parquet"))
+        b = pd.read_parquet((reference / name).with_suffix(".parquet"))
+        pd.testing.assert_frame_equal(a, b)
+    first = json.loads((curated["out"] / "report.json").read_text())
+    second = json.loads((out / "report.json").read_text())
+    assert first["reasons"] == second["reasons"] and first["stages"] == second["stages"]
+
+
+def test_near_duplicates_blockwise_and_faiss_agree_with_a_brute_force_greedy_reference():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(60, 16))
+    copies = base[rng.integers(0, 60, size=40)] + 0.05 * rng.normal(size=(40, 16))
+    embeddings = np.concatenate([base, copies])[rng.permutation(100)]
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    threshold = 0.95
+    kept: list[int] = []
+    expected = np.zeros(100, dtype=bool)
+    for i in range(100):
+        if kept and max(float(embeddings[i] @ embeddings[j]) for j in kept) >= threshold:
+            expected[i] = True
+        else:
+            kept.append(i)
+    assert 10 < expected.sum() < 60
+    for block_size in (7, 32, 1000):
+        duplicate, nearest = near_duplicates(embeddings, threshold, block_size)
+        np.testing.assert_array_equal(duplicate, expected)
+        assert np.all(nearest[duplicate] >= threshold)
+    pytest.importorskip("faiss")
+    duplicate, _ = near_duplicates(embeddings, threshold, 16, backend="faiss")
+    np.testing.assert_array_equal(duplicate, expected)
+
+
+def test_input_formats_and_column_errors(tmp_path):
+    from addpipe.dataprep.table import InputError, normalise, read_table
+
+    frame = pd.DataFrame({"link": ["http://a/1.jpg", "http://a/2.jpg"], "text": ["één", None], "key": [1, 2], "extra": [0.5, 0.7]})
+    frame.to_csv(tmp_path / "t.csv.gz", index=False)
+    frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+    frame.to_parquet(tmp_path / "t.parquet")
+    for name in ("t.csv.gz", "t.jsonl", "t.parquet"):
+        config = InputConfig(urls=str(tmp_path / name), url_column="link", caption_column="text")
+        table, carried = normalise(read_table(config), config)
+        assert list(table["caption"]) == ["één", ""] and list(table["row_id"]) == [0, 1]
+        assert carried == ["row_id", "input_key", "extra"]  # 'key' would collide with img2dataset's own field
+    with pytest.raises(InputError, match="no column 'url'.*its columns are: link, text, key, extra"):
+        read_table(InputConfig(urls=str(tmp_path / "t.parquet")))
+    with pytest.raises(InputError, match="does not exist"):
+        read_table(InputConfig(urls=str(tmp_path / "nope.parquet")))
+
+
+def test_cli_errors_are_clear_and_leave_no_output(tmp_path, curated):
+    result = addpipe("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o"), check=False)
+    assert result.returncode == 2 and "no column 'url'" in result.stderr and "URL, TEXT, name" in result.stderr
+    result = addpipe("prep", "--out", str(tmp_path / "o2"), "--set", "filter.min_clipsim=0.3", check=False)
+    assert result.returncode == 2 and "unknown config key" in result.stderr and "min_clip_similarity" in result.stderr
+    result = addpipe("prep", "merge", "--out", str(tmp_path / "never"), check=False)
+    assert result.returncode == 2 and "prep download" in result.stderr
+    result = addpipe("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o3"),
+                     *curated["settings"], "--set", "download.distributor=pyspark", check=False)
+    if result.returncode != 0:  # pyspark is not a dependency: its absence must be explained, not a traceback
+        assert result.returncode == 2 and "pip install pyspark" in result.stderr
+    assert not (tmp_path / "o" / "download").exists()
