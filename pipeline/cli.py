@@ -191,6 +191,28 @@ def prep_merge(out: Optional[Path] = _OUT, config: Optional[Path] = _CONFIG, ove
     typer.echo(f"kept {report['kept']} of {report['input_rows']} rows -> {report['shard_pattern']}")
 
 
+@prep_app.command("encode")
+def prep_encode(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the training config, e.g. data.resolution=1024"),
+    shards: str = typer.Option(..., "--shards", help="Shards to encode in place: brace pattern or directory"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="The training config (teacher, VAE, data.resolution)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    storage: str = typer.Option("float16", "--storage", help="float16 or float32"),
+) -> None:
+    """Optional: precompute the teacher's VAE latents and text embeddings into the shards; training then skips those encoders."""
+    from addpipe.dataprep.encode import encode_shards
+    from addpipe.pipeline.config import load
+    from addpipe.train.config import TrainConfig
+
+    if storage not in ("float16", "float32"):
+        raise UserError(f"--storage must be float16 or float32, got {storage}")
+    cfg = load(TrainConfig, config, list(overrides or []))
+    counts = encode_shards(cfg, shards, batch_size=batch_size, device=device, storage=storage)
+    typer.echo(f"encoded {counts['encoded_shards']} of {counts['shards']} shard(s) ({counts['samples']} samples, "
+               f"{counts['skipped']} unreadable left as they were) at resolution {cfg.data.resolution}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -27,8 +27,8 @@ from PIL import Image
 from addpipe.dataprep.config import DedupConfig, FilterConfig, InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
-from tests.image_server import curation_rows, serve_rows
-from tests.test_train import clean_env
+from image_server import curation_rows, serve_rows
+from test_train import clean_env
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
 

@@ -160,6 +160,8 @@ class DataConfig:
     """Sample key holding the caption."""
     seed: int = 0
     """Seed of the shard order; each epoch reshuffles shards deterministically."""
+    use_precomputed: bool = True
+    """Use latents and text embeddings written by `addpipe prep encode` when they match the teacher, VAE and resolution (centre crops only)."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.batch_size < 1 or self.num_workers < 0:

@@ -102,8 +102,22 @@ def resize_and_crop(image: Image.Image, resolution: int, rng: Optional[random.Ra
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
-def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng: Optional[random.Random]) -> dict[str, Any]:
-    """One raw WebDataset sample -> tensors; raises on anything unusable (the caller skips and counts)."""
+def load_npy(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(data)).astype(np.float32))
+
+
+def precomputed(sample: dict[str, Any], meta: dict[str, Any], signature: Optional[dict[str, Any]]) -> Optional[dict[str, torch.Tensor]]:
+    """Latents and text embeddings written by `addpipe prep encode`, when they fit this run's signature."""
+    if signature is None or "latents.npy" not in sample or meta.get("addpipe_encoded") != signature:
+        return None
+    return {"latents": load_npy(sample["latents.npy"]), "prompt_embeds": load_npy(sample["prompt_embeds.npy"]),
+            "pooled_embeds": load_npy(sample["pooled_embeds.npy"])}
+
+
+def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng: Optional[random.Random],
+                  signature: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One raw WebDataset sample -> tensors; raises on anything unusable (the caller skips and counts).
+    With a `signature` (centre crops only), precomputed latents/text embeddings that match it come along."""
     if caption_key not in sample:
         raise ValueError(f"sample {sample.get('__key__')} has no {caption_key!r} caption")
     caption = sample[caption_key]
@@ -112,7 +126,8 @@ def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng
     meta = json.loads(sample["json"]) if "json" in sample else {}
     original = (int(meta.get("original_height") or image.height), int(meta.get("original_width") or image.width))
     pixels, crop = resize_and_crop(image, resolution, rng)
-    return {"pixels": pixels, "caption": caption.strip(), "original_size": original, "crop": crop}
+    return {"pixels": pixels, "caption": caption.strip(), "original_size": original, "crop": crop,
+            "encoded": precomputed(sample, meta, signature if rng is None else None)}
 
 
 class ShardStreams(torch.utils.data.IterableDataset):
@@ -120,7 +135,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[str], stream_ids: list[int], num_streams: int, chunk_size: int, resolution: int,
                  caption_key: str = "txt", seed: int = 0, random_crop: bool = False,
-                 states: Optional[dict[int, StreamState]] = None):
+                 states: Optional[dict[int, StreamState]] = None, signature: Optional[dict[str, Any]] = None):
         super().__init__()
         if len(shards) < num_streams:
             raise ShardError(
@@ -131,6 +146,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
         self.chunk_size, self.resolution, self.caption_key = chunk_size, resolution, caption_key
         self.seed, self.random_crop = seed, random_crop
         self.states = states or {}
+        self.signature = signature
 
     def samples(self, stream: int) -> Iterator[tuple[Optional[dict[str, Any]], StreamState]]:
         """Decoded samples of one stream forever; None stands for a skipped (corrupt) sample."""
@@ -146,7 +162,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                             continue
                         rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
                         try:
-                            decoded = decode_sample(raw, self.resolution, self.caption_key, rng)
+                            decoded = decode_sample(raw, self.resolution, self.caption_key, rng, self.signature)
                         except Exception as error:  # a corrupt image or missing caption: skip and count
                             logger.warning("skipping sample %s of %s: %s", raw.get("__key__"), path, error)
                             state.skipped += 1
@@ -167,7 +183,10 @@ class ShardStreams(torch.utils.data.IterableDataset):
             if decoded is not None:
                 buffer.append(decoded)
             if len(buffer) == self.chunk_size:
+                encoded = [b["encoded"] for b in buffer]
                 yield {
+                    # precomputed tensors only when every sample of the chunk has them (else all encode on the fly)
+                    **({name: torch.stack([e[name] for e in encoded]) for name in encoded[0]} if all(encoded) else {}),
                     "pixels": torch.stack([b["pixels"] for b in buffer]),
                     "captions": [b["caption"] for b in buffer],
                     "original_sizes": torch.tensor([b["original_size"] for b in buffer], dtype=torch.long),
@@ -195,12 +214,16 @@ class Batch:
     original_sizes: torch.Tensor
     crops: torch.Tensor
     streams: list[int] = field(default_factory=list)
+    latents: Optional[torch.Tensor] = None          # from `addpipe prep encode`, when the shards carry them
+    prompt_embeds: Optional[torch.Tensor] = None
+    pooled_embeds: Optional[torch.Tensor] = None
 
 
 class TrainingData:
     """This rank's micro-batches plus the stream positions needed to resume them."""
 
-    def __init__(self, config, rank: int, world_size: int, states: Optional[dict[str, Any]] = None):
+    def __init__(self, config, rank: int, world_size: int, states: Optional[dict[str, Any]] = None,
+                 signature: Optional[dict[str, Any]] = None):
         self.shards = expand_shards(config.shards)
         self.streams_per_rank = max(1, config.num_workers)
         if config.batch_size % self.streams_per_rank:
@@ -221,7 +244,7 @@ class TrainingData:
         self.states = {s: restored.get(s, StreamState()) for s in self.stream_ids}
         dataset = ShardStreams(
             self.shards, self.stream_ids, self.num_streams, config.batch_size // self.streams_per_rank,
-            config.resolution, config.caption_key, config.seed, config.random_crop, dict(self.states),
+            config.resolution, config.caption_key, config.seed, config.random_crop, dict(self.states), signature,
         )
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=config.num_workers,
@@ -238,7 +261,11 @@ class TrainingData:
         chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
         for chunk in chunks:
             self.states[chunk["stream"]] = StreamState(**chunk["state"])
+        encoded = {}
+        if all("latents" in c for c in chunks):
+            encoded = {name: torch.cat([c[name] for c in chunks]) for name in ("latents", "prompt_embeds", "pooled_embeds")}
         return Batch(
+            **encoded,
             pixels=torch.cat([c["pixels"] for c in chunks]),
             captions=[caption for c in chunks for caption in c["captions"]],
             original_sizes=torch.cat([c["original_sizes"] for c in chunks]),

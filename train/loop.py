@@ -109,7 +109,11 @@ class Trainer:
                 self.last_checkpoint = found
                 if distributed.is_main():
                     logger.info("resumed from %s at step %d", found, self.step)
-        self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), data_state)
+        from addpipe.dataprep.encode import encoding_signature  # the one definition both sides compare
+
+        signature = encoding_signature(config) if config.data.use_precomputed and not config.data.random_crop else None
+        self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), data_state, signature)
+        self.precomputed_batches = 0
 
         with torch.no_grad():
             self.empty = encode_prompts(self.teacher, [""], self.device)
@@ -123,9 +127,14 @@ class Trainer:
     @torch.no_grad()
     def prepare(self, batch: Batch) -> StepInputs:
         pixels = batch.pixels.to(self.device)
-        with engines.autocast(self.device, self.dtype):
-            latents = vae_encode(self.teacher, pixels)
-            conditioning = encode_prompts(self.teacher, batch.captions, self.device)
+        if batch.latents is not None:  # precomputed by `addpipe prep encode`
+            latents = batch.latents.to(self.device)
+            conditioning = TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device))
+            self.precomputed_batches += 1
+        else:
+            with engines.autocast(self.device, self.dtype):
+                latents = vae_encode(self.teacher, pixels)
+                conditioning = encode_prompts(self.teacher, batch.captions, self.device)
         time_ids = None
         if self.teacher.architecture == "sdxl":
             time_ids = sdxl_time_ids(batch.original_sizes, batch.crops, self.config.data.resolution).to(self.device)
@@ -280,6 +289,7 @@ class Trainer:
                 report("lr/discriminator", engines.learning_rate(self.discriminator))
                 report("perf/images_per_second", inputs.latents.shape[0] * world / elapsed)
                 report("data/skipped_samples", self.data.skipped)
+                report("data/precomputed_batches", self.precomputed_batches)
                 if self.step % config.log.every == 0 or self.step == config.steps:
                     means = self.reporter.flush(self.step, self.device)
                     progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")})

@@ -83,7 +83,7 @@ class TeacherComponents:
     """The frozen networks and settings of a text-to-image diffusion pipeline."""
 
     architecture: str
-    unet: UNet2DConditionModel
+    unet: Optional[UNet2DConditionModel]  # None when loaded only to encode data (prep encode)
     vae: AutoencoderKL
     text_encoders: list[nn.Module]
     tokenizers: list[Any]
@@ -110,7 +110,7 @@ class TeacherComponents:
         return [self.unet, self.vae, *self.text_encoders]
 
 
-def load_teacher(model_config, dtype: torch.dtype = torch.float32) -> TeacherComponents:
+def load_teacher(model_config, dtype: torch.dtype = torch.float32, with_unet: bool = True) -> TeacherComponents:
     from diffusers import DDPMScheduler
 
     name, revision, variant = model_config.teacher, model_config.revision, model_config.variant
@@ -118,7 +118,7 @@ def load_teacher(model_config, dtype: torch.dtype = torch.float32) -> TeacherCom
     if architecture == "auto":
         architecture = detect_architecture(name, revision)
     common = {"revision": revision, "variant": variant}
-    unet = load_pretrained(UNet2DConditionModel, name, "unet", torch_dtype=dtype, **common)
+    unet = load_pretrained(UNet2DConditionModel, name, "unet", torch_dtype=dtype, **common) if with_unet else None
     vae_source = model_config.vae
     vae = (load_pretrained(AutoencoderKL, vae_source, torch_dtype=dtype) if vae_source
            else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, **common))
@@ -139,7 +139,7 @@ def load_teacher(model_config, dtype: torch.dtype = torch.float32) -> TeacherCom
         ]
     else:
         text_encoders = [load_pretrained(CLIPTextModel, name, "text_encoder", torch_dtype=dtype, **common)]
-    for module in [unet, vae, *text_encoders]:
+    for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()
     return TeacherComponents(architecture, unet, vae, text_encoders, tokenizers, scheduler_config, name)

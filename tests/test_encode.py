@@ -1,0 +1,79 @@
+"""`addpipe prep encode`: precomputed latents and text embeddings equal the on-the-fly ones, the trainer
+uses them (same losses, fewer encoder calls), ignores them when they do not fit, and reruns skip work."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from addpipe.pipeline.config import load
+from addpipe.train.config import TrainConfig
+from conftest import TINY_CONFIG, tiny_overrides
+from test_train import cli
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_sdxl, tiny_dino, digit_shards, tmp_path_factory):
+    shards = tmp_path_factory.mktemp("encoded") / "shards"
+    shutil.copytree(digit_shards, shards)
+    overrides = tiny_overrides(tiny_sdxl, tiny_dino, shards, shards.parent / "unused")
+    result = cli("prep", "encode", "--shards", str(shards), "--config", str(TINY_CONFIG), "--storage", "float32", *overrides)
+    assert "encoded 8 of 8 shard(s) (96 samples" in result.stdout
+    return shards
+
+
+def test_encoded_tensors_equal_the_trainers_own_encoding(encoded, tiny_sdxl, tiny_dino):
+    from addpipe.train.data import decode_sample
+    from addpipe.train.models import encode_prompts, load_teacher, vae_encode
+
+    config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sdxl, tiny_dino, encoded, encoded.parent / "unused"))
+    teacher = load_teacher(config.model)
+    samples = list(wds.tarfile_samples([{"url": str(encoded / "00003.tar")}]))
+    assert len(samples) == 12
+    decoded = [decode_sample(s, 16, "txt", None) for s in samples]
+    with torch.no_grad():
+        latents = vae_encode(teacher, torch.stack([d["pixels"] for d in decoded]))
+        text = encode_prompts(teacher, [d["caption"] for d in decoded], "cpu")
+    for i, sample in enumerate(samples):
+        assert json.loads(sample["json"])["addpipe_encoded"]["resolution"] == 16
+        torch.testing.assert_close(torch.from_numpy(np.load(io.BytesIO(sample["latents.npy"]))), latents[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(np.load(io.BytesIO(sample["prompt_embeds.npy"]))), text.hidden_states[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(np.load(io.BytesIO(sample["pooled_embeds.npy"]))), text.pooled[i], atol=1e-5, rtol=1e-5)
+        assert "jpg" in sample and "txt" in sample  # the images stay: the discriminator still needs real pixels
+
+
+def test_trainer_uses_matching_precomputed_tensors_with_the_same_losses(encoded, tiny_sdxl, tiny_dino, digit_shards, tmp_path):
+    from addpipe.train.loop import train
+
+    def run(shards, name, **extra):
+        config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sdxl, tiny_dino, shards, tmp_path / name, steps=2, **extra))
+        train(config)
+        return losses(tmp_path / name)
+
+    raw, pre = run(digit_shards, "raw"), run(encoded, "pre")
+    assert [m["data/precomputed_batches"] for m in pre] == [1, 2]
+    assert [m["data/precomputed_batches"] for m in raw] == [0, 0]
+    for a, b in zip(raw, pre):
+        for term in ("loss/generator_adversarial", "loss/distillation", "loss/discriminator_real", "loss/r1"):
+            assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-6), term
+    # another resolution (or random crops) cannot use latents of 16px centre crops: encoded on the fly instead
+    other = run(encoded, "other", **{"data.resolution": 32, "discriminator.input_size": 32})
+    assert [m["data/precomputed_batches"] for m in other] == [0, 0]
+
+
+def test_rerunning_encode_skips_finished_shards(encoded, tiny_sdxl, tiny_dino):
+    before = (encoded / "00000.tar").read_bytes()
+    overrides = tiny_overrides(tiny_sdxl, tiny_dino, encoded, encoded.parent / "unused")
+    result = cli("prep", "encode", "--shards", str(encoded), "--config", str(TINY_CONFIG), "--storage", "float32", *overrides)
+    assert "encoded 0 of 8 shard(s)" in result.stdout
+    assert (encoded / "00000.tar").read_bytes() == before
