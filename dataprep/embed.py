@@ -90,14 +90,14 @@ def embed_shard(shard: int, download_dir: Path, out_dir: Path, embedder: ClipEmb
         index_of[position] = len(pixels) - 1
     embedded = list(index_of)
     captions = [str(rows.at[p, "caption"] or "") for p in embedded]
-    image_emb = np.zeros((0, 0), np.float16)
-    text_emb = np.zeros((0, 0), np.float16)
     image_parts, text_parts = [], []
     for start in tqdm(range(0, len(embedded), batch_size), desc=f"embed shard {name}", leave=False, disable=None):
         image_parts.append(embedder.images(pixels[start : start + batch_size]).astype(np.float16))
         text_parts.append(embedder.texts(captions[start : start + batch_size]).astype(np.float16))
     if image_parts:
         image_emb, text_emb = np.concatenate(image_parts), np.concatenate(text_parts)
+    else:  # a shard with no usable image still gets (0, dim) files, as index tools expect
+        image_emb = text_emb = np.zeros((0, embedder.texts([""]).shape[1]), np.float16)
     for path in ("embeddings/img_emb", "embeddings/text_emb", "embeddings/metadata", "scores"):
         (out_dir / path).mkdir(parents=True, exist_ok=True)
     atomic_save_npy(out_dir / "embeddings/img_emb" / f"img_emb_{name}.npy", image_emb)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from addpipe.dataprep.config import DedupConfig, FilterConfig, InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
 from image_server import curation_rows, serve_rows
+from conftest import REPO
 from test_train import clean_env
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
@@ -213,15 +215,18 @@ def test_output_shards_follow_the_contract_and_the_trainer_reads_them(curated):
     assert batch.pixels.shape == (4, 3, 16, 16) and set(batch.captions) <= set(kept["caption"])
 
 
-def _run_until(args: list[str], marker: Path, env: dict) -> None:
-    """Start a prep run and SIGKILL its whole process group as soon as `marker` exists (or it finishes)."""
+def _run_until(args: list[str], marker: Path, env: dict) -> bool:
+    """Start a prep run and SIGKILL its whole process group as soon as `marker` exists; -> whether it was
+    killed (False: it finished first)."""
     process = subprocess.Popen(ADDPIPE + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while process.poll() is None and not marker.exists() and time.time() < deadline:
         time.sleep(0.02)
-    if process.poll() is None:
+    killed = process.poll() is None
+    if killed:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    return killed
 
 
 def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
@@ -230,8 +235,9 @@ def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
     out = curated["root"] / "killed"
     args = ["prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(out), *curated["settings"], *curated["final_settings"]]
     env = clean_env()
-    for marker in ("download/00001_stats.json", "scores/00001.parquet", "shards/00001.tar"):
-        _run_until(args, out / marker, env)
+    killed = [_run_until(args, out / marker, env) for marker in ("download/00001_stats.json", "scores/00001.parquet", "shards/00001.tar")]
+    assert sum(killed) >= 2, killed  # the kills must really interrupt work for this test to mean anything
+    assert not (out / "report.json").exists() or not killed[-1]
     addpipe(*args)
 
     def digest(path: Path) -> str:
@@ -248,6 +254,35 @@ def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
     first = json.loads((curated["out"] / "report.json").read_text())
     second = json.loads((out / "report.json").read_text())
     assert first["reasons"] == second["reasons"] and first["stages"] == second["stages"]
+
+
+def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated):
+    """The SLURM templates themselves run (their #SBATCH lines are comments to bash), once per array task."""
+    if "final_settings" not in curated:
+        pytest.skip("needs the dedup test's settings (run the module in order)")
+    out = curated["root"] / "array"
+    out.mkdir()
+    for part in ("input", "download"):  # the download stage is the same as the reference run's
+        shutil.copytree(curated["out"] / part, out / part)
+    shutil.copy(curated["out"] / "prep_config.yaml", out / "prep_config.yaml")
+    env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    shards = sorted(int(p.name.split("_")[0]) for p in (out / "download").glob("*_stats.json"))
+    seen: list[int] = []
+    for task in range(2):
+        before = set((out / "scores").glob("*.parquet")) if (out / "scores").exists() else set()
+        result = subprocess.run(["bash", str(REPO / "slurm/prep_embed.sbatch"), str(out), "--set", "embed.device=cpu"],
+                                env={**env, "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "2"},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+        mine = sorted(int(p.stem) for p in set((out / "scores").glob("*.parquet")) - before)
+        assert mine == [s for s in shards if s % 2 == task]
+        seen += mine
+    assert sorted(seen) == shards
+    result = subprocess.run(["bash", str(REPO / "slurm/prep_merge.sbatch"), str(out), *curated["final_settings"]],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for tar in sorted((curated["out"] / "shards").glob("*.tar")):
+        assert (out / "shards" / tar.name).read_bytes() == tar.read_bytes(), tar.name
 
 
 def test_near_duplicates_blockwise_and_faiss_agree_with_a_brute_force_greedy_reference():
