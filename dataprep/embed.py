@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tarfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from addpipe.dataprep.aesthetic import AestheticPredictor
 from addpipe.dataprep.clip import ClipEmbedder
+from addpipe.dataprep.shards import read_samples
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -35,15 +35,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 def read_images(tar_path: Path) -> dict[str, tuple[str, bytes]]:
     """key -> (extension, bytes) of every image in a WebDataset tar."""
-    images: dict[str, tuple[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, extension = member.name.rpartition("/")[2].partition(".")
-            if extension in IMAGE_EXTENSIONS:
-                images[key] = (extension, tar.extractfile(member).read())
-    return images
+    return {key: next((ext, files[ext]) for ext in IMAGE_EXTENSIONS if ext in files)
+            for key, files in read_samples(tar_path).items() if any(ext in files for ext in IMAGE_EXTENSIONS)}
 
 
 def caption_stats(captions: pd.Series) -> tuple[pd.Series, pd.Series]:

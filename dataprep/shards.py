@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -33,6 +34,17 @@ def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes} of a WebDataset tar."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, extension = member.name.rpartition("/")[2].partition(".")
+                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return samples
 
 
 def write_tar_shard(path: Path, samples: list[dict[str, Any]], rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from addpipe.dataprep.filters import KEPT
-from addpipe.dataprep.shards import write_tar_shard
+from addpipe.dataprep.shards import read_samples, write_tar_shard
 
 SCORE_COLUMNS = ("clip_similarity", "aesthetic", "nearest_similarity", "caption_words", "caption_chars", "aspect_ratio")
 DROPPED_COLUMNS = ("embedding_index", "shard", "reason")
@@ -32,17 +31,6 @@ def _plain(value: Any) -> Any:
     if value is pd.NA or value is pd.NaT:
         return None
     return value
-
-
-def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {extension: bytes} of a WebDataset tar."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, extension = member.name.rpartition("/")[2].partition(".")
-                samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return samples
 
 
 def write_output_shard(shard: int, decisions: pd.DataFrame, download_dir: Path, shards_dir: Path) -> dict[str, int]:
