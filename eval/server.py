@@ -193,3 +193,10 @@ def admin_stats(session: Session) -> dict:
     return {"votes": int(len(frame)), "pairs_rated": sum(r["pairs_rated"] for r in out),
             "pairs_assigned": sum(r["quota"] for r in out), "active_raters": sum(1 for r in out if r["votes"]),
             "raters": out, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+
+
+def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`addpipe eval serve`: run the rating server until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(study_dir, db_url), host=host, port=port, log_level="info")

@@ -21,11 +21,12 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from addpipe.dataprep.prep import PrepError
     from addpipe.dataprep.table import InputError
+    from addpipe.eval.study import StudyError
     from addpipe.pipeline.config import ConfigError
     from addpipe.train.data import ShardError
     from addpipe.train.models import ModelLoadError
 
-    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError)
+    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError, StudyError)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -211,6 +212,142 @@ def prep_encode(
     counts = encode_shards(cfg, shards, batch_size=batch_size, device=device, storage=storage)
     typer.echo(f"encoded {counts['encoded_shards']} of {counts['shards']} shard(s) ({counts['samples']} samples, "
                f"{counts['skipped']} unreadable left as they were) at resolution {cfg.data.resolution}")
+
+
+eval_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                       help="Human-preference studies and automated metrics: generate -> invite -> serve -> elo; metrics.")
+app.add_typer(eval_app, name="eval")
+_STUDY = typer.Option(..., "--study", help="Study directory (images, generations.jsonl, votes.db, report/)")
+_DB = typer.Option(None, "--db", help="SQLAlchemy URL of the votes database (default: sqlite in the study directory; "
+                                      "postgresql+psycopg://user@host/db for PostgreSQL)")
+
+
+def _db_url(study: Path, db: Optional[str]) -> str:
+    from addpipe.eval.db import default_url
+
+    return db or default_url(study)
+
+
+def _eval_failures(run):
+    from addpipe.eval.study import StudyError
+
+    try:
+        return run()
+    except (FileNotFoundError, ValueError) as error:
+        if isinstance(error, _user_errors()):
+            raise
+        raise StudyError(str(error)) from error
+
+
+@eval_app.command("generate")
+def eval_generate(
+    study: Path = _STUDY,
+    model: List[str] = typer.Option(..., "--model", "-m", help="Arm: name=DIR_OR_HUB_ID[:steps=N][:cfg=G][:scheduler=S][:resolution=R]; repeat"),
+    prompts: str = typer.Option("bundled", "--prompts", help="bundled, parti, a PartiPrompts-format .tsv or a text file"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts"),
+    seed: int = typer.Option(0, "--seed", help="Prompt i starts from the noise of seed+i, the same for every arm"),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp16 on GPU, fp32 on CPU), fp32, fp16 or bf16"),
+) -> None:
+    """Generate paired images: every arm on the same prompts and initial noise, with latency."""
+    from addpipe.eval.generate import Arm, generate_study, load_prompts
+
+    arms = _eval_failures(lambda: [Arm.parse(spec) for spec in model])
+    prompt_list = _eval_failures(lambda: load_prompts(prompts, limit))
+    path = _eval_failures(lambda: generate_study(study, arms, prompt_list, seed, device, dtype))
+    typer.echo(f"{len(arms)} arm(s) x {len(prompt_list)} prompt(s) -> {path}")
+
+
+@eval_app.command("invite")
+def eval_invite(
+    study: Path = _STUDY, db: Optional[str] = _DB,
+    raters: int = typer.Option(..., "--raters", help="Number of new invite links"),
+    pairs_per_rater: Optional[int] = typer.Option(None, "--pairs-per-rater", help="Regular pairs per rater (default: all)"),
+    golden_fraction: float = typer.Option(0.15, "--golden-fraction", help="Golden pairs added per rater, as a fraction of the quota"),
+    base_url: str = typer.Option("http://localhost:8000", "--base-url", help="Where raters will reach `eval serve`"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Create the study's pairs (once) and one invite link per rater; writes invites.csv and admin.txt."""
+    from addpipe.eval.db import connect, session_factory
+    from addpipe.eval.study import invite
+
+    engine = connect(_db_url(study, db))
+    with session_factory(engine)() as session:
+        created = _eval_failures(lambda: invite(session, study, raters, pairs_per_rater, golden_fraction, base_url, seed))
+    typer.echo(f"{len(created)} invite(s) written to {study / 'invites.csv'}; admin page: {(study / 'admin.txt').read_text().strip()}")
+
+
+@eval_app.command("serve")
+def eval_serve(study: Path = _STUDY, db: Optional[str] = _DB, host: str = typer.Option("127.0.0.1", "--host"),
+               port: int = typer.Option(8000, "--port")) -> None:
+    """Serve the rating page and API (raters open their invite links)."""
+    from addpipe.eval.server import serve
+
+    serve(study, _db_url(study, db), host, port)
+
+
+@eval_app.command("elo")
+def eval_elo(
+    study: Path = _STUDY, db: Optional[str] = _DB,
+    min_golden_accuracy: float = typer.Option(0.7, "--min-golden-accuracy", help="Drop raters below this golden-pair accuracy"),
+    min_golden: int = typer.Option(2, "--min-golden", help="...or with fewer golden votes (0 keeps everyone)"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap rounds for the Bradley-Terry intervals"),
+    k: float = typer.Option(4.0, "--k", help="Online Elo K-factor"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Win rates, online Elo and Bradley-Terry with bootstrap intervals, per question and combined; report."""
+    from addpipe.eval.analysis import run_ratings
+    from addpipe.eval.ratings import EloSettings
+
+    result = run_ratings(study, _db_url(study, db), min_golden_accuracy, min_golden, bootstrap, seed, EloSettings(k=k))
+    combined = result["questions"].get("combined")
+    if combined:
+        for arm in combined["arms"]:
+            bt = combined["bradley_terry"][arm]
+            typer.echo(f"{arm:>16}  BT {bt['rating']:7.1f}  [{bt.get('low', float('nan')):.1f}, {bt.get('high', float('nan')):.1f}]  Elo {combined['elo'][arm]:7.1f}")
+    else:
+        typer.echo("no usable votes yet")
+    typer.echo(f"report: {result['report']['markdown']}")
+
+
+@eval_app.command("metrics")
+def eval_metrics(
+    study: Path = _STUDY,
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference images: a directory or WebDataset shards"),
+    features: str = typer.Option("dinov2:facebook/dinov2-large", "--features", help="inception:PATH, dinov2:ID_OR_DIR or clip:MODEL[@PRETRAINED]"),
+    clip_model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip MODEL@PRETRAINED for the CLIP score, e.g. ViT-L-14@openai"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most this many reference images"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Fréchet distance to a reference set, CLIP score and latency per arm; metrics.json and the report."""
+    from addpipe.eval.analysis import run_metrics
+
+    metrics = _eval_failures(lambda: run_metrics(study, reference, features, clip_model, device, limit))
+    for arm, entry in metrics["arms"].items():
+        parts = [f"{arm:>16}", f"steps {entry['steps']}", f"latency {entry['latency_median_s']:.3g}s"]
+        if "frechet_distance" in entry:
+            parts.append(f"FD {entry['frechet_distance']:.2f}")
+        if "clip_score" in entry:
+            parts.append(f"CLIP {entry['clip_score']:.2f}")
+        typer.echo("  ".join(parts))
+
+
+@eval_app.command("export")
+def eval_export(study: Path = _STUDY, db: Optional[str] = _DB,
+                out: Path = typer.Option(..., "--out", "-o", help="votes.csv or votes.jsonl")) -> None:
+    """Export every vote with its pair, arms, rater and timing."""
+    from addpipe.eval.db import connect, session_factory
+    from addpipe.eval.votes import votes_frame
+
+    with session_factory(connect(_db_url(study, db)))() as session:
+        frame = votes_frame(session)
+    if out.suffix == ".csv":
+        frame.to_csv(out, index=False)
+    elif out.suffix == ".jsonl":
+        frame.to_json(out, orient="records", lines=True, force_ascii=False)
+    else:
+        raise UserError(f"--out must end in .csv or .jsonl, got {out}")
+    typer.echo(f"{len(frame)} votes -> {out}")
 
 
 def main() -> None:

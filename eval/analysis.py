@@ -1,0 +1,147 @@
+"""From votes to the study's ratings, and from generations + references to its automated metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from addpipe.eval.db import QUESTIONS
+from addpipe.eval.ratings import (EloSettings, bootstrap, bradley_terry, online_elo, rater_accuracy, reliable_raters,
+                                  win_rate_matrix)
+
+
+def arm_table(generations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    frame = pd.DataFrame(generations)
+    out = {}
+    for arm, rows in frame.groupby("arm"):
+        out[str(arm)] = {"steps": int(rows["steps"].iloc[0]), "guidance": float(rows["guidance"].iloc[0]),
+                         "images": int(len(rows)), "latency_median_s": float(rows["latency_s"].median()),
+                         "latency_p90_s": float(rows["latency_s"].quantile(0.9))}
+    return out
+
+
+def ratings_for(votes: pd.DataFrame, settings: EloSettings, rounds: int, seed: int) -> Optional[dict[str, Any]]:
+    if votes.empty:
+        return None
+    arms = sorted(set(votes["arm_a"]) | set(votes["arm_b"]))
+    fitted = bradley_terry(votes, arms, settings)
+    intervals = bootstrap(votes, arms, settings, rounds=rounds, seed=seed) if rounds else {}
+    elo = online_elo(votes, settings)
+    order = sorted(arms, key=fitted.get, reverse=True)
+    return {
+        "votes": int(len(votes)),
+        "arms": order,
+        "bradley_terry": {arm: {"rating": fitted[arm], **intervals.get(arm, {})} for arm in order},
+        "elo": {arm: elo[arm] for arm in order},
+        "win_rate": win_rate_matrix(votes, order),
+    }
+
+
+def analyse(votes: pd.DataFrame, generations: list[dict[str, Any]], min_accuracy: float = 0.7, min_golden: int = 2,
+            rounds: int = 1000, seed: int = 0, settings: EloSettings = EloSettings()) -> dict[str, Any]:
+    """Ratings per question and for both questions pooled, per category, with unreliable raters removed."""
+    raters = rater_accuracy(votes) if len(votes) else pd.DataFrame(columns=["votes", "golden_votes", "golden_accuracy"])
+    kept = reliable_raters(votes, min_accuracy, min_golden) if min_golden > 0 and len(votes) else set(raters.index)
+    regular = votes[(~votes["golden"].astype(bool)) & votes["rater"].isin(kept)] if len(votes) else votes
+    result: dict[str, Any] = {
+        "settings": {"min_golden_accuracy": min_accuracy, "min_golden_votes": min_golden, "bootstrap_rounds": rounds,
+                     "elo": {"k": settings.k, "base": settings.base, "scale": settings.scale, "initial": settings.initial}},
+        "raters": {str(name): {"votes": int(row["votes"]), "golden_votes": int(row["golden_votes"]),
+                               "golden_accuracy": None if pd.isna(row.get("golden_accuracy")) else float(row["golden_accuracy"]),
+                               "kept": name in kept} for name, row in raters.iterrows()},
+        "arms": arm_table(generations) if generations else {},
+        "questions": {},
+        "categories": {},
+    }
+    for question in [q for q in QUESTIONS if q in set(regular.get("question", []))] + ["combined"]:
+        subset = regular if question == "combined" else regular[regular["question"] == question]
+        result["questions"][question] = ratings_for(subset, settings, rounds, seed)
+    if len(regular):
+        for category, subset in regular.groupby("category"):
+            if subset["arm_a"].nunique() + subset["arm_b"].nunique() >= 2:
+                result["categories"][str(category or "uncategorised")] = ratings_for(subset, settings, 0, seed)
+    return result
+
+
+def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], reference: Optional[str], features: str,
+                      clip_embedder=None, device: str = "cpu", limit: Optional[int] = None, batch_size: int = 32) -> dict[str, Any]:
+    """Per arm: Fréchet distance to the reference set in `features` space, CLIP score, latency."""
+    from PIL import Image
+
+    from addpipe.eval.metrics import clip_scores, features_of, frechet_between, iter_images, load_feature_network
+
+    frame = pd.DataFrame(generations)
+    arms = arm_table(generations)
+    out: dict[str, Any] = {"features": features, "reference": reference, "arms": {}}
+    network = load_feature_network(features, device) if reference else None
+    reference_features = features_of(iter_images(reference, limit), network, batch_size, "reference features") if network else None
+    if reference_features is not None:
+        out["reference_images"] = int(len(reference_features))
+    for arm, rows in frame.groupby("arm"):
+        images = [Image.open(Path(study_dir) / path).convert("RGB") for path in rows["image"]]
+        entry: dict[str, Any] = dict(arms[str(arm)])
+        if network is not None:
+            entry["frechet_distance"] = frechet_between(features_of(images, network, batch_size, f"{arm} features"), reference_features)
+        if clip_embedder is not None:
+            scores = np.concatenate([clip_scores(images[i:i + batch_size], list(rows["prompt"])[i:i + batch_size], clip_embedder)
+                                     for i in range(0, len(images), batch_size)])
+            entry["clip_score"] = float(scores.mean())
+        out["arms"][str(arm)] = entry
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=float))
+
+
+def run_ratings(study_dir: Path, db_url: str, min_accuracy: float = 0.7, min_golden: int = 2, rounds: int = 1000,
+                seed: int = 0, settings: EloSettings = EloSettings()) -> dict[str, Any]:
+    """`addpipe eval elo`: votes from the database -> ratings.json and the report."""
+    from addpipe.eval.db import connect, session_factory
+    from addpipe.eval.report import write_report
+    from addpipe.eval.study import read_generations
+    from addpipe.eval.votes import votes_frame
+
+    engine = connect(db_url)
+    with session_factory(engine)() as session:
+        votes = votes_frame(session)
+    engine.dispose()
+    analysis = analyse(votes, read_generations(study_dir), min_accuracy, min_golden, rounds, seed, settings)
+    write_json(Path(study_dir) / "ratings.json", analysis)
+    metrics_path = Path(study_dir) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    analysis["report"] = {k: str(v) for k, v in write_report(study_dir, analysis, metrics).items()}
+    return analysis
+
+
+def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_model: Optional[str] = None,
+                device: str = "auto", limit: Optional[int] = None, batch_size: int = 32) -> dict[str, Any]:
+    """`addpipe eval metrics`: FD / CLIP score / latency -> metrics.json (and into the report)."""
+    import torch
+
+    from addpipe.eval.report import write_report
+    from addpipe.eval.study import read_generations
+
+    target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    embedder = None
+    if clip_model:
+        from addpipe.dataprep.clip import load_clip
+        from addpipe.dataprep.config import EmbedConfig
+
+        name, _, pretrained = clip_model.partition("@")
+        config_path = None
+        if name.endswith(".json"):  # a model-config file (custom architectures, tests)
+            config_path, name = name, Path(name).stem
+        embedder = load_clip(EmbedConfig(model=name, pretrained=pretrained, model_config=config_path, device=target))
+    metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size)
+    write_json(Path(study_dir) / "metrics.json", metrics)
+    ratings_path = Path(study_dir) / "ratings.json"
+    analysis = json.loads(ratings_path.read_text()) if ratings_path.exists() else {
+        "questions": {}, "categories": {}, "raters": {}, "arms": metrics["arms"],
+        "settings": {"min_golden_accuracy": None, "min_golden_votes": None}}
+    write_report(study_dir, analysis, metrics)
+    return metrics

@@ -1,0 +1,96 @@
+"""`addpipe eval` end to end on a tiny random-init pipeline: paired generation (same noise for every arm),
+invites, votes over HTTP, ratings and report, metrics, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from addpipe.eval.server import create_app
+from live_server import ServerThread
+from test_train import cli
+
+
+@pytest.fixture(scope="module")
+def study(tiny_sd, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("eval") / "study"
+    args = ["eval", "generate", "--study", str(directory), "--prompts", "bundled", "--limit", "4", "--seed", "7",
+            "--model", f"fast={tiny_sd}:steps=2:cfg=3", "--model", f"fast-copy={tiny_sd}:steps=2:cfg=3",
+            "--model", f"slow={tiny_sd}:steps=4:cfg=3:scheduler=euler"]
+    result = cli(*args)
+    assert "3 arm(s) x 4 prompt(s)" in result.stdout
+    return {"dir": directory, "args": args}
+
+
+def test_generation_is_paired_and_resumable(study):
+    directory = study["dir"]
+    lines = [json.loads(l) for l in (directory / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and {l["arm"] for l in lines} == {"fast", "fast-copy", "slow"}
+    for line in lines:
+        assert line["seed"] == 7 + line["prompt_id"] and line["latency_s"] > 0 and line["category"]
+    for prompt_id in range(4):
+        fast = np.asarray(Image.open(directory / f"images/fast/{prompt_id:05d}.png"))
+        copy = np.asarray(Image.open(directory / f"images/fast-copy/{prompt_id:05d}.png"))
+        slow = np.asarray(Image.open(directory / f"images/slow/{prompt_id:05d}.png"))
+        assert np.array_equal(fast, copy)  # same prompt, same initial noise, same sampler: the same image
+        assert not np.array_equal(fast, slow)
+    assert json.loads((directory / "study.json").read_text())["arms"]["slow"]["scheduler"] == "euler"
+    cli(*study["args"])  # resumable: nothing new to do
+    assert len((directory / "generations.jsonl").read_text().splitlines()) == 12
+    changed = cli("eval", "generate", "--study", str(directory), "--model", "slow=elsewhere:steps=1", check=False)
+    assert changed.returncode == 2 and "already exists" in changed.stderr
+
+
+def test_invite_vote_rate_report_metrics_and_export(study, tiny_dino, tmp_path):
+    from addpipe.dataprep.tiny import build_tiny_clip
+
+    directory = study["dir"]
+    result = cli("eval", "invite", "--study", str(directory), "--raters", "3", "--golden-fraction", "0.3")
+    assert "3 invite(s)" in result.stdout
+    invites = list(csv.DictReader((directory / "invites.csv").open()))
+    assert len(invites) == 3 and all(row["url"].endswith(row["token"]) for row in invites)
+    url = f"sqlite:///{directory / 'votes.db'}"
+    with ServerThread(create_app(directory, url)) as server, httpx.Client(base_url=server.url) as client:
+        for rater in invites:
+            token = rater["token"]
+            task = client.get("/api/next", headers={"X-Token": token}).json()
+            while not task["finished"]:
+                left = client.get(task["left"]).content
+                slow_left = any(left == (directory / f"images/slow/{i:05d}.png").read_bytes() for i in range(4))
+                slow_right = any(client.get(task["right"]).content == (directory / f"images/slow/{i:05d}.png").read_bytes() for i in range(4))
+                side = "left" if slow_left and not slow_right else "right" if slow_right and not slow_left else "tie"
+                body = {"pair_id": task["pair_id"], "submission_id": uuid.uuid4().hex, "answers": {"adherence": side, "quality": side}}
+                assert client.post("/api/vote", json=body, headers={"X-Token": token}).status_code == 200
+                task = client.get("/api/next", headers={"X-Token": token}).json()
+    result = cli("eval", "elo", "--study", str(directory), "--min-golden", "0", "--bootstrap", "50")
+    ratings = json.loads((directory / "ratings.json").read_text())
+    combined = ratings["questions"]["combined"]
+    assert combined["arms"][0] == "slow"  # every rater preferred the 4-step arm
+    assert combined["bradley_terry"]["fast"]["rating"] == pytest.approx(combined["bradley_terry"]["fast-copy"]["rating"], abs=1e-6)
+    assert set(ratings["questions"]) == {"adherence", "quality", "combined"}
+    for name in ("report.md", "report.html", "ratings_combined.png", "winrate_quality.png", "quality_vs_latency.png"):
+        assert (directory / "report" / name).stat().st_size > 200, name
+    assert "| 1 | slow |" in (directory / "report/report.md").read_text()
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(4):
+        (reference / f"{i}.png").write_bytes((directory / f"images/fast/{i:05d}.png").read_bytes())
+    tiny = build_tiny_clip(tmp_path / "clip")
+    cli("eval", "metrics", "--study", str(directory), "--reference", str(reference), "--features", f"dinov2:{tiny_dino}",
+        "--clip-model", f"{tiny['model_config']}@{tiny['pretrained']}", "--device", "cpu")
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert metrics["arms"]["fast"]["frechet_distance"] == pytest.approx(0.0, abs=1e-3)  # the reference is the fast arm itself
+    assert metrics["arms"]["slow"]["frechet_distance"] > metrics["arms"]["fast"]["frechet_distance"]
+    assert 0 <= metrics["arms"]["slow"]["clip_score"] <= 100 and metrics["arms"]["slow"]["steps"] == 4
+    assert "Fréchet distance" in (directory / "report/report.md").read_text()
+
+    cli("eval", "export", "--study", str(directory), "--out", str(tmp_path / "votes.csv"))
+    rows = list(csv.DictReader((tmp_path / "votes.csv").open()))
+    assert rows and {"rater", "arm_a", "arm_b", "question", "choice", "golden"} <= set(rows[0])
