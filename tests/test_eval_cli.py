@@ -18,20 +18,33 @@ from test_train import cli
 
 
 @pytest.fixture(scope="module")
-def study(tiny_sd, tmp_path_factory):
+def student(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
+    """A student exported by the trainer after two steps (its quality is irrelevant here)."""
+    from addpipe.pipeline.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.loop import train
+    from conftest import TINY_CONFIG, tiny_overrides
+
+    run = tmp_path_factory.mktemp("student_run")
+    return train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=2)))
+
+
+@pytest.fixture(scope="module")
+def study(tiny_sd, student, tmp_path_factory):
     directory = tmp_path_factory.mktemp("eval") / "study"
     args = ["eval", "generate", "--study", str(directory), "--prompts", "bundled", "--limit", "4", "--seed", "7",
             "--model", f"fast={tiny_sd}:steps=2:cfg=3", "--model", f"fast-copy={tiny_sd}:steps=2:cfg=3",
-            "--model", f"slow={tiny_sd}:steps=4:cfg=3:scheduler=euler"]
+            "--model", f"slow={tiny_sd}:steps=4:cfg=3:scheduler=euler", "--model", f"add1={student}:steps=1",
+            "--model", f"add4={student}:steps=4"]
     result = cli(*args)
-    assert "3 arm(s) x 4 prompt(s)" in result.stdout
-    return {"dir": directory, "args": args}
+    assert "5 arm(s) x 4 prompt(s)" in result.stdout
+    return {"dir": directory, "args": args, "student": student}
 
 
 def test_generation_is_paired_and_resumable(study):
     directory = study["dir"]
     lines = [json.loads(l) for l in (directory / "generations.jsonl").read_text().splitlines()]
-    assert len(lines) == 12 and {l["arm"] for l in lines} == {"fast", "fast-copy", "slow"}
+    assert len(lines) == 20 and {l["arm"] for l in lines} == {"fast", "fast-copy", "slow", "add1", "add4"}
     for line in lines:
         assert line["seed"] == 7 + line["prompt_id"] and line["latency_s"] > 0 and line["category"]
     for prompt_id in range(4):
@@ -41,8 +54,18 @@ def test_generation_is_paired_and_resumable(study):
         assert np.array_equal(fast, copy)  # same prompt, same initial noise, same sampler: the same image
         assert not np.array_equal(fast, slow)
     assert json.loads((directory / "study.json").read_text())["arms"]["slow"]["scheduler"] == "euler"
+    # the student arm runs on its trained timesteps: one step from t=999 equals the project's own sampler
+    import torch
+
+    from addpipe.train.sampling import generate, load_student
+    components, schedule, _ = load_student(str(study["student"]), torch.device("cpu"))
+    line = next(l for l in lines if l["arm"] == "add1" and l["prompt_id"] == 0)
+    ours = generate(components.unet, components, schedule, [line["prompt"]], [999], 7, line["resolution"], torch.device("cpu"))
+    ours = (ours[0] * 255).round().permute(1, 2, 0).numpy()
+    theirs = np.asarray(Image.open(directory / line["image"]), dtype=np.float64)
+    assert np.abs(ours - theirs).max() <= 2  # the same image up to rounding
     cli(*study["args"])  # resumable: nothing new to do
-    assert len((directory / "generations.jsonl").read_text().splitlines()) == 12
+    assert len((directory / "generations.jsonl").read_text().splitlines()) == 20
     changed = cli("eval", "generate", "--study", str(directory), "--model", "slow=elsewhere:steps=1", check=False)
     assert changed.returncode == 2 and "already exists" in changed.stderr
 
