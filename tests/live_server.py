@@ -19,9 +19,9 @@ class ServerThread:
     """A uvicorn server for `app` on 127.0.0.1 (a free port), in a daemon thread."""
 
     def __init__(self, app, workers_limit: int = 64):
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(("127.0.0.1", 0))
+        from addpipe.eval.server import listening_socket
+
+        self.socket = listening_socket("127.0.0.1", 0)
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", limit_concurrency=workers_limit, timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
