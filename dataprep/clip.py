@@ -71,3 +71,12 @@ def load_clip(config: EmbedConfig) -> ClipEmbedder:
         raise RuntimeError(f"could not load open_clip {config.model} with pretrained={pretrained!r}: {error}") from error
     model.eval()
     return ClipEmbedder(model, preprocess, open_clip.get_tokenizer(config.model), device, config.precision)
+
+
+def embed_config_from_spec(spec: str, device: str = "auto") -> EmbedConfig:
+    """`MODEL[@PRETRAINED]`, where MODEL may also be an open_clip model-config .json (custom architectures)."""
+    name, _, pretrained = spec.partition("@")
+    config_path = None
+    if name.endswith(".json"):
+        config_path, name = name, os.path.basename(name)[: -len(".json")]
+    return EmbedConfig(model=name, pretrained=pretrained, model_config=config_path, device=device)

@@ -129,14 +129,9 @@ def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_m
     target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     embedder = None
     if clip_model:
-        from addpipe.dataprep.clip import load_clip
-        from addpipe.dataprep.config import EmbedConfig
+        from addpipe.dataprep.clip import embed_config_from_spec, load_clip
 
-        name, _, pretrained = clip_model.partition("@")
-        config_path = None
-        if name.endswith(".json"):  # a model-config file (custom architectures, tests)
-            config_path, name = name, Path(name).stem
-        embedder = load_clip(EmbedConfig(model=name, pretrained=pretrained, model_config=config_path, device=target))
+        embedder = load_clip(embed_config_from_spec(clip_model, target))
     metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size)
     write_json(Path(study_dir) / "metrics.json", metrics)
     ratings_path = Path(study_dir) / "ratings.json"

@@ -8,7 +8,7 @@ Feature networks:
   `inception-2015-12-05.pt`, called with `return_features=True` on 0-255 input), or a torchvision
   `inception_v3` state dict (pool features, ImageNet normalisation);
 - `dinov2:ID_OR_DIR`: a transformers DINOv2 (FD-DINOv2 uses ViT-L/14's CLS token at 224 px);
-- `clip:MODEL` (with an open_clip embedder): CLIP image embeddings.
+- `clip:MODEL[@PRETRAINED]`: open_clip image embeddings (MODEL may be a model-config .json).
 """
 
 from __future__ import annotations
@@ -103,15 +103,13 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
         model = AutoModel.from_pretrained(source or "facebook/dinov2-large").eval().to(device)
         return FeatureNetwork("dinov2", size or 224, lambda x: model(pixel_values=_normalised(x)).last_hidden_state[:, 0], device)
     if kind == "clip":
-        import open_clip
+        from addpipe.dataprep.clip import embed_config_from_spec, load_clip
 
-        name, _, pretrained = source.partition("@")
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None, device=device)
-        model.eval()
-        mean = torch.tensor(model.visual.preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)), device=device).view(1, 3, 1, 1)
-        std = torch.tensor(model.visual.preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), device=device).view(1, 3, 1, 1)
-        image_size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-        return FeatureNetwork("clip", size or image_size, lambda x: model.encode_image((x / 255.0 - mean) / std), device)
+        embedder = load_clip(embed_config_from_spec(source, str(device)))
+        cfg = embedder.model.visual.preprocess_cfg
+        mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
+        return FeatureNetwork("clip", size or cfg["size"][0], lambda x: embedder.model.encode_image((x / 255.0 - mean) / std), device)
     raise ValueError(f"unknown feature network {spec!r}: use inception:PATH, dinov2:ID_OR_DIR or clip:MODEL[@PRETRAINED]")
 
 

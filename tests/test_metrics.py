@@ -110,4 +110,11 @@ def test_clip_score_is_100_times_the_clipped_cosine(tmp_path):
         text_features = model.encode_text(tokenizer(prompts))
     cosine = torch.nn.functional.cosine_similarity(image_features, text_features).numpy()
     np.testing.assert_allclose(scores, 100 * np.maximum(cosine, 0), atol=1e-3)
+    # the same model as an FD feature network: its image embeddings of clean-resized, CLIP-normalised pixels
+    network = load_feature_network(f"clip:{tiny['model_config']}@{tiny['pretrained']}", "cpu")
+    batch = torch.from_numpy(np.stack([clean_resize(i, 32) for i in images])).permute(0, 3, 1, 2) / 255.0
+    mean, std = torch.tensor(model.visual.preprocess_cfg["mean"]), torch.tensor(model.visual.preprocess_cfg["std"])
+    with torch.no_grad():
+        expected = model.encode_image((batch - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).numpy()
+    np.testing.assert_allclose(network(images), expected, atol=1e-5)
     assert statistics(np.ones((3, 2)))[0].tolist() == [1.0, 1.0]

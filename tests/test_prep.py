@@ -157,7 +157,10 @@ def test_clip_and_aesthetic_thresholds_drop_exactly_the_rows_below_them(curated)
     assert survivors["clip_similarity"].min() >= result.loc[result["reason"] == "below_clip_top_fraction", "clip_similarity"].max()
 
 
-def test_exact_and_near_duplicates_are_removed_across_shards(curated):
+@pytest.fixture(scope="module")
+def dedup_settings(curated):
+    """A near-duplicate threshold between the near-duplicate's similarity and every other pair's, measured
+    on the base run's embeddings, so the expected outcome is known before the dedup run."""
     merge(curated)  # back to the base settings of prep_config.yaml
     table = decisions(curated["out"])
     alive = table[table["reason"] == "kept"].sort_values(["shard", "key"])
@@ -170,22 +173,26 @@ def test_exact_and_near_duplicates_are_removed_across_shards(curated):
     others = [similarity[i, j] for i in range(len(names)) for j in range(i) if {i, j} != exact
               and {names[i], names[j]} != {"flower-near.jpg", "flower.jpg"}]
     assert near > max(others), "the tiny CLIP must separate the near-duplicate from distinct images"
-    threshold = float(near + max(others)) / 2
     assert table.loc["flower-near.jpg", "shard"] != table.loc["flower.jpg", "shard"]  # found across shards
-    report = merge(curated, "--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4")
+    threshold = float(near + max(others)) / 2
+    return ["--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4"]
+
+
+def test_exact_and_near_duplicates_are_removed_across_shards(curated, dedup_settings):
+    report = merge(curated, *dedup_settings)
     result = decisions(curated["out"])
     assert set(result.index[result["reason"] == "exact_duplicate"]) == {"china-copy.jpg"}
     assert set(result.index[result["reason"] == "near_duplicate"]) == {"flower-near.jpg"}
     expected = {r.name: r.expected for r in curated["rows"]}
     assert all(result.loc[name, "reason"].startswith(reason) for name, reason in expected.items())
     assert report["kept"] == sum(r.expected == "kept" for r in curated["rows"])
-    curated["final_settings"] = ["--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4"]
 
 
 def test_output_shards_follow_the_contract_and_the_trainer_reads_them(curated):
     from addpipe.train.config import DataConfig
     from addpipe.train.data import TrainingData
 
+    merge(curated)  # the base settings: independent of what earlier tests merged
     out = curated["out"]
     table = decisions(out)
     kept = table[table["reason"] == "kept"]
@@ -229,11 +236,10 @@ def _run_until(args: list[str], marker: Path, env: dict) -> bool:
     return killed
 
 
-def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
-    if "final_settings" not in curated:
-        pytest.skip("needs the dedup test's settings (run the module in order)")
+def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated, dedup_settings):
+    merge(curated, *dedup_settings)  # the reference: the uninterrupted run's output with these settings
     out = curated["root"] / "killed"
-    args = ["prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(out), *curated["settings"], *curated["final_settings"]]
+    args = ["prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(out), *curated["settings"], *dedup_settings]
     env = clean_env()
     killed = [_run_until(args, out / marker, env) for marker in ("download/00001_stats.json", "scores/00001.parquet", "shards/00001.tar")]
     assert sum(killed) >= 2, killed  # the kills must really interrupt work for this test to mean anything
@@ -256,10 +262,9 @@ def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated):
     assert first["reasons"] == second["reasons"] and first["stages"] == second["stages"]
 
 
-def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated):
+def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated, dedup_settings):
     """The SLURM templates themselves run (their #SBATCH lines are comments to bash), once per array task."""
-    if "final_settings" not in curated:
-        pytest.skip("needs the dedup test's settings (run the module in order)")
+    merge(curated, *dedup_settings)  # the reference: one run's output with these settings
     out = curated["root"] / "array"
     out.mkdir()
     for part in ("input", "download"):  # the download stage is the same as the reference run's
@@ -278,7 +283,7 @@ def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated):
         assert mine == [s for s in shards if s % 2 == task]
         seen += mine
     assert sorted(seen) == shards
-    result = subprocess.run(["bash", str(REPO / "slurm/prep_merge.sbatch"), str(out), *curated["final_settings"]],
+    result = subprocess.run(["bash", str(REPO / "slurm/prep_merge.sbatch"), str(out), *dedup_settings],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for tar in sorted((curated["out"] / "shards").glob("*.tar")):
