@@ -50,7 +50,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     args = parser.parse_args()
 
-    import numpy as np
     import pandas as pd
     import torch
     from img2dataset import download as img2dataset_download

@@ -96,8 +96,6 @@ def main() -> None:
     finally:
         if "postgresql" in backends:
             postgres.__exit__(None, None, None)
-    import torch  # noqa: F401  (only for the version string below; the server itself does not need it)
-
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
           "server and clients share the machine")
 

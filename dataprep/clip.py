@@ -13,14 +13,9 @@ import torch
 from PIL import Image
 
 from addpipe.dataprep.config import EmbedConfig
+from addpipe.train.engines import resolve_device
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass

@@ -24,7 +24,9 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
+from addpipe.dataprep.shards import write_tar
 from addpipe.train.data import decode_sample, expand_shards
+from addpipe.train.engines import resolve_device
 from addpipe.train.models import encode_prompts, load_teacher, vae_encode
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def encode_shards(train_config, shards: str, batch_size: int = 32, device: str =
     """Add latents and text embeddings to every shard of `shards` (a pattern or directory); -> counts."""
     paths = expand_shards(shards)
     signature = encoding_signature(train_config)
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    target = resolve_device(device)
     dtype = {"float16": np.float16, "float32": np.float32}[storage]
     todo = [p for p in paths if not (_marker(p).exists() and json.loads(_marker(p).read_text()) == {**signature, "storage": storage})]
     counts = {"shards": len(paths), "encoded_shards": 0, "samples": 0, "skipped": 0}
@@ -84,11 +86,7 @@ def encode_shards(train_config, shards: str, batch_size: int = 32, device: str =
                 meta["addpipe_encoded"] = signature
                 sample["json"] = json.dumps(meta, sort_keys=True).encode()
         tmp = path + ".tmp"
-        with open(tmp, "wb") as handle:
-            writer = wds.TarWriter(handle, mtime=0)
-            for sample in samples:
-                writer.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-            writer.close()
+        write_tar(Path(tmp), [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in samples])
         os.replace(tmp, path)
         _marker(path).write_text(json.dumps({**signature, "storage": storage}, sort_keys=True))
         counts["encoded_shards"] += 1

@@ -47,17 +47,22 @@ def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+def write_tar(path: Path, samples: list[dict[str, Any]]) -> None:
+    """A WebDataset tar of `samples` (dicts with `__key__`), with a fixed mtime so reruns are byte-identical."""
+    with open(path, "wb") as handle:
+        writer = wds.TarWriter(handle, mtime=0)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+
+
 def write_tar_shard(path: Path, samples: list[dict[str, Any]], rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     """Write `samples` (WebDataset dicts with `__key__`) to `path`, then its `.parquet` (one row per input
     row) and `_stats.json`. The tar is renamed into place last, so a present tar means a finished shard;
     a fixed mtime makes reruns byte-identical."""
     path = Path(path)
     tmp = path.with_suffix(".tar.tmp")
-    with open(tmp, "wb") as handle:
-        writer = wds.TarWriter(handle, mtime=0)
-        for sample in samples:
-            writer.write(sample)
-        writer.close()
+    write_tar(tmp, samples)
     parquet_tmp = path.with_suffix(".parquet.tmp")
     pd.DataFrame(rows).to_parquet(parquet_tmp, index=False)
     os.replace(parquet_tmp, path.with_suffix(".parquet"))

@@ -121,12 +121,11 @@ def run_ratings(study_dir: Path, db_url: str, min_accuracy: float = 0.7, min_gol
 def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_model: Optional[str] = None,
                 device: str = "auto", limit: Optional[int] = None, batch_size: int = 32) -> dict[str, Any]:
     """`addpipe eval metrics`: FD / CLIP score / latency -> metrics.json (and into the report)."""
-    import torch
-
     from addpipe.eval.report import write_report
     from addpipe.eval.study import read_generations
+    from addpipe.train.engines import resolve_device
 
-    target = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    target = str(resolve_device(device))
     embedder = None
     if clip_model:
         from addpipe.dataprep.clip import embed_config_from_spec, load_clip

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -137,7 +137,9 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
                    dtype: str = "auto") -> Path:
     study_dir = Path(study_dir)
     (study_dir / "images").mkdir(parents=True, exist_ok=True)
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    from addpipe.train.engines import resolve_device
+
+    target = resolve_device(device)
     torch_dtype = {"auto": torch.float16 if target.type == "cuda" else torch.float32, "fp32": torch.float32,
                    "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     names = [arm.name for arm in arms]

@@ -25,8 +25,8 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from addpipe.train.discriminator import IMAGENET_MEAN, IMAGENET_STD
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -115,7 +115,7 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
 
 def iter_images(source: str | Path, limit: Optional[int] = None) -> Iterator[Image.Image]:
     """Images from a directory (recursively) or WebDataset shards (a pattern or a directory of .tar)."""
-    from addpipe.dataprep.shards import read_samples
+    from addpipe.dataprep.embed import read_images
     from addpipe.train.data import expand_shards
 
     path = Path(os.path.expanduser(str(source)))
@@ -132,10 +132,7 @@ def iter_images(source: str | Path, limit: Optional[int] = None) -> Iterator[Ima
                 return
         return
     for shard in expand_shards(str(source)):
-        for files in read_samples(Path(shard)).values():
-            data = next((files[k] for k in ("jpg", "jpeg", "png", "webp") if k in files), None)
-            if data is None:
-                continue
+        for _, data in read_images(Path(shard)).values():
             with Image.open(io.BytesIO(data)) as image:
                 yield image.convert("RGB")
             count += 1

@@ -72,11 +72,10 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
 ) -> None:
     """Sample from an exported student: deterministic for a seed, no guidance."""
-    import torch
-
+    from addpipe.train.engines import resolve_device
     from addpipe.train.sampling import generate, load_student, sample_timesteps, save_grid, vae_downsample_factor
 
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    target = resolve_device(device)
     components, schedule, info = load_student(str(student), target)
     try:
         timesteps = sample_timesteps(info, steps)

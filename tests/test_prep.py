@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from addpipe.dataprep.config import DedupConfig, FilterConfig, InputConfig
+from addpipe.dataprep.config import InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
 from image_server import curation_rows, serve_rows

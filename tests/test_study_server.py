@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
-import shutil
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor

@@ -17,6 +17,13 @@ import torch
 import torch.nn as nn
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda when available, else cpu; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if precision == "fp32":
         return torch.float32

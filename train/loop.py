@@ -24,7 +24,7 @@ from addpipe.train.data import Batch, TrainingData
 from addpipe.train.discriminator import build_discriminator
 from addpipe.train.ema import EMA
 from addpipe.train.export import export_student
-from addpipe.train.models import (TeacherComponents, TextConditioning, encode_prompts, load_teacher, make_student,
+from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher, make_student,
                                   sdxl_time_ids, vae_decode, vae_encode)
 from addpipe.train.report import Reporter, check_finite, report, use
 from addpipe.train.sampling import generate, save_grid, vae_downsample_factor
