@@ -43,7 +43,7 @@ class DownloadConfig:
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     """Image format written into the shards."""
     encode_quality: int = 95
-    """JPEG/WebP quality of re-encoded images."""
+    """JPEG/WebP quality (0-100) of re-encoded images; for png the zlib compression level (0-9)."""
     processes: int = 4
     """Download processes (img2dataset processes_count)."""
     threads: int = 64
@@ -60,6 +60,12 @@ class DownloadConfig:
     """Input rows per shard. Shard i of the output covers the same input rows as shard i of the download."""
     distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"
     """img2dataset's distributor; pyspark runs on the active SparkSession (or a local one) and needs pyspark installed."""
+
+    def __post_init__(self) -> None:
+        limit = 9 if self.encode_format == "png" else 100
+        if not 0 <= self.encode_quality <= limit:
+            raise ValueError(f"download.encode_quality={self.encode_quality} is out of range for {self.encode_format}: "
+                             f"0-{limit}" + (" (png: the compression level)" if limit == 9 else ""))
 
 
 @dataclass

@@ -68,8 +68,10 @@ def analyse(votes: pd.DataFrame, generations: list[dict[str, Any]], min_accuracy
 
 
 def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], reference: Optional[str], features: str,
-                      clip_embedder=None, device: str = "cpu", limit: Optional[int] = None, batch_size: int = 32) -> dict[str, Any]:
-    """Per arm: Fréchet distance to the reference set in `features` space, CLIP score, latency."""
+                      clip_embedder=None, device: str = "cpu", limit: Optional[int] = None, batch_size: int = 32,
+                      classifier: Optional[str] = None) -> dict[str, Any]:
+    """Per arm: Fréchet distance to the reference set in `features` space, CLIP score, latency, and with a
+    content `classifier` directory the prompt adherence (share of images showing the requested classes)."""
     from PIL import Image
 
     from addpipe.eval.metrics import clip_scores, features_of, frechet_between, iter_images, load_feature_network
@@ -78,6 +80,11 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
     arms = arm_table(generations)
     out: dict[str, Any] = {"features": features, "reference": reference, "arms": {}}
     network = load_feature_network(features, device) if reference else None
+    judge = None
+    if classifier:
+        from addpipe.eval.classifier import adherence, load_classifier
+
+        judge = load_classifier(classifier, device)
     reference_features = features_of(iter_images(reference, limit), network, batch_size, "reference features") if network else None
     if reference_features is not None:
         out["reference_images"] = int(len(reference_features))
@@ -90,6 +97,8 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
             scores = np.concatenate([clip_scores(images[i:i + batch_size], list(rows["prompt"])[i:i + batch_size], clip_embedder)
                                      for i in range(0, len(images), batch_size)])
             entry["clip_score"] = float(scores.mean())
+        if judge is not None:
+            entry["adherence"] = adherence(judge, images, list(rows["prompt"]))
         out["arms"][str(arm)] = entry
     return out
 
@@ -119,7 +128,8 @@ def run_ratings(study_dir: Path, db_url: str, min_accuracy: float = 0.7, min_gol
 
 
 def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_model: Optional[str] = None,
-                device: str = "auto", limit: Optional[int] = None, batch_size: int = 32) -> dict[str, Any]:
+                device: str = "auto", limit: Optional[int] = None, batch_size: int = 32,
+                classifier: Optional[str] = None) -> dict[str, Any]:
     """`addpipe eval metrics`: FD / CLIP score / latency -> metrics.json (and into the report)."""
     from addpipe.eval.report import write_report
     from addpipe.eval.study import read_generations
@@ -131,7 +141,8 @@ def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_m
         from addpipe.dataprep.clip import embed_config_from_spec, load_clip
 
         embedder = load_clip(embed_config_from_spec(clip_model, target))
-    metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size)
+    metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size,
+                                classifier)
     write_json(Path(study_dir) / "metrics.json", metrics)
     ratings_path = Path(study_dir) / "ratings.json"
     analysis = json.loads(ratings_path.read_text()) if ratings_path.exists() else {

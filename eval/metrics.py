@@ -79,7 +79,8 @@ def _normalised(batch: torch.Tensor) -> torch.Tensor:
 
 
 def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Optional[int] = None) -> FeatureNetwork:
-    """`inception:PATH`, `dinov2:ID_OR_DIR` (default facebook/dinov2-large) or `clip:MODEL[@PRETRAINED]`."""
+    """`inception:PATH`, `dinov2:ID_OR_DIR` (default facebook/dinov2-large), `clip:MODEL[@PRETRAINED]` or
+    `classifier:DIR` (a content classifier trained on the real data, eval/classifier.py)."""
     kind, _, source = spec.partition(":")
     device = torch.device(device)
     if kind == "inception":
@@ -110,7 +111,13 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
         mean = torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1)
         std = torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1)
         return FeatureNetwork("clip", size or cfg["size"][0], lambda x: embedder.model.encode_image((x / 255.0 - mean) / std), device)
-    raise ValueError(f"unknown feature network {spec!r}: use inception:PATH, dinov2:ID_OR_DIR or clip:MODEL[@PRETRAINED]")
+    if kind == "classifier":
+        from addpipe.eval.classifier import load_classifier, normalise
+
+        classifier = load_classifier(source, device)
+        return FeatureNetwork("classifier", size or classifier.image_size, lambda x: classifier.features(normalise(x / 255.0)), device)
+    raise ValueError(f"unknown feature network {spec!r}: use inception:PATH, dinov2:ID_OR_DIR, clip:MODEL[@PRETRAINED] "
+                     "or classifier:DIR")
 
 
 def iter_images(source: str | Path, limit: Optional[int] = None) -> Iterator[Image.Image]:

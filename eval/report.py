@@ -128,11 +128,13 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
         lines.append("")
     if metrics:
         lines += ["## Automated metrics", "", f"Features: `{metrics['features']}`, reference: `{metrics.get('reference')}`", "",
-                  "| arm | steps | Fréchet distance | CLIP score | median latency (s) | p90 latency (s) |", "|---|---:|---:|---:|---:|---:|"]
+                  "| arm | steps | Fréchet distance | CLIP score | adherence | median latency (s) | p90 latency (s) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for arm, entry in metrics["arms"].items():
             fd = f"{entry['frechet_distance']:.2f}" if "frechet_distance" in entry else ""
             cs = f"{entry['clip_score']:.2f}" if "clip_score" in entry else ""
-            lines.append(f"| {arm} | {entry['steps']} | {fd} | {cs} | {entry['latency_median_s']:.3g} | {entry['latency_p90_s']:.3g} |")
+            ad = f"{entry['adherence']['all']:.1%}" if "all" in entry.get("adherence", {}) else ""
+            lines.append(f"| {arm} | {entry['steps']} | {fd} | {cs} | {ad} | {entry['latency_median_s']:.3g} | {entry['latency_p90_s']:.3g} |")
         lines.append("")
     if latency:
         lines += ["![quality against latency](quality_vs_latency.png)", ""]
@@ -142,7 +144,7 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
     return {"markdown": out / "report.md", "html": out / "report.html", **plots}
 
 
-def markdown_to_html(markdown: str) -> str:
+def markdown_to_html(markdown: str, title: str = "Study report") -> str:
     """Just enough Markdown (headings, tables, images, paragraphs) for the report's own output."""
     body, table = [], []
 
@@ -172,4 +174,4 @@ def markdown_to_html(markdown: str) -> str:
             body.append(f"<p>{html.escape(line)}</p>")
     flush_table()
     style = "body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd}img{max-width:48%;margin:.3rem}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"

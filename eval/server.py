@@ -11,6 +11,8 @@ import datetime as dt
 import html
 import io
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -204,6 +206,37 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     return sock
+
+
+class ServerThread:
+    """A uvicorn server for `app` on 127.0.0.1 (a free port), in a daemon thread."""
+
+    def __init__(self, app, workers_limit: int = 64):
+        import uvicorn
+
+        self.socket = listening_socket("127.0.0.1", 0)
+        self.port = self.socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", limit_concurrency=workers_limit, timeout_keep_alive=30)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError("uvicorn did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
 
 
 def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -109,7 +109,8 @@ def admin_token(session: Session) -> str:
 
 
 def invite(session: Session, study_dir: Path, raters: int, pairs_per_rater: Optional[int] = None,
-           golden_fraction: float = 0.15, base_url: str = "http://localhost:8000", seed: int = 0) -> list[dict[str, str]]:
+           golden_fraction: float = 0.15, base_url: str = "http://localhost:8000", seed: int = 0,
+           prefix: str = "rater") -> list[dict[str, str]]:
     """Create `raters` new raters, each with a queue of regular pairs (spread evenly over raters so every
     pair gets votes) plus golden pairs at random positions; -> their names, tokens and links."""
     build_pairs(session, study_dir, seed=seed)
@@ -127,7 +128,7 @@ def invite(session: Session, study_dir: Path, raters: int, pairs_per_rater: Opti
         start = (index * quota) % len(order)
         mine = [order[(start + k) % len(order)] for k in range(quota)] + rng.sample(golden, golden_count)
         rng.shuffle(mine)
-        rater = Rater(name=f"rater-{index + 1:03d}", token=secrets.token_urlsafe(18), quota=len(mine))
+        rater = Rater(name=f"{prefix}-{index + 1:03d}", token=secrets.token_urlsafe(18), quota=len(mine))
         session.add(rater)
         session.flush()
         for position, pair_id in enumerate(mine):

@@ -89,16 +89,36 @@ def sample(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("demo_out"), "--out", help="Working directory of the demo"),
-    steps: int = typer.Option(300, "--steps", help="ADD training steps"),
-    images: int = typer.Option(400, "--images", help="Digit images to build shards from"),
-    teacher_steps: int = typer.Option(600, "--teacher-steps", help="Steps of the small teacher's own diffusion training"),
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Working directory of the demo (reruns continue in it)"),
+    images: int = typer.Option(1500, "--images", help="Rows of the digit URL table that prep curates"),
+    steps: int = typer.Option(600, "--steps", help="ADD training steps"),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompts per arm in the evaluation [default: 60; 200 with --full]"),
+    judges: int = typer.Option(3, "--judges", help="Judge-model raters in the pairwise study"),
+    teacher: str = typer.Option("shipped", "--teacher", help="shipped (pipeline/assets), train (train it here, ~25 min), or a pipeline directory"),
+    teacher_unet_steps: int = typer.Option(6000, "--teacher-steps", help="UNet steps when --teacher train"),
+    backbone_steps: int = typer.Option(1200, "--backbone-steps", help="Training steps of the DINOv2-architecture feature network"),
+    classifier_steps: int = typer.Option(800, "--classifier-steps", help="Training steps of the evaluation classifier"),
+    full: bool = typer.Option(False, "--full", help="The reproduction table: teacher vs student vs ablations over seeds (long)"),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds for --full"),
+    seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """The main job offline on CPU: digit shards -> small teacher -> ADD student -> 1/2/4-step grid."""
-    from addpipe.pipeline.demo import run_demo
+    """The main job offline on CPU: digits served over HTTP -> prep -> teacher -> ADD -> judged study -> report."""
+    from addpipe.pipeline.demo import DemoSettings, run_demo
 
-    grid = run_demo(out, steps=steps, images=images, teacher_steps=teacher_steps)
-    typer.echo(f"demo finished: {grid}")
+    try:
+        settings = DemoSettings(out=str(out), images=images, steps=steps, prompts=prompts or (200 if full else 60), judges=judges, teacher=teacher,
+                                teacher_unet_steps=teacher_unet_steps, teacher_vae_steps=max(1, teacher_unet_steps // 4),
+                                backbone_steps=backbone_steps, classifier_steps=classifier_steps, seed=seed)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    if full:
+        from addpipe.pipeline.reproduce import run_reproduction
+
+        report = run_reproduction(settings, seeds)
+        typer.echo(f"reproduction finished: {report}")
+        return
+    report = run_demo(settings)
+    typer.echo(f"demo finished: {report}")
 
 
 prep_app = typer.Typer(no_args_is_help=False, add_completion=False, pretty_exceptions_enable=False,
@@ -313,21 +333,25 @@ def eval_elo(
 def eval_metrics(
     study: Path = _STUDY,
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference images: a directory or WebDataset shards"),
-    features: str = typer.Option("dinov2:facebook/dinov2-large", "--features", help="inception:PATH, dinov2:ID_OR_DIR or clip:MODEL[@PRETRAINED]"),
+    features: str = typer.Option("dinov2:facebook/dinov2-large", "--features",
+                                 help="inception:PATH, dinov2:ID_OR_DIR, clip:MODEL[@PRETRAINED] or classifier:DIR"),
     clip_model: Optional[str] = typer.Option(None, "--clip-model", help="open_clip MODEL@PRETRAINED for the CLIP score, e.g. ViT-L-14@openai"),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Content-classifier directory: prompt adherence per arm"),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most this many reference images"),
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Fréchet distance to a reference set, CLIP score and latency per arm; metrics.json and the report."""
     from addpipe.eval.analysis import run_metrics
 
-    metrics = _eval_failures(lambda: run_metrics(study, reference, features, clip_model, device, limit))
+    metrics = _eval_failures(lambda: run_metrics(study, reference, features, clip_model, device, limit, classifier=classifier))
     for arm, entry in metrics["arms"].items():
         parts = [f"{arm:>16}", f"steps {entry['steps']}", f"latency {entry['latency_median_s']:.3g}s"]
         if "frechet_distance" in entry:
             parts.append(f"FD {entry['frechet_distance']:.2f}")
         if "clip_score" in entry:
             parts.append(f"CLIP {entry['clip_score']:.2f}")
+        if "adherence" in entry and "all" in entry["adherence"]:
+            parts.append(f"adherence {entry['adherence']['all']:.1%}")
         typer.echo("  ".join(parts))
 
 

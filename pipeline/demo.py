@@ -1,94 +1,297 @@
-"""`addpipe demo`: the whole training job offline on CPU, on data that ships with scikit-learn.
+"""`addpipe demo`: the whole job offline on CPU, every stage through the code used at scale.
 
-1. shards: coloured, captioned handwritten digits written as WebDataset shards in the contract;
-2. teacher: a small SD-architecture pipeline trained here with plain diffusion training;
-3. ADD: the student distilled from it with the real trainer (DeepSpeed engine, DINOv2-architecture
-   discriminator) from configs/tiny.yaml;
-4. a PNG grid: the teacher at 50 guided steps above the student at 1, 2 and 4 steps, same prompts.
+1. web: scikit-learn's handwritten digits, upscaled, coloured and captioned ("a handwritten seven in red on a
+   blue background"), served as PNGs from a loopback HTTP server, plus some bad rows (dead links,
+   truncated files, byte-identical copies) so curation has something to catch;
+2. prep: `addpipe prep` on that URL table: img2dataset download, open_clip embeddings and aesthetic scores
+   (tiny random-init models: no weights can be downloaded), filters, dedup, WebDataset shards;
+3. models: the teacher (shipped in pipeline/assets, trained by `addpipe demo --train-teacher`, or trained
+   here), a DINOv2-architecture ViT trained on the curated shards for the discriminator, and a separate
+   content classifier (a CNN) for the metrics and the judge;
+4. train: ADD distillation with the real trainer (DeepSpeed engine) from configs/tiny.yaml;
+5. eval: paired generation (teacher at 50 and 4 guided steps, student at 1, 2 and 4 steps), Fréchet
+   distance in the classifier's feature space and prompt adherence, and a pairwise study whose votes
+   come from judge-model raters through the rating server and database, then Elo / Bradley–Terry;
+6. report: demo_out/report.html with the image grid, the numbers and the plots.
+
 Every stage skips work whose output already exists, so an interrupted demo continues where it stopped.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Optional
 
+import pandas as pd
 import torch
 
-from addpipe.pipeline.config import load
-from addpipe.train.config import TrainConfig
-
 logger = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-PROMPTS = ["a handwritten seven in red on a blue background", "a handwritten two in white on a black background",
-           "a handwritten four in yellow on a purple background", "a handwritten zero in green on a white background"]
+ROOT = Path(__file__).resolve().parent
+CONFIG = ROOT.parent / "configs" / "tiny.yaml"
+SHIPPED_TEACHER = ROOT / "assets" / "digits_teacher"
+FIELDS = ["digit", "ink", "background"]
+PROMPT_PATTERN = r"handwritten (?P<digit>\w+) in (?P<ink>\w+) on an? (?P<background>\w+) background"
+GRID_PROMPTS = ["a handwritten seven in red on a blue background", "a handwritten two in white on a black background",
+                "a handwritten four in yellow on a purple background", "a handwritten zero in green on a white background",
+                "a handwritten three in orange on a black background", "a handwritten nine in blue on a yellow background"]
 
 
-def build_shards(out: Path, images: int, resolution: int) -> Path:
-    from addpipe.dataprep.digits import digit_images
-    from addpipe.dataprep.shards import ShardSample, write_shards
+@dataclass
+class DemoSettings:
+    out: str = "demo_out"
+    images: int = 1500               # rows of the URL table (digits; a few are made bad on purpose)
+    resolution: int = 32
+    teacher: str = "shipped"         # "shipped", "train", or a diffusers pipeline directory
+    teacher_images: int = 4000       # when training the teacher
+    teacher_vae_steps: int = 1500
+    teacher_unet_steps: int = 6000
+    backbone_steps: int = 1200       # DINOv2-architecture feature network
+    classifier_steps: int = 800
+    steps: int = 600                 # ADD steps
+    prompts: int = 60                # prompts per arm in the study
+    judges: int = 3
+    seed: int = 0
 
-    shards = out / "shards"
-    if not (shards / "DONE").is_file():
-        samples = (ShardSample(f"{i:06d}", image, caption, meta)
-                   for i, (caption, image, meta) in enumerate(digit_images(images, size=resolution)))
-        write_shards(samples, shards, samples_per_shard=50)
-        (shards / "DONE").write_text(json.dumps({"images": images}))
-    return shards
+    def __post_init__(self) -> None:
+        if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1:
+            raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1 and steps >= 1")
 
 
-def build_teacher(out: Path, shards: Path, resolution: int, steps: int) -> tuple[Path, Path]:
+def done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def mark_done(path: Path, info: Any = "ok") -> None:
+    (path / "DONE").write_text(json.dumps(info, default=str))
+
+
+# --- 1. the web -------------------------------------------------------------------------------------------
+
+def web_rows(count: int, resolution: int, seed: int) -> tuple[pd.DataFrame, dict[str, bytes]]:
+    """The URL table (url path, caption, label columns) and the bodies to serve; every 40th row a dead link,
+    every 50th truncated, every 60th a byte-identical copy of the previous image."""
+    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+
+    rows, bodies, previous = [], {}, None
+    for index, (caption, image, meta) in enumerate(digit_images(count, size=2 * resolution, seed=seed)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        body, path = buffer.getvalue(), f"/digits/{index:06d}.png"
+        if index % 60 == 59 and previous is not None:
+            body = previous[1]
+            caption, meta = previous[0], previous[2]
+        elif index % 50 == 49:
+            body = body[: len(body) // 3]
+        if index % 40 != 39:
+            bodies[path] = body
+        previous = (caption, body, meta)
+        rows.append({"url": path, "caption": caption, "digit": NUMBER_WORDS[meta["label"]], "ink": meta["foreground"],
+                     "background": meta["background"]})
+    return pd.DataFrame(rows), bodies
+
+
+def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
+    """Stages 1-2: serve the digits on 127.0.0.1 and run `addpipe prep` on them."""
+    from addpipe.dataprep.config import PrepConfig
+    from addpipe.dataprep.loopback import ImageServer, Route
+    from addpipe.dataprep.prep import run_prep
+    from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
+    from addpipe.pipeline.config import load, to_yaml
+
+    prep_dir = out / "prep"
+    if (prep_dir / "report.json").is_file() and done(prep_dir):
+        return json.loads((prep_dir / "report.json").read_text())
+    prep_dir.mkdir(parents=True, exist_ok=True)
+    table, bodies = web_rows(settings.images, settings.resolution, settings.seed)
+    # The port is kept across reruns: a resumed download must find the URLs its table already holds.
+    web_file = out / "web.json"
+    port = json.loads(web_file.read_text())["port"] if web_file.is_file() else 0
+    with ImageServer({path: Route(body, "image/png") for path, body in bodies.items()}, port=port) as server:
+        web_file.write_text(json.dumps({"port": server.server.server_address[1]}))
+        table["url"] = server.base + table["url"]
+        urls = out / "urls.parquet"
+        if not urls.is_file():
+            table.to_parquet(urls)
+        clip = build_tiny_clip(out / "models" / "clip", image_size=settings.resolution)
+        aesthetic = out / "models" / "aesthetic.pt"
+        if not aesthetic.is_file():
+            build_tiny_aesthetic(aesthetic, 32)
+        config = load(PrepConfig, None, [
+            f"out={prep_dir}", f"input.urls={urls}", f"download.image_size={settings.resolution}",
+            "download.processes=1", "download.threads=16", "download.timeout=5", "download.samples_per_shard=500",
+            "download.encode_format=png", "download.encode_quality=6",
+            f"embed.model={clip['model']}", f"embed.model_config={clip['model_config']}", f"embed.pretrained={clip['pretrained']}",
+            "embed.batch_size=128", "embed.device=cpu",
+            f"filter.min_resolution={settings.resolution}", "filter.min_clip_similarity=null",
+            # random-init CLIP and aesthetic models score nothing real: cut the worst 5% by CLIP to exercise the
+            # filter, report aesthetic scores without cutting, and dedup only byte-identical images
+            "filter.clip_keep_fraction=0.95", f"filter.aesthetic_weights={aesthetic}", "filter.min_aesthetic=null",
+            "dedup.enabled=true", "dedup.threshold=0.9999",
+        ])
+        (prep_dir / "prep_config.yaml").write_text(to_yaml(config))
+        report = run_prep(config)
+    mark_done(prep_dir)
+    return report
+
+
+# --- 3. models --------------------------------------------------------------------------------------------
+
+def teacher_directory(settings: DemoSettings, out: Path, shards: str) -> Path:
+    if settings.teacher == "shipped":
+        if not (SHIPPED_TEACHER / "model_index.json").is_file():
+            raise FileNotFoundError(f"the shipped teacher is missing from {SHIPPED_TEACHER}; run `addpipe demo --teacher train`")
+        return SHIPPED_TEACHER
+    if settings.teacher != "train":
+        return Path(settings.teacher)
+    teacher = out / "models" / "teacher"
+    if not done(teacher):
+        train_teacher(teacher, settings, shards)
+    return teacher
+
+
+def train_teacher(directory: Path, settings: DemoSettings, shards: str) -> Path:
+    """The teacher's own diffusion training (how pipeline/assets/digits_teacher was made, on its own shards)."""
     from addpipe.train.teacher import pretrain_teacher
-    from addpipe.train.tiny import build_tiny_dinov2, build_tiny_pipeline
+    from addpipe.train.tiny import build_tiny_pipeline
 
-    teacher, dino = out / "models" / "teacher", out / "models" / "dinov2"
-    if not (teacher / "DONE").is_file():
-        build_tiny_pipeline(teacher, "sd", latent_size=resolution // 2)
-        pretrain_teacher(teacher, str(shards), resolution, vae_steps=max(1, steps // 2), unet_steps=steps)
-        (teacher / "DONE").write_text("ok")
-    if not (dino / "config.json").is_file():
-        build_tiny_dinov2(dino, image_size=32)
-    return teacher, dino
+    shutil.rmtree(directory, ignore_errors=True)
+    build_tiny_pipeline(directory, "sd", latent_size=settings.resolution // 2, seed=settings.seed)
+    pretrain_teacher(directory, shards, settings.resolution, vae_steps=settings.teacher_vae_steps,
+                     unet_steps=settings.teacher_unet_steps, seed=settings.seed)
+    mark_done(directory, {"vae_steps": settings.teacher_vae_steps, "unet_steps": settings.teacher_unet_steps, "shards": shards})
+    return directory
+
+
+def feature_models(settings: DemoSettings, out: Path, shards: str) -> tuple[Path, Path]:
+    """The discriminator's DINOv2-architecture ViT and the evaluation's content classifier, both trained on `shards`."""
+    from addpipe.eval.classifier import train_classifier
+    from addpipe.train.backbone import train_dinov2
+
+    dino, classifier = out / "models" / "dinov2", out / "models" / "classifier"
+    if not done(dino):
+        train_dinov2(shards, dino, FIELDS, image_size=settings.resolution, steps=settings.backbone_steps, seed=settings.seed)
+        mark_done(dino)
+    if not done(classifier):
+        train_classifier(shards, classifier, FIELDS, PROMPT_PATTERN, image_size=settings.resolution,
+                         steps=settings.classifier_steps, seed=settings.seed + 7)
+        mark_done(classifier)
+    return dino, classifier
+
+
+# --- 4. ADD -----------------------------------------------------------------------------------------------
+
+def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, settings: DemoSettings, seed: int,
+                  overrides: Optional[list[str]] = None) -> Path:
+    """ADD-distil `teacher` with configs/tiny.yaml; -> the exported student directory (skipped when it exists)."""
+    from addpipe.pipeline.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.loop import train
+
+    student = run_dir / "student"
+    if (student / "addpipe_student.json").is_file():
+        return student
+    every = max(1, settings.steps // 3)
+    config = load(TrainConfig, CONFIG, [
+        f"run_dir={run_dir}", f"steps={settings.steps}", f"seed={seed}", f"model.teacher={teacher}",
+        f"discriminator.feature_network={dino}", f"discriminator.input_size={settings.resolution}",
+        f"data.shards={shards}", f"data.resolution={settings.resolution}", f"checkpoint.every={every}",
+        f"log.sample_every={every}", f"log.sample_prompts={json.dumps(GRID_PROMPTS[:4])}", *(overrides or []),
+    ])
+    train(config, resume=True)
+    return student
+
+
+# --- 5. evaluation ----------------------------------------------------------------------------------------
+
+def write_prompts(path: Path, count: int, seed: int) -> Path:
+    """Held-out prompts: captions of digits drawn with another colour seed, category = the digit."""
+    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+
+    lines = ["Prompt\tCategory"]
+    for caption, _, meta in digit_images(count, size=8, seed=seed + 1000):
+        lines.append(f"{caption}\t{NUMBER_WORDS[meta['label']]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, classifier: Path, judges: int,
+             seed: int) -> dict[str, Any]:
+    """Generate the arms, compute metrics, let judges vote, analyse; -> {"metrics", "ratings", "judging"}."""
+    from addpipe.eval.analysis import run_metrics, run_ratings
+    from addpipe.eval.db import default_url
+    from addpipe.eval.generate import Arm, generate_study, load_prompts
+    from addpipe.eval.judge import judge_study
+
+    study.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(str(write_prompts(study / "prompts.tsv", settings.prompts, seed)))
+    generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device="cpu")
+    features = f"classifier:{classifier}"
+    metrics = run_metrics(study, shards, features, device="cpu", classifier=str(classifier))
+    result: dict[str, Any] = {"metrics": metrics}
+    if judges:
+        db_url = default_url(study)
+        result["judging"] = judge_study(study, db_url, str(classifier), judges=judges, seed=seed)
+        result["ratings"] = run_ratings(study, db_url, rounds=200, seed=seed)
+    return result
+
+
+def demo_arms(teacher: Path, student: Path) -> list[str]:
+    return [f"teacher-50={teacher}:steps=50:cfg=3:scheduler=ddim",
+            f"teacher-4={teacher}:steps=4:cfg=3:scheduler=ddim",
+            f"add-1={student}:steps=1", f"add-2={student}:steps=2", f"add-4={student}:steps=4"]
 
 
 @torch.no_grad()
-def teacher_images(teacher: Path, resolution: int, seed: int) -> torch.Tensor:
+def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: int) -> Path:
+    """Teacher at 50 guided steps on top, then the student at 1, 2 and 4 steps; same prompts and noise."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
 
     pipe = StableDiffusionPipeline.from_pretrained(teacher)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(PROMPTS, num_inference_steps=50, guidance_scale=3.0, height=resolution, width=resolution,
-                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
-    return images.float()
-
-
-def run_demo(out: Path, steps: int = 300, images: int = 400, teacher_steps: int = 600, resolution: int = 32) -> Path:
-    from addpipe.train.loop import train
-    from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
-
-    out = Path(out)
-    started = time.perf_counter()
-    shards = build_shards(out, images, resolution)
-    teacher, dino = build_teacher(out, shards, resolution, teacher_steps)
-    config = load(TrainConfig, CONFIG, [
-        f"run_dir={out / 'run'}", f"steps={steps}", f"model.teacher={teacher}", f"discriminator.feature_network={dino}",
-        f"data.shards={shards}", f"data.resolution={resolution}", f"checkpoint.every={max(1, steps // 3)}",
-        f"log.sample_every={max(1, steps // 3)}", f"log.sample_prompts={json.dumps(PROMPTS)}",
-    ])
-    student_dir = out / "run" / "student"
-    if not (student_dir / "addpipe_student.json").is_file():
-        train(config, resume=True)
-    components, schedule, _ = load_student(str(student_dir), torch.device("cpu"))
-    rows = [teacher_images(teacher, resolution, seed=0)]
+    rows = [pipe(GRID_PROMPTS, num_inference_steps=50, guidance_scale=3.0, height=resolution, width=resolution,
+                 generator=torch.Generator().manual_seed(seed), output_type="pt").images.float()]
+    components, schedule, _ = load_student(str(student), torch.device("cpu"))
     for count in (1, 2, 4):
-        rows.append(generate(components.unet, components, schedule, PROMPTS, student_timesteps(count), seed=0,
+        rows.append(generate(components.unet, components, schedule, GRID_PROMPTS, student_timesteps(count), seed=seed,
                              resolution=resolution, device=torch.device("cpu")))
-    grid = save_grid(torch.cat(rows), out / "demo_grid.png", rows=len(rows))
-    (out / "demo_summary.json").write_text(json.dumps({
-        "grid": str(grid), "rows": ["teacher 50 steps, guidance 3", "student 1 step", "student 2 steps", "student 4 steps"],
-        "prompts": PROMPTS, "seconds": round(time.perf_counter() - started, 1),
-    }, indent=2))
-    return grid
+    return save_grid(torch.cat(rows), out / "demo_grid.png", rows=len(rows))
+
+
+def run_demo(settings: DemoSettings) -> Path:
+    """The whole chain; -> demo_out/report.html."""
+    from addpipe.pipeline.demo_report import write_demo_report
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name: str, run):
+        begin = time.perf_counter()
+        value = run()
+        timings[name] = round(time.perf_counter() - begin, 1)
+        logger.info("demo stage %s: %.1f s", name, timings[name])
+        return value
+
+    prep = timed("prep", lambda: curate(settings, out))
+    shards = prep["shard_pattern"]
+    teacher = timed("teacher", lambda: teacher_directory(settings, out, shards))
+    dino, classifier = timed("feature networks", lambda: feature_models(settings, out, shards))
+    student = timed("ADD training", lambda: train_student(out / "run", teacher, dino, shards, settings, settings.seed))
+    evaluation = timed("evaluation", lambda: evaluate(out / "study", demo_arms(teacher, student), settings, shards, classifier,
+                                                      settings.judges, settings.seed))
+    grid = timed("grid", lambda: image_grid(out, teacher, student, settings.resolution, settings.seed))
+    summary = {"settings": asdict(settings), "teacher": str(teacher), "student": str(student), "prep": prep,
+               "models": {"dinov2": str(dino), "classifier": str(classifier)}, "grid": str(grid),
+               "seconds": timings, "total_seconds": round(time.perf_counter() - started, 1), **evaluation}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return write_demo_report(out, summary)

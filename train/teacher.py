@@ -9,6 +9,7 @@ is saved in place as a diffusers pipeline directory, which `addpipe train` then 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -50,6 +51,8 @@ def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: i
     schedule = schedule_from_config(components.scheduler_config, zero_terminal_snr=False)
     unet = components.unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    # cosine decay to 5%: the last steps average out the noise of a high constant rate
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / max(1, unet_steps))))
     bar = tqdm(range(unet_steps), desc="teacher UNet", disable=not progress)
     for _ in bar:
         batch = next(data)
@@ -67,6 +70,7 @@ def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
+        decay.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval().requires_grad_(False)
 

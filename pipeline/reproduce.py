@@ -1,0 +1,148 @@
+"""`addpipe demo --full`: the ADD paper's central claim and its ablations, reproduced at small scale on CPU.
+
+Per seed: the ADD student and five ablations are trained from the same teacher, data and feature network
+(distillation only, adversarial only, no image conditioning, exponential and SDS weighting instead of
+NFSD); then the teacher at 1, 2, 4 and 50 guided steps, the student at 1, 2 and 4 steps and each ablation
+at 1 step generate the same held-out prompts from the same noise. Quality is the Fréchet distance in the
+feature space of the content classifier (a CNN trained on the real data, not the discriminator's
+backbone); prompt adherence is that classifier's accuracy on the requested digit and colours.
+
+The targets are checked on every seed separately. Each (seed, variant) run and each study is resumable,
+and the table is rewritten after every seed, so a long run that stops still reports what it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+from addpipe.pipeline.demo import DemoSettings, curate, evaluate, feature_models, teacher_directory, train_student
+
+VARIANTS: dict[str, list[str]] = {
+    "add": [],
+    "distillation-only": ["distill.adversarial=false"],
+    "adversarial-only": ["distill.distillation=false"],
+    "no-image-conditioning": ["discriminator.image_conditioning=false"],
+    "exponential": ["distill.weighting=exponential"],
+    "sds": ["distill.weighting=sds"],
+}
+TEACHER_STEPS = (1, 2, 4, 50)
+GUIDANCE = 3.0
+
+
+def arms_for(teacher: Path, students: dict[str, Path]) -> list[str]:
+    arms = [f"teacher-{n}={teacher}:steps={n}:cfg={GUIDANCE}:scheduler=ddim" for n in TEACHER_STEPS]
+    arms += [f"add-{n}={students['add']}:steps={n}" for n in (1, 2, 4)]
+    arms += [f"{name}-1={path}:steps=1" for name, path in students.items() if name != "add"]
+    return arms
+
+
+def check_targets(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The issue's targets on one seed's metrics; each -> {"value", "target", "met"}."""
+    fid = {arm: entry["frechet_distance"] for arm, entry in arms.items()}
+    adherence = min(arms[f"add-{n}"]["adherence"]["all"] for n in (1, 2, 4))
+    return {
+        "1-step student FID <= 0.5 x teacher 1-step FID": {
+            "value": fid["add-1"] / fid["teacher-1"], "target": "<= 0.5", "met": fid["add-1"] <= 0.5 * fid["teacher-1"]},
+        "1-step student beats distillation-only": {
+            "value": fid["add-1"] / fid["distillation-only-1"], "target": "< 1", "met": fid["add-1"] < fid["distillation-only-1"]},
+        "1-step student beats adversarial-only": {
+            "value": fid["add-1"] / fid["adversarial-only-1"], "target": "< 1", "met": fid["add-1"] < fid["adversarial-only-1"]},
+        "2-step student FID <= 1.25 x teacher 4-step FID": {
+            "value": fid["add-2"] / fid["teacher-4"], "target": "<= 1.25", "met": fid["add-2"] <= 1.25 * fid["teacher-4"]},
+        "student adherence >= 95% (worst of 1/2/4 steps)": {"value": adherence, "target": ">= 0.95", "met": adherence >= 0.95},
+        "stretch: 1-step student FID <= teacher 4-step FID": {
+            "value": fid["add-1"] / fid["teacher-4"], "target": "<= 1", "met": fid["add-1"] <= fid["teacher-4"]},
+    }
+
+
+def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    arms = list(next(iter(per_seed.values()))["metrics"]["arms"])
+    table = {}
+    for arm in arms:
+        fids = [s["metrics"]["arms"][arm]["frechet_distance"] for s in per_seed.values()]
+        adh = [s["metrics"]["arms"][arm]["adherence"]["all"] for s in per_seed.values()]
+        lat = [s["metrics"]["arms"][arm]["latency_median_s"] for s in per_seed.values()]
+        entry = per_seed[next(iter(per_seed))]["metrics"]["arms"][arm]
+        table[arm] = {"steps": entry["steps"], "guidance": entry.get("guidance", 0.0), "fid": fids,
+                      "fid_mean": mean(fids), "fid_std": stdev(fids) if len(fids) > 1 else 0.0,
+                      "adherence_mean": mean(adh), "latency_median_s": mean(lat)}
+    targets = {}
+    for seed, result in per_seed.items():
+        for name, check in result["targets"].items():
+            targets.setdefault(name, {"target": check["target"], "values": {}, "met": {}})
+            targets[name]["values"][seed] = check["value"]
+            targets[name]["met"][seed] = check["met"]
+    return {"seeds": sorted(per_seed), "arms": table, "targets": targets}
+
+
+def order(arm: str) -> tuple[int, int]:
+    family = 0 if arm.startswith("teacher") else 1 if arm.startswith("add") else 2
+    return family, int(arm.rsplit("-", 1)[1])
+
+
+def write_table(out: Path, summary: dict[str, Any]) -> Path:
+    from addpipe.eval.report import _plt, markdown_to_html
+
+    seeds = summary["seeds"]
+    lines = ["# ADD reproduction at small scale", "",
+             f"Seeds: {', '.join(map(str, seeds))}. FID: Fréchet distance to the curated images in the content classifier's "
+             "feature space (lower is better), mean ± std over seeds. Adherence: share of images showing the requested "
+             "digit, ink and background colour.", "",
+             "| arm | steps | guidance | FID | FID per seed | adherence | median latency (s) |", "|---|---:|---:|---:|---|---:|---:|"]
+    arms = sorted(summary["arms"], key=order)
+    for arm in arms:
+        row = summary["arms"][arm]
+        lines.append(f"| {arm} | {row['steps']} | {row['guidance']:g} | {row['fid_mean']:.2f} ± {row['fid_std']:.2f} | "
+                     + ", ".join(f"{v:.2f}" for v in row["fid"]) + f" | {row['adherence_mean']:.1%} | {row['latency_median_s']:.4f} |")
+    lines += ["", "## Targets (checked on each seed)", "", "| target | required | value per seed | met on all seeds |", "|---|---|---|---|"]
+    for name, check in summary["targets"].items():
+        values = ", ".join(f"{v:.3f}" for v in check["values"].values())
+        met = all(check["met"].values())
+        lines.append(f"| {name} | {check['target']} | {values} | {'yes' if met else 'no (' + str(sum(check['met'].values())) + '/' + str(len(check['met'])) + ')'} |")
+    plt = _plt()
+    figure, axis = plt.subplots(figsize=(max(6, 0.7 * len(arms)), 3.5))
+    for i, arm in enumerate(arms):
+        row = summary["arms"][arm]
+        colour = "tab:gray" if arm.startswith("teacher") else "tab:blue" if arm.startswith("add") else "tab:orange"
+        axis.bar(i, row["fid_mean"], color=colour, alpha=0.6)
+        axis.scatter([i] * len(row["fid"]), row["fid"], color="black", s=10, zorder=3)
+    axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
+    axis.set_ylabel("FID (classifier features)")
+    axis.set_title("Teacher (grey), ADD student (blue), ablations at 1 step (orange); dots: seeds", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "reproduction_fid.png", dpi=110)
+    plt.close(figure)
+    lines += ["", "![FID per arm](reproduction_fid.png)", ""]
+    markdown = "\n".join(lines)
+    (out / "reproduction.md").write_text(markdown)
+    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "reproduction.html").write_text(markdown_to_html(markdown, "ADD reproduction"))
+    return out / "reproduction.md"
+
+
+def run_reproduction(settings: DemoSettings, seeds: int = 3) -> Path:
+    """Train every variant on every seed, evaluate, and write reproduction.{md,json,html} with the plot."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = curate(settings, out)
+    shards = prep["shard_pattern"]
+    teacher = teacher_directory(settings, out, shards)
+    dino, classifier = feature_models(settings, out, shards)
+    full = out / "full"
+    per_seed: dict[int, dict[str, Any]] = {}
+    report = None
+    for k in range(seeds):
+        seed = settings.seed + k
+        students = {name: train_student(full / f"seed{seed}" / name, teacher, dino, shards, settings, seed, overrides)
+                    for name, overrides in VARIANTS.items()}
+        result = evaluate(full / f"seed{seed}" / "study", arms_for(teacher, students), settings, shards, classifier,
+                          judges=0, seed=seed)
+        if any(math.isnan(e.get("frechet_distance", math.nan)) for e in result["metrics"]["arms"].values()):
+            raise RuntimeError(f"a Fréchet distance is NaN in {full / f'seed{seed}' / 'study' / 'metrics.json'}")
+        per_seed[seed] = {"metrics": result["metrics"], "targets": check_targets(result["metrics"]["arms"])}
+        report = write_table(full, summarise(per_seed))
+    return report
