@@ -305,6 +305,26 @@ def eval_serve(study: Path = _STUDY, db: Optional[str] = _DB, host: str = typer.
     serve(study, _db_url(study, db), host, port)
 
 
+@eval_app.command("judge")
+def eval_judge(
+    study: Path = _STUDY,
+    db: Optional[str] = _DB,
+    classifier: str = typer.Option(..., "--classifier", help="Content-classifier directory (eval/classifier.py) the judges see with"),
+    judges: int = typer.Option(3, "--judges", help="Judge raters (invited once; a rerun finishes their queues)"),
+    pairs_per_judge: Optional[int] = typer.Option(None, "--pairs-per-judge", help="Regular pairs per judge [default: all]"),
+    server: Optional[str] = typer.Option(None, "--server", help="Vote on this running server (e.g. http://127.0.0.1:8000) "
+                                         "instead of starting one"),
+    temperature: float = typer.Option(0.05, "--temperature", help="Logistic temperature of each judge's choice"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Automated raters: judge models vote through the rating server like people, golden pairs included."""
+    from addpipe.eval.judge import judge_study
+
+    result = _eval_failures(lambda: judge_study(study, _db_url(study, db), classifier, judges, pairs_per_judge,
+                                                temperature=temperature, seed=seed, base_url=server))
+    typer.echo(f"{', '.join(result['judges'])}: {result['votes']} pair(s) voted; next: addpipe eval elo --study {study}")
+
+
 @eval_app.command("elo")
 def eval_elo(
     study: Path = _STUDY, db: Optional[str] = _DB,

@@ -142,7 +142,7 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
 
 # --- 3. models --------------------------------------------------------------------------------------------
 
-def teacher_directory(settings: DemoSettings, out: Path, shards: str) -> Path:
+def teacher_directory(settings: DemoSettings, out: Path) -> Path:
     if settings.teacher == "shipped":
         if not (SHIPPED_TEACHER / "model_index.json").is_file():
             raise FileNotFoundError(f"the shipped teacher is missing from {SHIPPED_TEACHER}; run `addpipe demo --teacher train`")
@@ -151,12 +151,28 @@ def teacher_directory(settings: DemoSettings, out: Path, shards: str) -> Path:
         return Path(settings.teacher)
     teacher = out / "models" / "teacher"
     if not done(teacher):
-        train_teacher(teacher, settings, shards)
+        train_teacher(teacher, settings, teacher_shards(out / "teacher_data", settings))
     return teacher
 
 
+def teacher_shards(directory: Path, settings: DemoSettings) -> str:
+    """The teacher's own pretraining data: digits rendered straight into shards (as SD's LAION is not the ADD
+    data either), `teacher_images` of them with the demo's captions."""
+    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+    from addpipe.dataprep.shards import ShardSample, shard_pattern, write_shards
+
+    if not done(directory):
+        samples = (ShardSample(f"{i:06d}", image, caption, {"digit": NUMBER_WORDS[meta["label"]], "ink": meta["foreground"],
+                                                            "background": meta["background"]})
+                   for i, (caption, image, meta) in enumerate(digit_images(settings.teacher_images, size=settings.resolution,
+                                                                           seed=settings.seed)))
+        write_shards(samples, directory, samples_per_shard=500)
+        mark_done(directory, {"images": settings.teacher_images})
+    return shard_pattern(sorted(directory.glob("*.tar")))
+
+
 def train_teacher(directory: Path, settings: DemoSettings, shards: str) -> Path:
-    """The teacher's own diffusion training (how pipeline/assets/digits_teacher was made, on its own shards)."""
+    """The teacher's own diffusion training: VAE, then UNet (how pipeline/assets/digits_teacher was made)."""
     from addpipe.train.teacher import pretrain_teacher
     from addpipe.train.tiny import build_tiny_pipeline
 
@@ -164,7 +180,10 @@ def train_teacher(directory: Path, settings: DemoSettings, shards: str) -> Path:
     build_tiny_pipeline(directory, "sd", latent_size=settings.resolution // 2, seed=settings.seed)
     pretrain_teacher(directory, shards, settings.resolution, vae_steps=settings.teacher_vae_steps,
                      unet_steps=settings.teacher_unet_steps, seed=settings.seed)
-    mark_done(directory, {"vae_steps": settings.teacher_vae_steps, "unet_steps": settings.teacher_unet_steps, "shards": shards})
+    info = {"images": settings.teacher_images, "resolution": settings.resolution, "vae_steps": settings.teacher_vae_steps,
+            "unet_steps": settings.teacher_unet_steps, "seed": settings.seed, "trained_by": "addpipe demo --teacher train"}
+    (directory / "addpipe_teacher.json").write_text(json.dumps(info, indent=2))
+    mark_done(directory, info)
     return directory
 
 
@@ -284,7 +303,7 @@ def run_demo(settings: DemoSettings) -> Path:
 
     prep = timed("prep", lambda: curate(settings, out))
     shards = prep["shard_pattern"]
-    teacher = timed("teacher", lambda: teacher_directory(settings, out, shards))
+    teacher = timed("teacher", lambda: teacher_directory(settings, out))
     dino, classifier = timed("feature networks", lambda: feature_models(settings, out, shards))
     student = timed("ADD training", lambda: train_student(out / "run", teacher, dino, shards, settings, settings.seed))
     evaluation = timed("evaluation", lambda: evaluate(out / "study", demo_arms(teacher, student), settings, shards, classifier,

@@ -130,7 +130,7 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     prep = curate(settings, out)
     shards = prep["shard_pattern"]
-    teacher = teacher_directory(settings, out, shards)
+    teacher = teacher_directory(settings, out)
     dino, classifier = feature_models(settings, out, shards)
     full = out / "full"
     per_seed: dict[int, dict[str, Any]] = {}

@@ -1,0 +1,166 @@
+"""The demo chain: its learned judges (content classifier, DINOv2-architecture backbone, judge raters) and a
+shortened `addpipe demo` run end to end through the CLI, then rerun to show it resumes without duplicating."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from addpipe.pipeline.demo import FIELDS, PROMPT_PATTERN, DemoSettings, teacher_shards
+from test_train import cli
+
+
+@pytest.fixture(scope="module")
+def labelled_digits(tmp_path_factory) -> str:
+    return teacher_shards(tmp_path_factory.mktemp("digits"), DemoSettings(teacher_images=900))
+
+
+def shard_images(pattern: str) -> list[tuple[Image.Image, str]]:
+    from addpipe.dataprep.shards import read_samples
+    from addpipe.train.data import expand_shards
+
+    out = []
+    for shard in expand_shards(pattern):
+        for files in read_samples(Path(shard)).values():
+            out.append((Image.open(__import__("io").BytesIO(files["jpg"])).convert("RGB"), files["txt"].decode()))
+    return out
+
+
+def test_content_classifier_learns_the_digits_and_checks_prompts(labelled_digits, tmp_path):
+    from addpipe.eval.classifier import adherence, load_classifier, train_classifier
+    from addpipe.eval.metrics import features_of, frechet_between, load_feature_network
+    from addpipe.eval.study import degrade
+
+    directory = train_classifier(labelled_digits, tmp_path / "classifier", FIELDS, PROMPT_PATTERN, steps=400, progress=False)
+    info = json.loads((directory / "addpipe_classifier.json").read_text())
+    assert info["holdout_accuracy"]["digit"] >= 0.8 and info["holdout_accuracy"]["background"] >= 0.9
+    classifier = load_classifier(directory)
+    assert classifier.requested("a handwritten seven in red on a blue background") == {"digit": "seven", "ink": "red", "background": "blue"}
+    assert classifier.requested("a photo of a cat") == {}
+
+    samples = shard_images(labelled_digits)[-200:]
+    images, captions = [s[0] for s in samples], [s[1] for s in samples]
+    right = adherence(classifier, images, captions)
+    assert right["counted"] == 200 and right["digit"] >= 0.8 and right["all"] >= 0.6
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    wrong = [re.sub(r"handwritten (\w+)", lambda m: "handwritten " + words[(words.index(m.group(1)) + 3) % 10], c) for c in captions]
+    assert adherence(classifier, images, wrong)["digit"] <= 0.2
+
+    network = load_feature_network(f"classifier:{directory}")
+    features = features_of(images, network)
+    assert features.shape == (200, 64)
+    same = frechet_between(features[:100], features[100:])
+    degraded = features_of([degrade(image, i) for i, image in enumerate(images[:100])], network)
+    assert frechet_between(degraded, features[100:]) > 3 * same
+
+
+def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(labelled_digits, tmp_path):
+    from transformers import Dinov2Model
+
+    from addpipe.train.backbone import train_dinov2
+    from addpipe.train.config import DiscriminatorConfig
+    from addpipe.train.discriminator import build_discriminator
+
+    directory = train_dinov2(labelled_digits, tmp_path / "dino", FIELDS, steps=250, progress=False)
+    info = json.loads((directory / "addpipe_backbone.json").read_text())
+    assert info["holdout_accuracy"]["background"] >= 0.5  # 8 colours: chance is 12.5%
+    model = Dinov2Model.from_pretrained(directory)
+    assert model.config.model_type == "dinov2" and model.config.image_size == 32
+    discriminator = build_discriminator(DiscriminatorConfig(feature_network=str(directory), input_size=32, num_heads=4,
+                                                            projection_dim=16, virtual_batch_size=4), text_dim=32)
+    # the trained weights, not a fresh init, are what the discriminator's frozen backbone holds
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(discriminator.feature_network.state_dict()[name], value)
+
+
+def test_judge_choice_follows_the_logistic_rule():
+    from addpipe.eval.judge import choose
+
+    rng = random.Random(0)
+    assert choose(0.50, 0.505, rng, temperature=0.05, tie_margin=0.01) == "tie"
+    for difference in (0.02, 0.05, 0.1):
+        draws = [choose(0.5 + difference, 0.5, rng, temperature=0.05, tie_margin=0.01) for _ in range(4000)]
+        expected = 1 / (1 + math.exp(-difference / 0.05))
+        assert abs(draws.count("left") / 4000 - expected) < 0.03
+    assert all(choose(0.2, 0.9, rng, 1e-3, 0.01) == "right" for _ in range(50))
+
+
+def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--images", "120", "--steps", "4", "--prompts", "4", "--judges", "2",
+            "--backbone-steps", "30", "--classifier-steps", "30"]
+    result = cli(*args)
+    assert "demo finished" in result.stdout
+    summary = json.loads((out / "demo_summary.json").read_text())
+
+    # prep: every URL row has one fate; the planted bad rows got theirs; the shards hold exactly the kept samples
+    prep = summary["prep"]
+    assert prep["input_rows"] == 120 and sum(prep["reasons"].values()) == 120
+    assert prep["reasons"]["failed_to_download: HTTP Error 404: Not Found"] == 3        # rows 39, 79, 119
+    assert prep["reasons"]["failed_to_resize: Image decoding error"] == 2                 # rows 49, 99: truncated
+    assert prep["reasons"]["exact_duplicate"] == 1                                        # row 59 copies row 58
+    kept = shard_samples(out / "prep" / "shards")
+    assert len(kept) == prep["kept"] and all(set(FIELDS) <= set(meta) for meta in kept)
+
+    # models and training
+    assert (out / "models" / "dinov2" / "config.json").is_file() and (out / "models" / "classifier" / "classifier.pt").is_file()
+    assert (out / "run" / "student" / "addpipe_student.json").is_file()
+    assert any((out / "run" / "checkpoints").iterdir())
+
+    # generation: every arm drew every prompt, and the files exist
+    generations = [json.loads(line) for line in (out / "study" / "generations.jsonl").read_text().splitlines()]
+    arms = {"teacher-50", "teacher-4", "add-1", "add-2", "add-4"}
+    assert len(generations) == 5 * 4 and {g["arm"] for g in generations} == arms
+    assert all((out / "study" / g["image"]).is_file() for g in generations)
+    metrics = summary["metrics"]["arms"]
+    assert set(metrics) == arms and all(np.isfinite(m["frechet_distance"]) and "all" in m["adherence"] for m in metrics.values())
+
+    # votes: each judge answered both questions on every pair of its queue, through the server into the database
+    votes_before = vote_rows(out)
+    quotas = dict(sqlite3.connect(out / "study" / "votes.db").execute("select name, quota from raters").fetchall())
+    assert set(quotas) == {"judge-001", "judge-002"}
+    per_rater = {}
+    for rater, _pair, _question in votes_before:
+        per_rater[rater] = per_rater.get(rater, 0) + 1
+    assert per_rater == {name: 2 * quota for name, quota in quotas.items()}
+
+    # report: the HTML page exists and every image it shows is there
+    page = (out / "report.html").read_text()
+    assert "Pairwise study" in page and "Data curation" in page
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert "demo_grid.png" in sources and len(sources) >= 6
+    assert all((out / src).is_file() for src in sources), sources
+
+    # a rerun resumes: nothing is generated, voted or downloaded twice
+    cli(*args)
+    assert vote_rows(out) == votes_before
+    assert len((out / "study" / "generations.jsonl").read_text().splitlines()) == 20
+    assert json.loads((out / "demo_summary.json").read_text())["prep"] == prep
+
+    # `addpipe eval judge` adds a third judge to the same study: only its votes are new
+    result = cli("eval", "judge", "--study", str(out / "study"), "--classifier", str(out / "models" / "classifier"), "--judges", "3")
+    assert "judge-003" in result.stdout
+    added = sorted(set(vote_rows(out)) - set(votes_before))
+    quota = dict(sqlite3.connect(out / "study" / "votes.db").execute("select name, quota from raters").fetchall())["judge-003"]
+    assert {row[0] for row in added} == {"judge-003"} and len(added) == 2 * quota
+
+
+def shard_samples(directory: Path) -> list[dict]:
+    from addpipe.dataprep.shards import read_samples
+
+    return [json.loads(files["json"]) for tar in sorted(directory.glob("*.tar")) for files in read_samples(tar).values()]
+
+
+def vote_rows(out: Path) -> list[tuple]:
+    with sqlite3.connect(out / "study" / "votes.db") as db:
+        return sorted(db.execute("select raters.name, votes.pair_id, votes.question from votes "
+                                 "join raters on raters.id = votes.rater_id").fetchall())
