@@ -60,7 +60,7 @@ def test_content_classifier_learns_the_digits_and_checks_prompts(labelled_digits
     assert features.shape == (200, 64)
     same = frechet_between(features[:100], features[100:])
     degraded = features_of([degrade(image, i) for i, image in enumerate(images[:100])], network)
-    assert frechet_between(degraded, features[100:]) > 3 * same
+    assert frechet_between(degraded, features[100:]) > 2 * same  # 100 vs 100 in 64-d: the same-distribution FD is biased high
 
 
 def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(labelled_digits, tmp_path):
