@@ -3,6 +3,7 @@ shortened `addpipe demo` run end to end through the CLI, then rerun to show it r
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -31,7 +32,7 @@ def shard_images(pattern: str) -> list[tuple[Image.Image, str]]:
     out = []
     for shard in expand_shards(pattern):
         for files in read_samples(Path(shard)).values():
-            out.append((Image.open(__import__("io").BytesIO(files["jpg"])).convert("RGB"), files["txt"].decode()))
+            out.append((Image.open(io.BytesIO(files["jpg"])).convert("RGB"), files["txt"].decode()))
     return out
 
 
@@ -80,6 +81,16 @@ def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(la
     # the trained weights, not a fresh init, are what the discriminator's frozen backbone holds
     for name, value in model.state_dict().items():
         torch.testing.assert_close(discriminator.feature_network.state_dict()[name], value)
+
+
+def test_missing_labels_and_wrong_directories_are_named(digit_shards, tiny_dino):
+    from addpipe.eval.classifier import load_classifier
+    from addpipe.train.backbone import labelled_images
+
+    with pytest.raises(KeyError, match=r"no label field\(s\) \['ink'\].*its json has"):
+        labelled_images(str(digit_shards), ["label", "ink"], 32)
+    with pytest.raises(FileNotFoundError, match="is not a content classifier"):
+        load_classifier(tiny_dino)
 
 
 def test_judge_choice_follows_the_logistic_rule():
