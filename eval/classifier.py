@@ -76,13 +76,14 @@ class ContentClassifier(nn.Module):
         return {field: value.lower() for field, value in match.groupdict().items()
                 if field in self.classes and value and value.lower() in self.classes[field]}
 
-    def save(self, directory: Path) -> Path:
+    def save(self, directory: Path, **info) -> Path:
+        """Weights plus the config `load_classifier` needs; `info` (training provenance) is stored beside it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.state_dict(), directory / WEIGHTS_NAME)
         (directory / CONFIG_NAME).write_text(json.dumps({
             "classes": self.classes, "image_size": self.image_size, "prompt_pattern": self.prompt_pattern, **self.settings,
-        }, indent=2))
+            **info}, indent=2))
         return directory
 
 
@@ -108,12 +109,7 @@ def train_classifier(shards: str, out_dir: Path, fields: list[str], prompt_patte
     heads, accuracy = fit_classifier(model.features, list(model.body.parameters()), model.settings["feature_dim"], data,
                                      steps, lr=lr, seed=seed + 1, desc="content classifier", progress=progress)
     model.heads = heads
-    model.eval().save(out_dir)
-    config_path = Path(out_dir) / CONFIG_NAME
-    config = json.loads(config_path.read_text())
-    config.update({"trained_on": shards, "images": len(data), "steps": steps, "holdout_accuracy": accuracy})
-    config_path.write_text(json.dumps(config, indent=2))
-    return Path(out_dir)
+    return model.eval().save(out_dir, trained_on=shards, images=len(data), steps=steps, holdout_accuracy=accuracy)
 
 
 def adherence(classifier: ContentClassifier, images: list[Image.Image], prompts: list[str], batch_size: int = 256) -> dict[str, float]:

@@ -63,6 +63,13 @@ class DemoSettings:
             raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1 and steps >= 1")
 
 
+def labels(meta: dict[str, Any]) -> dict[str, str]:
+    """The label fields (FIELDS) of a digit from dataprep.digits' metadata, as words the prompts use."""
+    from addpipe.dataprep.digits import NUMBER_WORDS
+
+    return {"digit": NUMBER_WORDS[meta["label"]], "ink": meta["foreground"], "background": meta["background"]}
+
+
 def done(path: Path) -> bool:
     return (path / "DONE").is_file()
 
@@ -76,7 +83,7 @@ def mark_done(path: Path, info: Any = "ok") -> None:
 def web_rows(count: int, resolution: int, seed: int) -> tuple[pd.DataFrame, dict[str, bytes]]:
     """The URL table (url path, caption, label columns) and the bodies to serve; every 40th row a dead link,
     every 50th truncated, every 60th a byte-identical copy of the previous image."""
-    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+    from addpipe.dataprep.digits import digit_images
 
     rows, bodies, previous = [], {}, None
     for index, (caption, image, meta) in enumerate(digit_images(count, size=2 * resolution, seed=seed)):
@@ -91,8 +98,7 @@ def web_rows(count: int, resolution: int, seed: int) -> tuple[pd.DataFrame, dict
         if index % 40 != 39:
             bodies[path] = body
         previous = (caption, body, meta)
-        rows.append({"url": path, "caption": caption, "digit": NUMBER_WORDS[meta["label"]], "ink": meta["foreground"],
-                     "background": meta["background"]})
+        rows.append({"url": path, "caption": caption, **labels(meta)})
     return pd.DataFrame(rows), bodies
 
 
@@ -113,7 +119,7 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
     web_file = out / "web.json"
     port = json.loads(web_file.read_text())["port"] if web_file.is_file() else 0
     with ImageServer({path: Route(body, "image/png") for path, body in bodies.items()}, port=port) as server:
-        web_file.write_text(json.dumps({"port": server.server.server_address[1]}))
+        web_file.write_text(json.dumps({"port": server.port}))
         table["url"] = server.base + table["url"]
         urls = out / "urls.parquet"
         if not urls.is_file():
@@ -158,12 +164,11 @@ def teacher_directory(settings: DemoSettings, out: Path) -> Path:
 def teacher_shards(directory: Path, settings: DemoSettings) -> str:
     """The teacher's own pretraining data: digits rendered straight into shards (as SD's LAION is not the ADD
     data either), `teacher_images` of them with the demo's captions."""
-    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+    from addpipe.dataprep.digits import digit_images
     from addpipe.dataprep.shards import ShardSample, shard_pattern, write_shards
 
     if not done(directory):
-        samples = (ShardSample(f"{i:06d}", image, caption, {"digit": NUMBER_WORDS[meta["label"]], "ink": meta["foreground"],
-                                                            "background": meta["background"]})
+        samples = (ShardSample(f"{i:06d}", image, caption, labels(meta))
                    for i, (caption, image, meta) in enumerate(digit_images(settings.teacher_images, size=settings.resolution,
                                                                            seed=settings.seed)))
         write_shards(samples, directory, samples_per_shard=500)
@@ -230,11 +235,11 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
 
 def write_prompts(path: Path, count: int, seed: int) -> Path:
     """Held-out prompts: captions of digits drawn with another colour seed, category = the digit."""
-    from addpipe.dataprep.digits import NUMBER_WORDS, digit_images
+    from addpipe.dataprep.digits import digit_images
 
     lines = ["Prompt\tCategory"]
     for caption, _, meta in digit_images(count, size=8, seed=seed + 1000):
-        lines.append(f"{caption}\t{NUMBER_WORDS[meta['label']]}")
+        lines.append(f"{caption}\t{labels(meta)['digit']}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -269,13 +274,10 @@ def demo_arms(teacher: Path, student: Path) -> list[str]:
 @torch.no_grad()
 def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: int) -> Path:
     """Teacher at 50 guided steps on top, then the student at 1, 2 and 4 steps; same prompts and noise."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
+    from addpipe.eval.generate import Arm, load_arm_pipeline
     from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
 
-    pipe = StableDiffusionPipeline.from_pretrained(teacher)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_arm_pipeline(Arm("teacher-50", str(teacher), 50, 3.0, "ddim"), torch.device("cpu"), torch.float32)
     rows = [pipe(GRID_PROMPTS, num_inference_steps=50, guidance_scale=3.0, height=resolution, width=resolution,
                  generator=torch.Generator().manual_seed(seed), output_type="pt").images.float()]
     components, schedule, _ = load_student(str(student), torch.device("cpu"))
