@@ -49,8 +49,8 @@ class DemoSettings:
     resolution: int = 32
     teacher: str = "shipped"         # "shipped", "train", or a diffusers pipeline directory
     teacher_images: int = 4000       # when training the teacher
-    teacher_vae_steps: int = 1500
-    teacher_unet_steps: int = 6000
+    teacher_vae_steps: int = 2500
+    teacher_unet_steps: int = 10000
     backbone_steps: int = 1200       # DINOv2-architecture feature network
     classifier_steps: int = 800
     steps: int = 600                 # ADD steps

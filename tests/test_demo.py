@@ -175,3 +175,30 @@ def vote_rows(out: Path) -> list[tuple]:
     with sqlite3.connect(out / "study" / "votes.db") as db:
         return sorted(db.execute("select raters.name, votes.pair_id, votes.question from votes "
                                  "join raters on raters.id = votes.rater_id").fetchall())
+
+
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_teacher_pretraining_trains_the_text_encoder_on_caption_tokens_only(labelled_digits, tmp_path, train_text_encoder):
+    """The text encoder learns with the UNet: rows of caption tokens move, rows of never-seen tokens stay
+    bit-identical (no weight decay on the vocabulary), and the saved pipeline holds the trained encoder."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from addpipe.train.teacher import pretrain_teacher
+    from addpipe.train.tiny import build_tiny_pipeline
+
+    directory = build_tiny_pipeline(tmp_path / "teacher", "sd", latent_size=16)
+    before = CLIPTextModel.from_pretrained(directory / "text_encoder").state_dict()
+    pretrain_teacher(directory, labelled_digits, 32, vae_steps=2, unet_steps=3, batch_size=8, progress=False,
+                     train_text_encoder=train_text_encoder)
+    after = StableDiffusionPipeline.from_pretrained(directory).text_encoder.state_dict()
+    table = "embeddings.token_embedding.weight"
+    moved = set(torch.nonzero((after[table] != before[table]).any(dim=1)).flatten().tolist())
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    captions = [text for _, text in shard_images(labelled_digits)] + [""]
+    seen = {token for ids in tokenizer(captions, padding="max_length", max_length=16, truncation=True).input_ids for token in ids}
+    if train_text_encoder:
+        assert moved and moved <= seen  # only rows of tokens the captions use move
+        assert not torch.equal(after["encoder.layers.0.mlp.fc1.weight"], before["encoder.layers.0.mlp.fc1.weight"])
+    else:
+        assert all(torch.equal(after[name], before[name]) for name in before)

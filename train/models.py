@@ -181,10 +181,16 @@ class TextConditioning:
         return TextConditioning(torch.cat([i.hidden_states for i in items]), torch.cat([i.pooled for i in items]))
 
 
-@torch.no_grad()
-def encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str) -> TextConditioning:
+def encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str,
+                   grad: bool = False) -> TextConditioning:
     """SD: last hidden state of CLIP-L (pooled: its EOS token). SDXL: penultimate hidden states of both
-    encoders concatenated; pooled: the projected EOS embedding of the second encoder."""
+    encoders concatenated; pooled: the projected EOS embedding of the second encoder.
+    Without gradients unless `grad` (only teacher pretraining trains a text encoder)."""
+    with torch.set_grad_enabled(grad):
+        return _encode_prompts(teacher, prompts, device)
+
+
+def _encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str) -> TextConditioning:
     hidden_parts, pooled = [], None
     for tokenizer, encoder in zip(teacher.tokenizers, teacher.text_encoders):
         ids = tokenizer(
