@@ -32,8 +32,8 @@ from addpipe.train.config import TrainConfig  # noqa: E402
 from addpipe.train.discriminator import build_discriminator  # noqa: E402
 from addpipe.train.loop import Trainer  # noqa: E402
 from addpipe.train.models import encode_prompts, load_teacher, make_student, vae_decode, vae_encode  # noqa: E402
-from addpipe.train.schedule import (add_noise, draw_training_noise, predicted_eps, predicted_x0,  # noqa: E402
-                                    schedule_from_config, student_timesteps)
+from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps,  # noqa: E402
+                                    predicted_x0, schedule_from_config, student_timesteps)
 from addpipe.train.tiny import build_tiny_dinov2, build_tiny_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def bare_loop(config: TrainConfig, batch: tuple[torch.Tensor, list[str]], steps:
     opt_g = torch.optim.AdamW(student.parameters(), lr=config.optim.student_lr, betas=config.optim.student_betas)
     opt_d = torch.optim.AdamW(heads, lr=config.optim.discriminator_lr, betas=config.optim.discriminator_betas)
     s_sched = schedule_from_config(teacher.scheduler_config, True, "v_prediction")
-    t_sched = schedule_from_config(teacher.scheduler_config, False)
+    t_sched = pipeline_schedule(teacher.scheduler_config)
     taus = torch.tensor(student_timesteps(4))
     pixels, captions = batch
     empty, negative = encode_prompts(teacher, [""], "cpu"), encode_prompts(teacher, [config.distill.nfsd_negative_prompt], "cpu")
@@ -78,7 +78,7 @@ def bare_loop(config: TrainConfig, batch: tuple[torch.Tensor, list[str]], steps:
         with torch.no_grad():
             h = torch.cat([cond.hidden_states, empty.hidden_states.expand(b, -1, -1), negative.hidden_states.expand(b, -1, -1)])
             out = teacher.unet(x_t.repeat(k, 1, 1, 1), n.teacher_t.repeat(k), encoder_hidden_states=h, return_dict=False)[0]
-            eps = [predicted_eps(branch, x_t, at, st, "epsilon") for branch in out.chunk(k)]
+            eps = [predicted_eps(branch, x_t, at, st, t_sched.prediction_type) for branch in out.chunk(k)]
             target = vae_decode(teacher, losses.nfsd_target(x0.detach(), at, st, n.teacher_t, *eps, config.distill.teacher_guidance))
         distill = losses.distillation_loss(fake, target, losses.distillation_weight("nfsd", at, st))
         opt_g.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from addpipe.train import losses
+from addpipe.train.schedule import predicted_eps, predicted_x0
 
 
 def test_hinge_losses_match_formula():
@@ -64,7 +65,7 @@ def test_sds_weight_gives_the_sds_gradient():
     x0 = torch.randn(6, requires_grad=True)
     eps, eps_psi = torch.randn(6), torch.randn(6)
     x_t = alpha * x0.detach() + sigma * eps
-    target = losses.x0_from_eps(x_t, eps_psi, alpha, sigma)
+    target = predicted_x0(eps_psi, x_t, alpha, sigma, "epsilon")
     weight = losses.distillation_weight("sds", alpha, sigma)
     (weight * (x0 - target.detach()).pow(2).sum()).backward()
     torch.testing.assert_close(x0.grad, sigma**2 * (eps_psi - eps), atol=1e-5, rtol=1e-5)
@@ -98,5 +99,19 @@ def test_distillation_loss_is_weighted_mse_with_stop_gradient():
 
 def test_guidance_and_total():
     u, c = torch.zeros(3), torch.ones(3)
-    torch.testing.assert_close(losses.guided_eps(u, c, 7.5), torch.full((3,), 7.5))
+    torch.testing.assert_close(losses.classifier_free_guidance(u, c, 7.5), torch.full((3,), 7.5))
     assert losses.generator_total(torch.tensor(1.0), torch.tensor(2.0), 2.5).item() == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guidance_on_x0_equals_x0_of_guided_eps(prediction_type):
+    """The trainer guides the teacher's x0 (finite at zero terminal SNR); where alpha > 0 that is the
+    x0 of the eps-space guided prediction, the textbook definition."""
+    torch.manual_seed(0)
+    alpha = torch.tensor(0.3)
+    sigma = (1 - alpha**2).sqrt()
+    x_t, out_u, out_c = torch.randn(3, 8).unbind()
+    eps = [predicted_eps(o, x_t, alpha, sigma, prediction_type) for o in (out_u, out_c)]
+    x0 = [predicted_x0(o, x_t, alpha, sigma, prediction_type) for o in (out_u, out_c)]
+    via_eps = predicted_x0(losses.classifier_free_guidance(eps[0], eps[1], 5.0), x_t, alpha, sigma, "epsilon")
+    torch.testing.assert_close(losses.classifier_free_guidance(x0[0], x0[1], 5.0), via_eps, atol=1e-5, rtol=1e-5)

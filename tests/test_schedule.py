@@ -1,10 +1,8 @@
-import math
-
 import pytest
 import torch
 
-from addpipe.train.schedule import (draw_training_noise, predicted_eps, predicted_x0, schedule_from_config,
-                                    student_timesteps, warmup_factor)
+from addpipe.train.schedule import (diffusion_target, draw_training_noise, predicted_eps, predicted_x0,
+                                    schedule_from_config, student_timesteps, warmup_factor)
 
 SD_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "prediction_type": "epsilon"}
@@ -75,6 +73,18 @@ def test_parameterisations_are_consistent(kind):
     output = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "sample": x0}[kind]
     torch.testing.assert_close(predicted_x0(output, x_t, alpha, sigma, kind), x0, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(predicted_eps(output, x_t, alpha, sigma, kind), eps, atol=2e-4, rtol=1e-4)
+    # what a teacher of this kind is pretrained to output is exactly that output
+    torch.testing.assert_close(diffusion_target(x0, eps, alpha, sigma, kind), output)
+
+
+def test_v_target_at_pure_noise_is_minus_x0():
+    """Under zero terminal SNR the v-target at T-1 is -x0: the network must draw the image from the prompt alone."""
+    schedule = schedule_from_config(SD_CONFIG, zero_terminal_snr=True, prediction_type="v_prediction")
+    alpha, sigma = schedule.at(torch.tensor([999]), 4)
+    x0, eps = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    torch.testing.assert_close(diffusion_target(x0, eps, alpha, sigma, "v_prediction"), -x0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffusion_target(x0, eps, alpha, sigma, "flow")
 
 
 def test_warmup_is_linear_then_constant():

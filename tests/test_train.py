@@ -1,6 +1,7 @@
 """The trainer end to end on tiny random-init models saved to temporary directories."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -117,6 +118,49 @@ def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, d
     assert not trainer.discriminator.module.feature_network.training
     assert any(not torch.equal(b, p) for b, p in zip(student_before, trainer.student.module.parameters()))
     assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
+
+
+@pytest.mark.parametrize("weighting", ["exponential", "sds"])
+def test_zero_terminal_snr_v_teacher_distils_at_its_last_timestep(weighting, tiny_dino, digit_shards, tmp_path):
+    """A v-prediction teacher on a zero-terminal-SNR schedule (the demo's; SD 2.1-style models retrained per
+    Lin et al.) re-noised right up to t = T-1 (alpha = 0): its guided target must stay finite there, where
+    converting through eps divides by alpha. The non-finite-loss guard would stop the run otherwise."""
+    from addpipe.train.loop import Trainer
+    from addpipe.train.tiny import build_tiny_pipeline
+
+    teacher = build_tiny_pipeline(tmp_path / "teacher", "sd", prediction_type="v_prediction", zero_terminal_snr=True,
+                                  cross_attention_levels=(True, True))
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        teacher, tiny_dino, digit_shards, tmp_path / "run", steps=2, **{"engine.zero": 0, "distill.t_min": 998,
+                                                                          "distill.t_max": 999,
+                                                                          "distill.weighting": weighting})))
+    assert trainer.teacher_schedule.alphas[-1].item() == 0.0 and trainer.teacher_schedule.prediction_type == "v_prediction"
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(math.isfinite(line["loss/distillation"]) for line in lines)
+    # NFSD's target has sigma/alpha in it: refused up front with the reason, not a NaN a hundred steps in
+    with pytest.raises(ValueError, match="t_max=999 is pure noise"):
+        Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(teacher, tiny_dino, digit_shards, tmp_path / "nfsd", steps=1,
+                                                              **{"distill.t_max": 999, "distill.weighting": "nfsd"})))
+
+
+def test_tiny_pipeline_options_reach_the_saved_models(tmp_path):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from addpipe.train.schedule import student_timesteps
+    from addpipe.train.tiny import build_tiny_pipeline
+
+    directory = build_tiny_pipeline(tmp_path / "t", "sd", prediction_type="v_prediction", zero_terminal_snr=True,
+                                    cross_attention_levels=(True, True), text_layers=3)
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet")
+    assert unet.config.down_block_types == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert json.loads((directory / "text_encoder" / "config.json").read_text())["num_hidden_layers"] == 3
+    scheduler = DDIMScheduler.from_pretrained(directory / "scheduler")
+    scheduler.set_timesteps(4)  # a guided teacher samples from pure noise on the student's own timesteps
+    assert scheduler.timesteps.tolist() == student_timesteps(4) and scheduler.alphas_cumprod[-1].item() < 1e-12
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        build_tiny_pipeline(tmp_path / "e", "sd", prediction_type="epsilon", zero_terminal_snr=True)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, digit_shards, tmp_path):

@@ -28,8 +28,8 @@ from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher
                                   sdxl_time_ids, vae_decode, vae_encode)
 from addpipe.train.report import Reporter, check_finite, report, use
 from addpipe.train.sampling import generate, save_grid, vae_downsample_factor
-from addpipe.train.schedule import (add_noise, draw_training_noise, predicted_eps, predicted_x0, schedule_from_config,
-                                    student_timesteps, warmup_factor)
+from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
+                                    schedule_from_config, student_timesteps, warmup_factor)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,13 @@ class Trainer:
             self.teacher_unet = engines.partitioned_frozen(self.teacher.unet, config.data.batch_size, self.dtype)
 
         scheduler_config = self.teacher.scheduler_config
-        self.teacher_schedule = schedule_from_config(
-            scheduler_config, bool(scheduler_config.get("rescale_betas_zero_snr", False))).to(self.device)
+        self.teacher_schedule = pipeline_schedule(scheduler_config).to(self.device)
+        if config.distill.t_max >= self.teacher_schedule.num_train_timesteps:
+            raise ValueError(f"distill.t_max={config.distill.t_max} is past the teacher's last timestep "
+                             f"{self.teacher_schedule.num_train_timesteps - 1}")
+        if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.t_max].item() == 0.0:
+            raise ValueError(f"distill.t_max={config.distill.t_max} is pure noise for this zero-terminal-SNR teacher, where "
+                             "NFSD's target x0 - (sigma/alpha) g is infinite: lower distill.t_max or use another weighting")
         self.student_schedule = schedule_from_config(
             scheduler_config, config.student.zero_terminal_snr, config.student.prediction_type).to(self.device)
         num_train = self.student_schedule.num_train_timesteps
@@ -159,14 +164,16 @@ class Trainer:
         with torch.no_grad(), engines.autocast(self.device, self.dtype):
             output = self.teacher_unet(x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k), **conditioning.unet_kwargs(time_ids),
                                        return_dict=False)[0].float()
-            eps = [predicted_eps(branch, x_t, alpha, sigma, self.teacher_schedule.prediction_type)
-                   for branch in output.chunk(k)]
+            prediction = self.teacher_schedule.prediction_type
             if cfg.weighting == "nfsd":
+                eps = [predicted_eps(branch, x_t, alpha, sigma, prediction) for branch in output.chunk(k)]
                 target = losses.nfsd_target(x0_student.detach(), alpha, sigma, teacher_t, eps[0], eps[1], eps[2],
                                             cfg.teacher_guidance, cfg.nfsd_t_threshold)
             else:
-                guided = losses.guided_eps(eps[1], eps[0], cfg.teacher_guidance) if k > 1 else eps[0]
-                target = losses.x0_from_eps(x_t, guided, alpha, sigma)
+                # Guidance on x0 rather than eps: the same target wherever alpha > 0 (x0 is affine in eps),
+                # and still finite near alpha = 0 for a zero-terminal-SNR v-prediction teacher.
+                x0 = [predicted_x0(branch, x_t, alpha, sigma, prediction) for branch in output.chunk(k)]
+                target = losses.classifier_free_guidance(x0[1], x0[0], cfg.teacher_guidance) if k > 1 else x0[0]
         return target, losses.distillation_weight(cfg.weighting, alpha, sigma)
 
     def generator_phase(self, inputs: StepInputs, noise) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor]]:

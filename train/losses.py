@@ -47,13 +47,9 @@ def distillation_weight(kind: str, alpha: torch.Tensor, sigma: torch.Tensor) -> 
     raise ValueError(f"unknown distillation weighting {kind!r}")
 
 
-def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u)."""
-    return eps_uncond + scale * (eps_cond - eps_uncond)
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return (x_t - sigma * eps) / alpha
+def classifier_free_guidance(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """u + s (c - u), for eps, v or x0 predictions alike: each is affine in the others at fixed x_t and t."""
+    return uncond + scale * (cond - uncond)
 
 
 def nfsd_target(

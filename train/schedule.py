@@ -67,6 +67,11 @@ def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str |
     return NoiseSchedule(alphas.float(), sigmas.float(), prediction)
 
 
+def pipeline_schedule(config) -> NoiseSchedule:
+    """The schedule a pipeline was trained with, as its own scheduler config says (rescale_betas_zero_snr included)."""
+    return schedule_from_config(config, bool(config.get("rescale_betas_zero_snr", False)))
+
+
 def student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """tau_i = T-1 - floor(i*T/N), i = 0..N-1: {999, 749, 499, 249} for N = 4; tau_1 = T-1 is pure noise."""
     if num_steps < 1 or num_steps > num_train_timesteps:
@@ -90,6 +95,20 @@ def predicted_x0(
         if bool((alpha == 0).any()):
             raise ValueError("epsilon-prediction has no finite x0 at alpha = 0")
         return (x_t - sigma * output) / alpha
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def diffusion_target(
+    x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What a network of `prediction_type` is trained to output for x_t = alpha*x0 + sigma*noise
+    (v = alpha*noise - sigma*x0, Salimans & Ho 2022)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha * noise - sigma * x0
+    if prediction_type == "sample":
+        return x0
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 

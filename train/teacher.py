@@ -2,8 +2,9 @@
 
 ADD needs a teacher that already draws the data. On a machine with no downloadable weights the demo
 makes one: first the VAE learns to reconstruct the shards' images, then the UNet learns the usual
-noise-prediction objective on those latents (with 10% empty captions so guidance works). The result
-is saved in place as a diffusers pipeline directory, which `addpipe train` then loads like any hub model.
+denoising objective on those latents (with 10% empty captions so guidance works), predicting whatever the
+pipeline's scheduler says (epsilon, or v on a zero-terminal-SNR schedule, as the demo's teacher does). The
+result is saved in place as a diffusers pipeline directory, which `addpipe train` then loads like any hub model.
 
 The text encoder trains with the UNet (as GLIDE's did) unless told not to. A real teacher's CLIP text
 encoder arrives pretrained; a random-init one, frozen, maps different prompts to nearly the same pooled
@@ -24,25 +25,27 @@ from tqdm.auto import tqdm
 from addpipe.train.config import DataConfig, ModelConfig
 from addpipe.train.data import TrainingData
 from addpipe.train.models import encode_prompts, load_teacher, vae_encode
-from addpipe.train.schedule import add_noise, schedule_from_config
+from addpipe.train.schedule import add_noise, diffusion_target, pipeline_schedule
 
 logger = logging.getLogger(__name__)
 
 
 def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: int, unet_steps: int,
                      batch_size: int = 32, lr: float = 1e-3, seed: int = 0, progress: bool = True,
-                     train_text_encoder: bool = True) -> Path:
+                     train_text_encoder: bool = True, device: str = "cpu") -> Path:
     """Train the VAE, then the UNet (and text encoder), of the pipeline in `directory` on `shards`; save in place."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
     components = load_teacher(ModelConfig(teacher=str(directory)))
+    for module in (components.vae, components.unet, *components.text_encoders):
+        module.to(device)
     data = TrainingData(DataConfig(shards=shards, resolution=resolution, batch_size=batch_size, num_workers=0, seed=seed), 0, 1)
 
     vae = components.vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     for _ in tqdm(range(vae_steps), desc="teacher VAE", disable=not progress):
-        pixels = next(data).pixels
+        pixels = next(data).pixels.to(device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
@@ -51,10 +54,10 @@ def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: i
         optimizer.step()
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # rescale latents to unit variance, as SD's scaling factor does
-        std = torch.cat([vae.encode(next(data).pixels).latent_dist.mean for _ in range(4)]).std().item()
+        std = torch.cat([vae.encode(next(data).pixels.to(device)).latent_dist.mean for _ in range(4)]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
 
-    schedule = schedule_from_config(components.scheduler_config, zero_terminal_snr=False)
+    schedule = pipeline_schedule(components.scheduler_config).to(device)
     unet = components.unet.train().requires_grad_(True)
     text_encoder = components.text_encoders[0].train().requires_grad_(train_text_encoder)
     groups = [{"params": list(unet.parameters())}]
@@ -68,23 +71,24 @@ def pretrain_teacher(directory: Path, shards: str, resolution: int, vae_steps: i
     for _ in bar:
         batch = next(data)
         with torch.no_grad():
-            latents = vae_encode(components, batch.pixels)
+            latents = vae_encode(components, batch.pixels.to(device))
         captions = [c if torch.rand(()) > 0.1 else "" for c in batch.captions]
-        conditioning = encode_prompts(components, captions, "cpu", grad=train_text_encoder)
-        t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],))
+        conditioning = encode_prompts(components, captions, device, grad=train_text_encoder)
+        t = torch.randint(0, schedule.num_train_timesteps, (latents.shape[0],)).to(device)
         noise = torch.randn_like(latents)
         alpha, sigma = schedule.at(t, latents.ndim)
         prediction = unet(add_noise(latents, noise, alpha, sigma), t, **conditioning.unet_kwargs(None),
                           return_dict=False)[0]
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, diffusion_target(latents, noise, alpha, sigma, schedule.prediction_type))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
         optimizer.step()
         decay.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+    unet.eval().requires_grad_(False).cpu()
+    text_encoder.eval().requires_grad_(False).cpu()
+    vae.cpu()
 
     StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=components.tokenizers[0], unet=unet,

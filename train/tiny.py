@@ -51,11 +51,11 @@ def write_clip_tokenizer(directory: str | Path, model_max_length: int = 77) -> P
     return directory
 
 
-def _text_encoder_config(hidden: int, with_projection: bool, projection_dim: int, max_length: int):
+def _text_encoder_config(hidden: int, with_projection: bool, projection_dim: int, max_length: int, layers: int = 2):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407, projection_dim=projection_dim if with_projection else hidden,
     )
@@ -69,20 +69,30 @@ def build_tiny_pipeline(
     prediction_type: str = "epsilon",
     channels: tuple[int, int] = (32, 64),
     max_length: int = 16,
+    cross_attention_levels: tuple[bool, bool] = (False, True),
+    text_layers: int = 2,
+    zero_terminal_snr: bool = False,
 ) -> Path:
     """A complete diffusers-format SD- or SDXL-style pipeline directory with random weights.
 
     The VAE downsamples by 2 (two blocks), so images are 2 * latent_size pixels square.
+    `cross_attention_levels` says which UNet resolution levels read the text (SD reads it at all but the lowest).
+    `zero_terminal_snr` writes a scheduler whose betas are rescaled so the last timestep is pure noise, with
+    trailing timestep spacing so sampling starts there (Lin et al. 2024); it needs a v- or x0-prediction.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError("zero_terminal_snr needs prediction_type v_prediction or sample: epsilon has no x0 at alpha = 0")
 
     directory = Path(directory)
     torch.manual_seed(seed)
     text_hidden = 32
     unet_kwargs = dict(
         sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if on else "DownBlock2D" for on in cross_attention_levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if on else "UpBlock2D" for on in reversed(cross_attention_levels)),
         attention_head_dim=8, norm_num_groups=8,
     )
     if architecture == "sdxl":
@@ -104,10 +114,11 @@ def build_tiny_pipeline(
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+        rescale_betas_zero_snr=zero_terminal_snr, timestep_spacing="trailing" if zero_terminal_snr else "leading",
     )
     tokenizer_dir = write_clip_tokenizer(directory / "_tokenizer_src", max_length)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    text_encoder = CLIPTextModel(_text_encoder_config(text_hidden, False, text_hidden, max_length))
+    text_encoder = CLIPTextModel(_text_encoder_config(text_hidden, False, text_hidden, max_length, text_layers))
     if architecture == "sdxl":
         text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(text_hidden, True, 32, max_length))
         pipeline = StableDiffusionXLPipeline(
