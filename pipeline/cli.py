@@ -94,7 +94,7 @@ def demo(
     steps: int = typer.Option(600, "--steps", help="ADD training steps"),
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Prompts per arm in the evaluation [default: 60; 200 with --full]"),
     judges: int = typer.Option(3, "--judges", help="Judge-model raters in the pairwise study"),
-    teacher: str = typer.Option("shipped", "--teacher", help="shipped (pipeline/assets), train (train it here, ~25 min), or a pipeline directory"),
+    teacher: str = typer.Option("shipped", "--teacher", help="shipped (pipeline/assets), train (train it here, ~31 min on 2 cores), or a pipeline directory"),
     teacher_unet_steps: int = typer.Option(10000, "--teacher-steps", help="UNet steps when --teacher train"),
     backbone_steps: int = typer.Option(1200, "--backbone-steps", help="Training steps of the DINOv2-architecture feature network"),
     classifier_steps: int = typer.Option(800, "--classifier-steps", help="Training steps of the evaluation classifier"),
