@@ -55,7 +55,9 @@ class ContentClassifier(nn.Module):
         return {field: head(embedding) for field, head in self.heads.items()}
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        return normalise(torch.stack([image_tensor(image, self.image_size) for image in images]))
+        """Normalised images on the device the classifier lives on."""
+        device = next(self.parameters()).device
+        return normalise(torch.stack([image_tensor(image, self.image_size) for image in images]).to(device))
 
     @torch.no_grad()
     def predict(self, images: list[Image.Image]) -> dict[str, list[str]]:

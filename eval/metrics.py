@@ -50,7 +50,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in shape: {mu1.shape} vs {mu2.shape}")
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    # No `disp=`: SciPy 1.18 removed it, and without it every SciPy returns the root alone.
+    with np.errstate(all="ignore"):
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # singular product (few samples): regularise, as pytorch-fid does
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))

@@ -101,6 +101,8 @@ def demo(
     full: bool = typer.Option(False, "--full", help="The reproduction table: teacher vs student vs ablations over seeds (long)"),
     seeds: int = typer.Option(3, "--seeds", help="Seeds for --full"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="Evaluation device: auto (a GPU when there is one), cpu, cuda, cuda:1 ... "
+                               "ADD training follows the GPU too; hide GPUs (CUDA_VISIBLE_DEVICES=) for an all-CPU run"),
 ) -> None:
     """The main job offline on CPU: digits served over HTTP -> prep -> teacher -> ADD -> judged study -> report."""
     from addpipe.pipeline.demo import DemoSettings, run_demo
@@ -108,7 +110,7 @@ def demo(
     try:
         settings = DemoSettings(out=str(out), images=images, steps=steps, prompts=prompts or (200 if full else 60), judges=judges, teacher=teacher,
                                 teacher_unet_steps=teacher_unet_steps, teacher_vae_steps=max(1, teacher_unet_steps // 4),
-                                backbone_steps=backbone_steps, classifier_steps=classifier_steps, seed=seed)
+                                backbone_steps=backbone_steps, classifier_steps=classifier_steps, seed=seed, device=device)
     except ValueError as error:
         raise UserError(str(error)) from error
     if full:

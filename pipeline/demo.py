@@ -57,6 +57,8 @@ class DemoSettings:
     prompts: int = 60                # prompts per arm in the study
     judges: int = 3
     seed: int = 0
+    device: str = "auto"             # evaluation and grid; the trainer takes the GPU when there is one
+
 
     def __post_init__(self) -> None:
         if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1:
@@ -250,7 +252,7 @@ def write_prompts(path: Path, count: int, seed: int) -> Path:
 
 
 def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, classifier: Path, judges: int,
-             seed: int) -> dict[str, Any]:
+             seed: int, dtype: str = "fp32") -> dict[str, Any]:
     """Generate the arms, compute metrics, let judges vote, analyse; -> {"metrics", "ratings", "judging"}."""
     from addpipe.eval.analysis import run_metrics, run_ratings
     from addpipe.eval.db import default_url
@@ -259,9 +261,10 @@ def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, 
 
     study.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(str(write_prompts(study / "prompts.tsv", settings.prompts, seed)))
-    generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device="cpu")
+    # fp32 on every device: the table compares arms, and fp16 sampling would add its own error to the students'
+    generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device=settings.device, dtype=dtype)
     features = f"classifier:{classifier}"
-    metrics = run_metrics(study, shards, features, device="cpu", classifier=str(classifier))
+    metrics = run_metrics(study, shards, features, device=settings.device, classifier=str(classifier))
     result: dict[str, Any] = {"metrics": metrics}
     if judges:
         db_url = default_url(study)
@@ -277,18 +280,22 @@ def demo_arms(teacher: Path, student: Path) -> list[str]:
 
 
 @torch.no_grad()
-def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: int) -> Path:
+def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: int, device: str = "cpu") -> Path:
     """Teacher at 50 guided steps on top, then the student at 1, 2 and 4 steps; same prompts and noise."""
     from addpipe.eval.generate import Arm, load_arm_pipeline
+    from addpipe.train.engines import resolve_device
     from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
 
-    pipe = load_arm_pipeline(Arm("teacher-50", str(teacher), 50, 3.0, "ddim"), torch.device("cpu"), torch.float32)
+    target = resolve_device(device)
+    pipe = load_arm_pipeline(Arm("teacher-50", str(teacher), 50, 3.0, "ddim"), target, torch.float32)
+    latents = torch.randn((len(GRID_PROMPTS), pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor,
+                           resolution // pipe.vae_scale_factor), generator=torch.Generator().manual_seed(seed))
     rows = [pipe(GRID_PROMPTS, num_inference_steps=50, guidance_scale=3.0, height=resolution, width=resolution,
-                 generator=torch.Generator().manual_seed(seed), output_type="pt").images.float()]
-    components, schedule, _ = load_student(str(student), torch.device("cpu"))
+                 latents=latents.to(target), output_type="pt").images.float().cpu()]
+    components, schedule, _ = load_student(str(student), target)
     for count in (1, 2, 4):
         rows.append(generate(components.unet, components, schedule, GRID_PROMPTS, student_timesteps(count), seed=seed,
-                             resolution=resolution, device=torch.device("cpu")))
+                             resolution=resolution, device=target).cpu())
     return save_grid(torch.cat(rows), out / "demo_grid.png", rows=len(rows))
 
 
@@ -315,7 +322,7 @@ def run_demo(settings: DemoSettings) -> Path:
     student = timed("ADD training", lambda: train_student(out / "run", teacher, dino, shards, settings, settings.seed))
     evaluation = timed("evaluation", lambda: evaluate(out / "study", demo_arms(teacher, student), settings, shards, classifier,
                                                       settings.judges, settings.seed))
-    grid = timed("grid", lambda: image_grid(out, teacher, student, settings.resolution, settings.seed))
+    grid = timed("grid", lambda: image_grid(out, teacher, student, settings.resolution, settings.seed, settings.device))
     summary = {"settings": asdict(settings), "teacher": str(teacher), "student": str(student), "prep": prep,
                "models": {"dinov2": str(dino), "classifier": str(classifier)}, "grid": str(grid),
                "seconds": timings, "total_seconds": round(time.perf_counter() - started, 1), **evaluation}

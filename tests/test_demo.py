@@ -64,6 +64,24 @@ def test_content_classifier_learns_the_digits_and_checks_prompts(labelled_digits
     assert frechet_between(degraded, features[100:]) > 2 * same  # 100 vs 100 in 64-d: the same-distribution FD is biased high
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_classifier_metrics_on_a_gpu_match_the_cpu(labelled_digits, tmp_path):
+    """`addpipe eval metrics --classifier` on a GPU: images must follow the classifier to its device (they did not)."""
+    from addpipe.eval.classifier import adherence, load_classifier, train_classifier
+    from addpipe.eval.metrics import features_of, load_feature_network
+
+    directory = train_classifier(labelled_digits, tmp_path / "classifier", FIELDS, PROMPT_PATTERN, steps=50, progress=False)
+    samples = shard_images(labelled_digits)[:64]
+    images, captions = [s[0] for s in samples], [s[1] for s in samples]
+    on_cpu, on_gpu = load_classifier(directory, "cpu"), load_classifier(directory, "cuda")
+    gpu, cpu = adherence(on_gpu, images, captions), adherence(on_cpu, images, captions)
+    assert gpu.keys() == cpu.keys() and all(abs(gpu[k] - cpu[k]) <= 1 / 32 for k in cpu)  # at most a borderline image flips
+    cpu_features = features_of(images, load_feature_network(f"classifier:{directory}", "cpu"))
+    gpu_features = features_of(images, load_feature_network(f"classifier:{directory}", "cuda"))
+    assert np.allclose(gpu_features, cpu_features, atol=1e-3)
+
+
 def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(labelled_digits, tmp_path):
     from transformers import Dinov2Model
 
