@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
@@ -50,8 +51,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature statistics differ in shape: {mu1.shape} vs {mu2.shape}")
-    # No `disp=`: SciPy 1.18 removed it, and without it every SciPy returns the root alone.
-    with np.errstate(all="ignore"):
+    # No `disp=`: SciPy 1.18 removed it, and without it every SciPy returns the root alone. A singular product
+    # (fewer samples than dimensions) is expected and handled below, so its warning is not shown.
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # singular product (few samples): regularise, as pytorch-fid does
         offset = np.eye(sigma1.shape[0]) * eps

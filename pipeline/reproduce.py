@@ -1,8 +1,8 @@
 """`addpipe demo --full`: the ADD paper's central claim and its ablations, reproduced at small scale on CPU.
 
-Per seed: the ADD student and five ablations are trained from the same teacher, data and feature network
-(distillation only, adversarial only, no image conditioning, exponential and SDS weighting instead of
-NFSD); then the teacher at 1, 2, 4 and 50 guided steps, the student at 1, 2 and 4 steps and each ablation
+Per seed: the ADD student (configs/tiny.yaml) and five ablations are trained from the same teacher, data and
+feature network (distillation only, adversarial only, no image conditioning, and the two distillation weightings
+c(t) the config does not use); then the teacher at 1, 2, 4 and 50 guided steps, the student at 1, 2 and 4 steps and each ablation
 at 1 step generate the same held-out prompts from the same noise. Quality is the Fréchet distance in the
 feature space of the content classifier (a CNN trained on the real data, not the discriminator's
 backbone); prompt adherence is that classifier's accuracy on the requested digit and colours.
@@ -19,16 +19,23 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from addpipe.pipeline.demo import DemoSettings, curate, evaluate, feature_models, teacher_directory, train_student
+from addpipe.pipeline.demo import CONFIG, DemoSettings, curate, evaluate, feature_models, teacher_directory, train_student
 
-VARIANTS: dict[str, list[str]] = {
-    "add": [],
-    "distillation-only": ["distill.adversarial=false"],
-    "adversarial-only": ["distill.distillation=false"],
-    "no-image-conditioning": ["discriminator.image_conditioning=false"],
-    "exponential": ["distill.weighting=exponential"],
-    "sds": ["distill.weighting=sds"],
-}
+WEIGHTINGS = ("exponential", "sds", "nfsd")
+
+
+def variants(config: Path = CONFIG) -> dict[str, list[str]]:
+    """The ADD run ("add": `config` as it stands) and its ablations, each as overrides on top of `config`. The
+    weighting ablations are the two c(t) the config does not use, so the table compares all three."""
+    from addpipe.pipeline.config import load
+    from addpipe.train.config import TrainConfig
+
+    default = load(TrainConfig, config, []).distill.weighting
+    return {"add": [], "distillation-only": ["distill.adversarial=false"], "adversarial-only": ["distill.distillation=false"],
+            "no-image-conditioning": ["discriminator.image_conditioning=false"],
+            **{weighting: [f"distill.weighting={weighting}"] for weighting in WEIGHTINGS if weighting != default}}
+
+
 TEACHER_STEPS = (1, 2, 4, 50)
 GUIDANCE = 3.0
 
@@ -138,7 +145,7 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3) -> Path:
     for k in range(seeds):
         seed = settings.seed + k
         students = {name: train_student(full / f"seed{seed}" / name, teacher, dino, shards, settings, seed, overrides)
-                    for name, overrides in VARIANTS.items()}
+                    for name, overrides in variants().items()}
         result = evaluate(full / f"seed{seed}" / "study", arms_for(teacher, students), settings, shards, classifier,
                           judges=0, seed=seed)
         if any(math.isnan(e.get("frechet_distance", math.nan)) for e in result["metrics"]["arms"].values()):

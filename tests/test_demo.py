@@ -220,3 +220,32 @@ def test_teacher_pretraining_trains_the_text_encoder_on_caption_tokens_only(labe
         assert not torch.equal(after["encoder.layers.0.mlp.fc1.weight"], before["encoder.layers.0.mlp.fc1.weight"])
     else:
         assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_targets_per_seed(tmp_path):
+    from addpipe.pipeline.demo import CONFIG
+    from addpipe.pipeline.reproduce import check_targets, summarise, variants
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.read_text().replace("weighting: ", "weighting: sds  # was ", 1))
+    found = variants(config)
+    assert found["add"] == [] and found["adversarial-only"] == ["distill.distillation=false"]
+    assert {name for name in found if name in ("exponential", "sds", "nfsd")} == {"exponential", "nfsd"}
+
+    def arm(fid, adherence=1.0):
+        return {"frechet_distance": fid, "adherence": {"all": adherence}, "steps": 1, "latency_median_s": 0.01}
+
+    arms = {"teacher-1": arm(200), "teacher-4": arm(80), "add-1": arm(100), "add-2": arm(99), "add-4": arm(90, 0.94),
+            "distillation-only-1": arm(101), "adversarial-only-1": arm(150)}
+    targets = check_targets(arms)
+    assert targets["1-step student FID <= 0.5 x teacher 1-step FID"]["met"]            # 100 <= 0.5 * 200
+    assert targets["1-step student beats distillation-only"]["value"] == pytest.approx(100 / 101)
+    assert targets["1-step student beats adversarial-only"]["met"]
+    assert targets["2-step student FID <= 1.25 x teacher 4-step FID"]["met"] is (99 <= 100)
+    assert not targets["student adherence >= 95% (worst of 1/2/4 steps)"]["met"]         # the 4-step arm's 0.94
+    assert not targets["stretch: 1-step student FID <= teacher 4-step FID"]["met"]
+    other = dict(arms, **{"add-1": arm(120)})
+    summary = summarise({0: {"metrics": {"arms": arms}, "targets": targets},
+                         1: {"metrics": {"arms": other}, "targets": check_targets(other)}})
+    assert summary["arms"]["add-1"]["fid_mean"] == pytest.approx(110)
+    assert summary["targets"]["1-step student FID <= 0.5 x teacher 1-step FID"]["met"] == {0: True, 1: False}
