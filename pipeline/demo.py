@@ -63,6 +63,11 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1:
             raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1 and steps >= 1")
+        if self.device != "auto":  # checked here, not after prep and training have run
+            try:
+                torch.device(self.device)
+            except RuntimeError as error:
+                raise ValueError(f"--device {self.device!r} is not a torch device (auto, cpu, cuda, cuda:1 ...): {error}") from None
 
 
 def labels(meta: dict[str, Any]) -> dict[str, str]:

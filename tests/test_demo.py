@@ -249,3 +249,9 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
                          1: {"metrics": {"arms": other}, "targets": check_targets(other)}})
     assert summary["arms"]["add-1"]["fid_mean"] == pytest.approx(110)
     assert summary["targets"]["1-step student FID <= 0.5 x teacher 1-step FID"]["met"] == {0: True, 1: False}
+
+
+def test_demo_refuses_a_device_name_before_any_work():
+    with pytest.raises(ValueError, match="--device 'gpu' is not a torch device"):
+        DemoSettings(device="gpu")
+    assert DemoSettings(device="cuda:1").device == "cuda:1"  # named, not required to exist until used
