@@ -59,7 +59,6 @@ class DemoSettings:
     seed: int = 0
     device: str = "auto"             # evaluation and grid; the trainer takes the GPU when there is one
 
-
     def __post_init__(self) -> None:
         if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1:
             raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1 and steps >= 1")
@@ -257,7 +256,7 @@ def write_prompts(path: Path, count: int, seed: int) -> Path:
 
 
 def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, classifier: Path, judges: int,
-             seed: int, dtype: str = "fp32") -> dict[str, Any]:
+             seed: int) -> dict[str, Any]:
     """Generate the arms, compute metrics, let judges vote, analyse; -> {"metrics", "ratings", "judging"}."""
     from addpipe.eval.analysis import run_metrics, run_ratings
     from addpipe.eval.db import default_url
@@ -267,7 +266,7 @@ def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, 
     study.mkdir(parents=True, exist_ok=True)
     prompts = load_prompts(str(write_prompts(study / "prompts.tsv", settings.prompts, seed)))
     # fp32 on every device: the table compares arms, and fp16 sampling would add its own error to the students'
-    generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device=settings.device, dtype=dtype)
+    generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device=settings.device, dtype="fp32")
     features = f"classifier:{classifier}"
     metrics = run_metrics(study, shards, features, device=settings.device, classifier=str(classifier))
     result: dict[str, Any] = {"metrics": metrics}

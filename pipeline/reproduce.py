@@ -142,10 +142,11 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3) -> Path:
     full = out / "full"
     per_seed: dict[int, dict[str, Any]] = {}
     report = None
+    runs = variants()
     for k in range(seeds):
         seed = settings.seed + k
         students = {name: train_student(full / f"seed{seed}" / name, teacher, dino, shards, settings, seed, overrides)
-                    for name, overrides in variants().items()}
+                    for name, overrides in runs.items()}
         result = evaluate(full / f"seed{seed}" / "study", arms_for(teacher, students), settings, shards, classifier,
                           judges=0, seed=seed)
         if any(math.isnan(e.get("frechet_distance", math.nan)) for e in result["metrics"]["arms"].values()):
