@@ -79,7 +79,8 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path)
 
     def config(run, steps):
         return load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps,
-                                                             **{"optim.ema_decay": 0.9}))
+                                                             **{"optim.ema_decay": 0.9,
+                                                                "student.backward_simulation": 0.5}))
 
     whole = train(config(tmp_path / "whole", 4))
     train(config(tmp_path / "split", 2))
@@ -96,6 +97,73 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path)
     split_metrics = (tmp_path / "split/metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["loss/distillation"] for l in whole_metrics] == pytest.approx(
         [json.loads(l)["loss/distillation"] for l in split_metrics], rel=1e-4)
+
+
+def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    """Chosen samples at tau_k start from the x0 the sampler reaches after k student steps (written out by hand
+    here for a v-prediction student), and the discriminator's image condition follows them; the rest keep
+    their real latents."""
+    from addpipe.train.loop import Trainer
+    from addpipe.train.models import vae_decode
+    from addpipe.train.schedule import draw_training_noise
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
+        **{"engine.zero": 0, "student.backward_simulation": 0.5, "data.batch_size": 6})))
+    inputs = trainer.prepare(next(trainer.data))
+    noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
+    noise.student_index = torch.tensor([0, 1, 2, 3, 3, 0])
+    noise.simulate = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.1])  # row 4 is not chosen (0.9 >= 0.5)
+    out = trainer.simulate(inputs, noise)
+
+    schedule, student = trainer.student_schedule, trainer.student.module
+    assert schedule.prediction_type == "v_prediction" and trainer.timesteps == [999, 749, 499, 249]
+    for row in range(6):
+        if row in (0, 4, 5):
+            assert torch.equal(out.sources[row], inputs.latents[row])
+            assert torch.equal(out.source_embedding[row], inputs.image_embedding[row])
+            continue
+        cond = inputs.conditioning.select([row])
+        x = noise.simulation_noise[row:row + 1, 0]
+        with torch.no_grad():
+            for k in range(int(noise.student_index[row])):
+                t = trainer.timesteps[k]
+                v = student(x, torch.tensor([t]), **cond.unet_kwargs(None), return_dict=False)[0]
+                x0 = schedule.alphas[t] * x - schedule.sigmas[t] * v
+                if k + 1 < int(noise.student_index[row]):
+                    t_next = trainer.timesteps[k + 1]
+                    x = schedule.alphas[t_next] * x0 + schedule.sigmas[t_next] * noise.simulation_noise[row:row + 1, k + 1]
+            embedding = trainer.discriminator.module.image_embedding(vae_decode(trainer.teacher, x0).clamp(-1, 1))
+        torch.testing.assert_close(out.sources[row:row + 1], x0, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.source_embedding[row:row + 1], embedding, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(out.sources[row], inputs.latents[row])
+    assert torch.equal(out.latents, inputs.latents) and torch.equal(out.image_embedding, inputs.image_embedding)
+
+    trainer.config.student.backward_simulation = 0.0
+    assert trainer.simulate(inputs, noise) is inputs
+    with pytest.raises(ValueError, match="backward_simulation"):
+        load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path,
+                                                      **{"student.backward_simulation": 1.5}))
+
+
+def test_discriminator_text_condition_can_be_the_mean_of_the_unets_text_tokens(tiny_sdxl, tiny_dino, digit_shards,
+                                                                                 tmp_path):
+    """text_embedding=mean: the heads read the mean of the (two-encoder) hidden states the UNet cross-attends to,
+    whose width differs from the pooled embedding's, and a step trains on it."""
+    from addpipe.train.loop import Trainer
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        tiny_sdxl, tiny_dino, digit_shards, tmp_path, steps=1,
+        **{"engine.zero": 0, "discriminator.text_embedding": "mean"})))
+    inputs = trainer.prepare(next(trainer.data))
+    torch.testing.assert_close(trainer.text_condition(inputs), inputs.conditioning.hidden_states.mean(dim=1))
+    width = trainer.teacher.unet.config.cross_attention_dim
+    assert width != trainer.teacher.pooled_dim
+    image_width = trainer.discriminator.module.feature_network.config.hidden_size
+    assert all(head.project_condition.in_features == width + image_width for head in trainer.discriminator.module.heads)
+    heads_before = [p.detach().clone() for p in trainer.heads]
+    trainer.run()
+    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
 
 
 def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, digit_shards, tmp_path):

@@ -44,10 +44,14 @@ class StudentConfig:
     """What the student's output means; both stay finite at zero terminal SNR (epsilon does not)."""
     zero_terminal_snr: bool = True
     """Rescale the student's schedule so alpha at T-1 is 0 (Lin et al. 2023): training then starts from pure noise."""
+    backward_simulation: float = 0.0
+    """Share of samples at a later student timestep whose input is the student's own earlier output re-noised (what the few-step sampler feeds it) instead of a noised real image; 0 = the paper's ADD."""
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 1:
             raise ValueError("student.num_timesteps must be at least 1")
+        if not 0.0 <= self.backward_simulation <= 1.0:
+            raise ValueError(f"student.backward_simulation is a share in [0, 1], got {self.backward_simulation}")
         if self.timesteps and list(self.timesteps) != sorted(self.timesteps, reverse=True):
             raise ValueError(f"student.timesteps must be descending, got {list(self.timesteps)}")
 
@@ -71,7 +75,9 @@ class DiscriminatorConfig:
     virtual_batch_size: int = 8
     """Group size of the heads' local batch norm; without normalisation the heads did not learn (DESIGN §1)."""
     text_conditioning: bool = True
-    """Project the pooled text embedding into the heads' output."""
+    """Project the text embedding into the heads' output."""
+    text_embedding: Literal["pooled", "mean"] = "pooled"
+    """The text condition: the pooled embedding (CLIP's EOS token, as the paper), or the mean of the hidden states the UNet cross-attends to (for text encoders whose EOS token carries little content)."""
     image_conditioning: bool = True
     """Project the DINOv2 CLS embedding of the real image into the heads' output."""
     r1_gamma: float = 1e-5

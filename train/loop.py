@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +27,7 @@ from addpipe.train.export import export_student
 from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher, make_student,
                                   sdxl_time_ids, vae_decode, vae_encode)
 from addpipe.train.report import Reporter, check_finite, report, use
-from addpipe.train.sampling import generate, save_grid, vae_downsample_factor
+from addpipe.train.sampling import generate, sample_trajectory, save_grid, vae_downsample_factor
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
                                     schedule_from_config, student_timesteps, warmup_factor)
 
@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepInputs:
-    """Everything the two phases share for one batch."""
+    """Everything the two phases share for one batch. The student's input is noised from `sources`: the real
+    latents, or with backward simulation partly the student's own earlier outputs; `source_embedding` is the
+    image condition c_img of those sources, which the discriminator pairs with the fakes."""
 
     latents: torch.Tensor
     pixels: torch.Tensor
@@ -44,6 +46,12 @@ class StepInputs:
     time_ids: Optional[torch.Tensor]
     image_embedding: torch.Tensor
     streams: list[int]
+    sources: Optional[torch.Tensor] = None
+    source_embedding: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        self.sources = self.latents if self.sources is None else self.sources
+        self.source_embedding = self.image_embedding if self.source_embedding is None else self.source_embedding
 
 
 class Trainer:
@@ -81,7 +89,8 @@ class Trainer:
         if self.timesteps[0] != num_train - 1:
             raise ValueError(f"the first student timestep must be {num_train - 1} (pure noise), got {self.timesteps}")
 
-        discriminator = build_discriminator(config.discriminator, self.teacher.pooled_dim, dtype=torch.float32)
+        discriminator = build_discriminator(
+            config.discriminator, self.teacher.text_embedding_dim(config.discriminator.text_embedding), dtype=torch.float32)
         discriminator.to(self.device)
         self.heads = [p for p in discriminator.heads.parameters()]
 
@@ -146,6 +155,43 @@ class Trainer:
         image_embedding = self.discriminator.module.image_embedding(pixels)
         return StepInputs(latents, pixels, conditioning, time_ids, image_embedding, batch.streams)
 
+    def text_condition(self, inputs: StepInputs) -> torch.Tensor:
+        return inputs.conditioning.discriminator_embedding(self.config.discriminator.text_embedding)
+
+    @torch.no_grad()
+    def simulate(self, inputs: StepInputs, noise) -> StepInputs:
+        """Backward simulation: for the chosen samples at a later student timestep tau_k, the source is the x0
+        the sampler itself reaches after k student steps from pure noise, so training sees what inference
+        feeds the student (its own re-noised output), not only noised real images."""
+        share = self.config.student.backward_simulation
+        if share <= 0 or len(self.timesteps) == 1:
+            return inputs
+        index = noise.student_index.to(self.device)
+        chosen = (index > 0) & (noise.simulate.to(self.device) < share)
+        # ZeRO-3 gathers parameters in every forward, collectively, so every rank must run the same number of
+        # them: there each rank runs all N-1 steps on its whole batch; elsewhere only what the chosen rows need.
+        fixed = self.config.engine.zero == 3
+        if not fixed and not bool(chosen.any()):
+            return inputs
+        run = torch.arange(index.shape[0], device=self.device) if fixed else chosen.nonzero().squeeze(1)
+        depth = len(self.timesteps) - 1 if fixed else int(index[run].max())
+        start_noise = noise.simulation_noise.to(self.device)[run]
+        time_ids = None if inputs.time_ids is None else inputs.time_ids[run]
+        with engines.autocast(self.device, self.dtype):
+            trajectory = sample_trajectory(self.student.module, self.student_schedule,
+                                           inputs.conditioning.select(run).unet_kwargs(time_ids), start_noise[:, 0],
+                                           self.timesteps[:depth], lambda step: start_noise[:, step + 1])
+        reached = torch.stack(trajectory)[(index[run] - 1).clamp(min=0), torch.arange(run.shape[0], device=self.device)]
+        keep = chosen[run]
+        rows, reached = run[keep], reached[keep]
+        sources, embedding = inputs.sources.clone(), inputs.source_embedding.clone()
+        sources[rows] = reached.to(sources.dtype)
+        if rows.numel() and self.config.discriminator.image_conditioning:
+            with engines.autocast(self.device, self.dtype):
+                pixels = vae_decode(self.teacher, reached).clamp(-1.0, 1.0)
+            embedding[rows] = self.discriminator.module.image_embedding(pixels).to(embedding.dtype)
+        return replace(inputs, sources=sources, source_embedding=embedding)
+
     def teacher_target(self, x0_student: torch.Tensor, inputs: StepInputs, teacher_t: torch.Tensor,
                        teacher_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stop-gradient target x_psi and the weight c(t) (DESIGN §1.3)."""
@@ -180,7 +226,7 @@ class Trainer:
         cfg = self.config.distill
         timesteps = torch.tensor(self.timesteps, device=self.device)[noise.student_index.to(self.device)]
         alpha, sigma = self.student_schedule.at(timesteps, inputs.latents.ndim)
-        x_s = add_noise(inputs.latents, noise.noise.to(self.device), alpha, sigma)
+        x_s = add_noise(inputs.sources, noise.noise.to(self.device), alpha, sigma)
         engines.set_requires_grad(self.heads, False)
         terms: dict[str, torch.Tensor] = {}
         with engines.autocast(self.device, self.dtype):
@@ -192,7 +238,7 @@ class Trainer:
             if cfg.adversarial:
                 # The heads are called through .module: under ZeRO-1/2 the engine's forward must not see this pass.
                 logits = self.discriminator.module(self.discriminator.module.features(fake_pixels),
-                                                   inputs.conditioning.pooled, inputs.image_embedding)
+                                                   self.text_condition(inputs), inputs.source_embedding)
                 terms["loss/generator_adversarial"] = losses.generator_adversarial_loss(logits)
                 total = total + terms["loss/generator_adversarial"]
             if cfg.distillation:
@@ -217,11 +263,11 @@ class Trainer:
             real_features = module.features(inputs.pixels)
             fake_features = module.features(fake_pixels)
         real_inputs = [f.detach().requires_grad_(True) for f in real_features]
-        text, image = inputs.conditioning.pooled, inputs.image_embedding
+        text = self.text_condition(inputs)
         # Through .module, not the engine: the engine hooks its outputs to start gradient reduction on
         # any backward, and R1's autograd.grad is a backward that must not trigger it.
-        real_logits = module(real_inputs, text, image)
-        fake_logits = module(fake_features, text, image)
+        real_logits = module(real_inputs, text, inputs.image_embedding)
+        fake_logits = module(fake_features, text, inputs.source_embedding)
         hinge = losses.discriminator_hinge_loss(real_logits, fake_logits)
         gamma = self.config.discriminator.r1_gamma
         r1 = losses.r1_penalty(real_logits, real_inputs) if gamma > 0 else real_logits[0].new_zeros(())
@@ -282,6 +328,7 @@ class Trainer:
                 inputs = self.prepare(next(self.data))
                 noise = draw_training_noise(config.seed, self.step, inputs.streams, latent_shape, len(self.timesteps),
                                             config.distill.t_min, config.distill.t_max)
+                inputs = self.simulate(inputs, noise)
                 terms, fake_pixels = self.generator_phase(inputs, noise)
                 if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:
                     terms.update(self.discriminator_phase(inputs, fake_pixels))

@@ -98,6 +98,10 @@ class TeacherComponents:
         config = encoder.config
         return config.projection_dim if isinstance(encoder, CLIPTextModelWithProjection) else config.hidden_size
 
+    def text_embedding_dim(self, kind: str) -> int:
+        """Width of TextConditioning.discriminator_embedding(kind)."""
+        return self.pooled_dim if kind == "pooled" else int(self.unet.config.cross_attention_dim)
+
     @property
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
@@ -172,6 +176,10 @@ class TextConditioning:
         if time_ids is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": time_ids}
         return kwargs
+
+    def discriminator_embedding(self, kind: str) -> torch.Tensor:
+        """The discriminator's text condition: the pooled embedding, or the mean of the UNet's text tokens."""
+        return self.pooled if kind == "pooled" else self.hidden_states.float().mean(dim=1)
 
     def select(self, index: torch.Tensor | slice) -> "TextConditioning":
         return TextConditioning(self.hidden_states[index], self.pooled[index])

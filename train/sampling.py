@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,22 +22,27 @@ def vae_downsample_factor(components: TeacherComponents) -> int:
 
 
 @torch.no_grad()
-def sample_latents(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
-                   timesteps: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """x at timesteps[0] is pure noise (alpha = 0 under zero terminal SNR); returns the final x0."""
-    x = noise
+def sample_trajectory(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
+                      timesteps: Sequence[int], fresh: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+    """The few-step sampler: x at timesteps[0] is pure noise (alpha = 0 under zero terminal SNR); returns the
+    x0 predicted at each timestep. `fresh(i)` is the noise that re-noises step i's x0 to timesteps[i + 1]."""
+    x, predictions = noise, []
     for index, timestep in enumerate(timesteps):
         t = torch.full((x.shape[0],), int(timestep), dtype=torch.long, device=x.device)
         output = unet(x, t, **unet_kwargs, return_dict=False)[0].float()
         alpha, sigma = schedule.at(t, x.ndim)
-        x0 = predicted_x0(output, x, alpha, sigma, schedule.prediction_type)
-        if index == len(timesteps) - 1:
-            return x0
-        next_t = torch.full_like(t, int(timesteps[index + 1]))
-        alpha, sigma = schedule.at(next_t, x.ndim)
-        fresh = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-        x = alpha * x0 + sigma * fresh
-    return x
+        predictions.append(predicted_x0(output, x, alpha, sigma, schedule.prediction_type))
+        if index < len(timesteps) - 1:
+            alpha, sigma = schedule.at(torch.full_like(t, int(timesteps[index + 1])), x.ndim)
+            x = alpha * predictions[-1] + sigma * fresh(index).to(device=x.device, dtype=x.dtype)
+    return predictions
+
+
+def sample_latents(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
+                   timesteps: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The final x0 of the sampler, fresh noise drawn from `generator` (a CPU generator: same seed, same images)."""
+    return sample_trajectory(unet, schedule, unet_kwargs, noise, timesteps,
+                             lambda _: torch.randn(noise.shape, generator=generator, dtype=noise.dtype))[-1]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ its output must be a v- or x0-prediction, which stays finite there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
@@ -134,12 +134,15 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
 
 @dataclass
 class TrainingNoise:
-    """All randomness of one training step: student timestep indices and noise, teacher t and noise."""
+    """All randomness of one training step: student timestep indices and noise, teacher t and noise, and for
+    backward simulation a uniform draw per sample and the sampler's noise ((n, N-1, ...): start, re-noises)."""
 
     student_index: torch.Tensor
     noise: torch.Tensor
     teacher_t: torch.Tensor
     teacher_noise: torch.Tensor
+    simulate: torch.Tensor
+    simulation_noise: torch.Tensor
 
 
 def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: tuple[int, ...],
@@ -160,7 +163,9 @@ def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: 
             torch.randn((count, *latent_shape), generator=generator),
             torch.randint(t_min, t_max + 1, (count,), generator=generator),
             torch.randn((count, *latent_shape), generator=generator),
+            # Drawn after the rest, so runs without backward simulation draw what they always drew.
+            torch.rand((count,), generator=generator),
+            torch.randn((count, max(num_student_timesteps - 1, 0), *latent_shape), generator=generator),
         ))
         start = end
-    return TrainingNoise(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                           ("student_index", "noise", "teacher_t", "teacher_noise")))
+    return TrainingNoise(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(TrainingNoise)))
