@@ -11,6 +11,8 @@ from addpipe.train import distributed, engines
 from addpipe.train.config import TrainConfig
 from addpipe.train.loop import Trainer
 
+ORIGINAL_LINEAR = torch.nn.functional.linear
+
 
 def digest(module) -> str:
     with engines.full_parameters(module):
@@ -32,7 +34,9 @@ def main(config_path: str, report_path: str, *overrides: str) -> None:
     if distributed.is_main():
         with open(report_path, "w") as handle:
             json.dump({"partitioned": partitioned, "local": local, "full": full, "round_trip": round_trip,
-                       "world_size": distributed.world_size(), "step": resumed.step}, handle)
+                       "world_size": distributed.world_size(), "step": resumed.step,
+                       # ZeRO-3's process-wide F.linear replacement ignores autocast on CUDA (bf16 runs fail)
+                       "linear_untouched": torch.nn.functional.linear is ORIGINAL_LINEAR}, handle)
 
 
 if __name__ == "__main__":

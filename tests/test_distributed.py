@@ -40,6 +40,7 @@ def test_zero3_two_processes_match_one_process(tiny_sd, tiny_dino, digit_shards,
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["partitioned"] and two["local"] < two["full"] and two["local"] <= two["full"] // 2 + 1000
     assert two["round_trip"] and one["round_trip"] and two["step"] == 3
+    assert two["linear_untouched"] and one["linear_untouched"]
 
     def losses(run):
         return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

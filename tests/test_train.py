@@ -188,6 +188,27 @@ def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, d
     assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("zero", [2, 3])
+def test_bf16_training_on_a_gpu(zero, tiny_sdxl, tiny_dino, digit_shards, tmp_path):
+    """bf16 on CUDA. DeepSpeed turns torch.autocast off inside its engine's forward there (not on CPU), so the
+    student's fp32 inputs met bf16 weights; and ZeRO-3 replaced F.linear process-wide with a version that ignored
+    autocast. Both only showed on a GPU."""
+    from addpipe.train.loop import Trainer
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        tiny_sdxl, tiny_dino, digit_shards, tmp_path, steps=2,
+        **{"engine.zero": zero, "engine.precision": "bf16", "model.gradient_checkpointing": "true"})))
+    assert trainer.device.type == "cuda" and trainer.dtype == torch.bfloat16
+    student = trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r[term]) for r in records for term in LOSS_TERMS)
+    before, after = unet_weights(tiny_sdxl), unet_weights(student)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
+
+
 @pytest.mark.parametrize("weighting", ["exponential", "sds"])
 def test_zero_terminal_snr_v_teacher_distils_at_its_last_timestep(weighting, tiny_dino, digit_shards, tmp_path):
     """A v-prediction teacher on a zero-terminal-SNR schedule (the demo's; SD 2.1-style models retrained per

@@ -46,7 +46,11 @@ def deepspeed_config(stage: int, micro_batch: int, gradient_clipping: float, dty
     if stage == 3:
         # Defaults sized for SDXL-class UNets; gather whole small modules in one go.
         zero.update({"stage3_param_persistence_threshold": 1e5, "stage3_prefetch_bucket_size": 5e7,
-                     "stage3_gather_16bit_weights_on_model_save": False})
+                     "stage3_gather_16bit_weights_on_model_save": False,
+                     # Left on, ZeRO-3 replaces torch.nn.functional.linear for the whole process with a custom
+                     # autograd Function that ignores torch.autocast on CUDA: the bf16 student then fails on its
+                     # fp32 inputs ("mat1 and mat2 must have the same dtype"), and so would every frozen network.
+                     "memory_efficient_linear": False})
     if offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": offload_optimizer, "pin_memory": torch.cuda.is_available()}
         if offload_optimizer == "nvme":

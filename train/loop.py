@@ -70,6 +70,10 @@ class Trainer:
         student = make_student(self.teacher, config.model)
         for module in self.teacher.frozen_modules():
             module.to(self.device)
+        if config.model.gradient_checkpointing:
+            # The student's x0 is decoded with gradients (pixel-space losses): at 512^2 and up the VAE decoder's
+            # activations outweigh the student's own, so it recomputes them too.
+            self.teacher.vae.enable_gradient_checkpointing()
         self.teacher_unet = self.teacher.unet
         if config.model.frozen_placement == "partition":
             self.teacher_unet = engines.partitioned_frozen(self.teacher.unet, config.data.batch_size, self.dtype)
@@ -133,6 +137,8 @@ class Trainer:
             self.empty = encode_prompts(self.teacher, [""], self.device)
             self.negative = encode_prompts(self.teacher, [config.distill.nfsd_negative_prompt], self.device)
         self.reporter = Reporter(self.run_dir, config.log.tensorboard)
+        latent_size = config.data.resolution // vae_downsample_factor(self.teacher)
+        self.latent_shape = (self.teacher.vae.config.latent_channels, latent_size, latent_size)
 
     def engines(self) -> dict[str, Any]:
         return {"student": self.student, "discriminator": self.discriminator}
@@ -230,7 +236,10 @@ class Trainer:
         engines.set_requires_grad(self.heads, False)
         terms: dict[str, torch.Tensor] = {}
         with engines.autocast(self.device, self.dtype):
-            output = self.student(x_s, timesteps, **inputs.conditioning.unet_kwargs(inputs.time_ids), return_dict=False)[0]
+            # In bf16 DeepSpeed holds the student in bf16 and, on CUDA, turns torch.autocast off inside the engine's
+            # forward (it follows only its own `torch_autocast` setting): the inputs must arrive in the weights' dtype.
+            output = self.student(x_s.to(self.dtype), timesteps,
+                                  **inputs.conditioning.unet_kwargs(inputs.time_ids, self.dtype), return_dict=False)[0]
             x0 = predicted_x0(output.float(), x_s, alpha, sigma, self.student_schedule.prediction_type)
             need_pixels = cfg.adversarial or cfg.space == "pixel"
             fake_pixels = vae_decode(self.teacher, x0) if need_pixels else None
@@ -314,34 +323,38 @@ class Trainer:
                            self.config.student.zero_terminal_snr, self.timesteps)
         return out
 
+    def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
+        """One generator update and, on its interval, one discriminator update on the next batch.
+        Returns the loss terms and how many images all ranks together trained on."""
+        config = self.config
+        inputs = self.prepare(next(self.data))
+        noise = draw_training_noise(config.seed, self.step, inputs.streams, self.latent_shape, len(self.timesteps),
+                                    config.distill.t_min, config.distill.t_max)
+        inputs = self.simulate(inputs, noise)
+        terms, fake_pixels = self.generator_phase(inputs, noise)
+        if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:
+            terms.update(self.discriminator_phase(inputs, fake_pixels))
+        if self.ema is not None:
+            self.ema.update(engines.local_tensors(self.student.module))
+        check_finite(self.step, terms, self.device, self.last_checkpoint)
+        self.step += 1
+        return terms, inputs.latents.shape[0] * distributed.world_size()
+
     def run(self) -> Path:
         config = self.config
         use(self.reporter)
-        latent_size = config.data.resolution // vae_downsample_factor(self.teacher)
-        latent_shape = (self.teacher.vae.config.latent_channels, latent_size, latent_size)
         progress = tqdm(total=config.steps, initial=self.step, desc="ADD", dynamic_ncols=True,
                         disable=not (distributed.is_main() and config.log.progress))
-        world = distributed.world_size()
         try:
             while self.step < config.steps:
                 started = time.perf_counter()
-                inputs = self.prepare(next(self.data))
-                noise = draw_training_noise(config.seed, self.step, inputs.streams, latent_shape, len(self.timesteps),
-                                            config.distill.t_min, config.distill.t_max)
-                inputs = self.simulate(inputs, noise)
-                terms, fake_pixels = self.generator_phase(inputs, noise)
-                if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:
-                    terms.update(self.discriminator_phase(inputs, fake_pixels))
-                if self.ema is not None:
-                    self.ema.update(engines.local_tensors(self.student.module))
-                check_finite(self.step, terms, self.device, self.last_checkpoint)
-                self.step += 1
+                terms, images = self.train_step()
                 elapsed = time.perf_counter() - started
                 for name, value in terms.items():
                     report(name, value)
                 report("lr/student", engines.learning_rate(self.student))
                 report("lr/discriminator", engines.learning_rate(self.discriminator))
-                report("perf/images_per_second", inputs.latents.shape[0] * world / elapsed)
+                report("perf/images_per_second", images / elapsed)
                 report("data/skipped_samples", self.data.skipped)
                 report("data/precomputed_batches", self.precomputed_batches)
                 if self.step % config.log.every == 0 or self.step == config.steps:

@@ -171,10 +171,12 @@ class TextConditioning:
     hidden_states: torch.Tensor
     pooled: torch.Tensor
 
-    def unet_kwargs(self, time_ids: Optional[torch.Tensor]) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.hidden_states}
+    def unet_kwargs(self, time_ids: Optional[torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+        """The UNet's keyword inputs; cast to `dtype` where given."""
+        cast = (lambda x: x) if dtype is None else (lambda x: x.to(dtype))
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cast(self.hidden_states)}
         if time_ids is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": time_ids}
+            kwargs["added_cond_kwargs"] = {"text_embeds": cast(self.pooled), "time_ids": cast(time_ids)}
         return kwargs
 
     def discriminator_embedding(self, kind: str) -> torch.Tensor:

@@ -1,0 +1,291 @@
+"""The ADD training step at SDXL scale on one GPU: images/s, peak GPU memory and MFU per precision and batch size.
+
+    python benchmarks/sdxl_gpu.py --out sdxl_gpu [--runs bf16:4 bf16:1 bf16:4:z2 bf16:4:offload] [--steps 8]
+    python benchmarks/sdxl_gpu.py --out /tmp/check --scale tiny --runs fp32:2   # the same code on CPU, in seconds
+
+No weights can be downloaded here, so it builds SDXL base 1.0's published architecture with random weights (UNet
+2.6B parameters, CLIP ViT-L and OpenCLIP bigG text encoders, the 4-level VAE; DINOv2-small for the discriminator),
+saves them in diffusers/transformers format and trains through the same `from_pretrained` path and the shipped
+configs/sdxl_add.yaml (512^2, ZeRO-3, gradient checkpointing, NFSD with guidance, R1). Speed and memory do not
+depend on the weights' values. Each run is its own process, so one that runs out of memory leaves the next
+unaffected. Writes sdxl_gpu.json and sdxl_gpu.md under --out; copy the table into benchmarks/RESULTS.md.
+
+MFU counts the FLOPs of one full training step (both UNets, the VAE, text encoders, DINOv2, the heads and R1's
+double backward) with torch's FLOP formulas and divides by the step time and the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, FLOP/s.
+PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H200": 989.4e12,
+             "A100": 312e12, "L40S": 362e12}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (the fields that differ from diffusers' defaults).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    use_linear_projection=True, norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+# text_encoder: CLIP ViT-L/14's text tower; text_encoder_2: OpenCLIP ViT-bigG/14's, with its 1280-d projection.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 hidden_act="gelu", projection_dim=1280)
+DINOV2_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                    image_size=518, layerscale_value=1.0)
+
+
+def build_sdxl(directory: Path, device: str) -> Path:
+    """SDXL base 1.0's architecture with random weights, saved in bf16 as a diffusers pipeline directory."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from addpipe.train.tiny import write_clip_tokenizer
+
+    def text_config(fields: dict) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                              pad_token_id=49407, **fields)
+
+    torch.manual_seed(0)
+    with torch.device(device):  # random init of 3.5B parameters takes minutes on a CPU, a second on a GPU
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(text_config(CLIP_L))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(CLIP_BIGG))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    tokenizer_dir = directory.parent / "tokenizer"  # may be written beforehand where open_clip is not installed
+    if not (tokenizer_dir / "vocab.json").is_file():
+        write_clip_tokenizer(tokenizer_dir, 77)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipeline.to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+def build_models(work: Path, scale: str, device: str) -> tuple[Path, Path, int]:
+    """(teacher directory, DINOv2 directory, image resolution)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from addpipe.train.tiny import build_tiny_dinov2, build_tiny_pipeline
+
+    if scale == "tiny":
+        return (build_tiny_pipeline(work / "teacher", "sdxl", latent_size=8),
+                build_tiny_dinov2(work / "dinov2", image_size=32), 16)
+    teacher = work / "teacher"
+    if not (teacher / "model_index.json").is_file():
+        build_sdxl(teacher, device)
+    dino = work / "dinov2"
+    if not (dino / "config.json").is_file():
+        torch.manual_seed(0)
+        Dinov2Model(Dinov2Config(**DINOV2_SMALL)).save_pretrained(dino)
+    return teacher, dino, 512
+
+
+def write_data(work: Path, resolution: int, count: int) -> Path:
+    from addpipe.dataprep.digits import digit_images
+    from addpipe.dataprep.shards import ShardSample, write_shards
+
+    shards = work / f"shards{resolution}"
+    if not shards.is_dir():
+        write_shards((ShardSample(f"{i:06d}", image, caption, meta) for i, (caption, image, meta)
+                      in enumerate(digit_images(count, resolution))), shards, 32)
+    return shards
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+class FlopCount:
+    """Total FLOPs of the matmuls, convolutions and attention run inside the block, by torch's own formulas.
+    torch's FlopCounterMode cannot be used here: its per-module hooks break R1's autograd.grad on leaf features."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __enter__(self) -> "FlopCount":
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    counter.total += formula(*args, **kwargs, out_val=out)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+def measure(spec: dict) -> dict:
+    """One configuration in this process: build the trainer, time steps, count one step's FLOPs."""
+    from addpipe.pipeline.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.loop import Trainer
+
+    overrides = [
+        f"run_dir={spec['work']}/run-{spec['label']}", f"model.teacher={spec['teacher']}", "model.vae=null",
+        f"discriminator.feature_network={spec['dino']}", f"discriminator.image_encoder={spec['dino']}",
+        f"data.shards={spec['shards']}", f"data.resolution={spec['resolution']}", f"data.batch_size={spec['batch']}",
+        f"data.num_workers={min(2, spec['batch'])}", f"engine.precision={spec['precision']}",
+        f"engine.zero={spec['zero']}", f"engine.offload_optimizer={spec['offload']}", f"checkpoint.every={10**9}",
+        "log.progress=false", "log.tensorboard=false", "log.sample_every=0", "optim.warmup_steps=0",
+    ]
+    if spec["scale"] == "tiny":
+        overrides += ["discriminator.input_size=32", "discriminator.num_heads=2", "data.num_workers=0"]
+    config = load(TrainConfig, REPO / "configs/sdxl_add.yaml", overrides)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    started = time.perf_counter()
+    trainer = Trainer(config)
+    setup_s = time.perf_counter() - started
+    times, terms = [], {}
+    for _ in range(spec["warmup"] + spec["steps"]):
+        sync()
+        started = time.perf_counter()
+        terms, _ = trainer.train_step()
+        sync()
+        times.append(time.perf_counter() - started)
+    step_s = statistics.median(times[spec["warmup"]:])
+    with FlopCount() as counter:
+        trainer.train_step()
+    flops = counter.total
+    peak = peak_flops(trainer.device)
+    result = {
+        **{k: spec[k] for k in ("label", "precision", "batch", "zero", "offload", "resolution", "steps", "warmup")},
+        "setup_s": round(setup_s, 1), "step_s": step_s, "step_s_all": times,
+        "images_per_second": spec["batch"] / step_s, "tflop_per_step": flops / 1e12,
+        "mfu": flops / step_s / peak if peak else None,
+        "losses": {k: float(v) for k, v in terms.items()},
+        "student_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                  for p in trainer.student.module.parameters()),
+    }
+    if cuda:
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return result
+
+
+def child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    try:
+        result = measure(spec)
+    except torch.cuda.OutOfMemoryError as error:
+        result = {**{k: spec[k] for k in ("label", "precision", "batch", "zero", "offload")},
+                  "error": f"out of GPU memory: {str(error).splitlines()[0]}"}
+    Path(spec["result"]).write_text(json.dumps(result, indent=1))
+
+
+def table(machine: str, results: list[dict]) -> str:
+    lines = [f"Machine: {machine}", "",
+             "| run | precision | batch | ZeRO | optimizer | images/s | step (s) | peak allocated (GiB) | TFLOP/step | MFU "
+             "| vs first run |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    base = next((r for r in results if "error" not in r), None)
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['precision']} | {r['batch']} | {r.get('zero', '')} | "
+                         f"{r.get('offload', '')} | {r['error'][:80]} | | | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        memory = f"{r['peak_allocated_gib']:.1f}" if "peak_allocated_gib" in r else "n/a"
+        ratio = r["images_per_second"] / base["images_per_second"]
+        where = "CPU" if r["offload"] != "none" else "GPU"
+        lines.append(f"| {r['label']} | {r['precision']} | {r['batch']} | {r['zero']} | {where} | {r['images_per_second']:.2f} | "
+                     f"{r['step_s']:.3f} | {memory} | {r['tflop_per_step']:.1f} | {mfu} | {ratio:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=None, help="where models and shards go (default: OUT/work)")
+    parser.add_argument("--runs", nargs="+", default=["bf16:4", "bf16:1", "bf16:4:z2", "bf16:4:offload"],
+                        help="PRECISION:BATCH[:zSTAGE][:offload] (default ZeRO-3, optimizer on the GPU), measured "
+                             "in this order, each in its own process")
+    parser.add_argument("--scale", choices=["sdxl", "tiny"], default="sdxl")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    if args.scale == "sdxl" and not torch.cuda.is_available():
+        parser.error("--scale sdxl needs a CUDA GPU (use --scale tiny to check the script on a CPU)")
+    out = args.out
+    work = args.work or out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    teacher, dino, resolution = build_models(work, args.scale, "cuda" if torch.cuda.is_available() else "cpu")
+    torch.cuda.empty_cache()  # the models were built on the GPU: give it back whole to the measured processes
+    shards = write_data(work, resolution, 128)
+    print(f"models and shards ready in {time.perf_counter() - started:.0f} s", flush=True)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    machine = (f"{platform.node()}, {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{time.strftime('%Y-%m-%d')}")
+    results = []
+    for run in args.runs:
+        precision, batch, *options = run.split(":")
+        zero = next((int(o[1:]) for o in options if o.startswith("z")), 3)
+        offload = "cpu" if "offload" in options else "none"
+        label = f"{precision}-b{batch}-zero{zero}" + ("-offload" if offload != "none" else "")
+        spec = {"label": label, "precision": precision, "batch": int(batch), "scale": args.scale,
+                "zero": zero, "offload": offload,
+                "teacher": str(teacher), "dino": str(dino), "shards": str(shards), "resolution": resolution,
+                "work": str(work), "steps": args.steps, "warmup": args.warmup,
+                "result": str(out / f"run-{label}.json")}
+        print(f"== {label}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--child", json.dumps(spec)])
+        path = Path(spec["result"])
+        result = json.loads(path.read_text()) if path.is_file() else {
+            **{k: spec[k] for k in ("label", "precision", "batch", "zero", "offload")},
+            "error": f"process exited with {proc.returncode}"}
+        results.append(result)
+        text = table(machine, results)  # rewritten after every run so a cut-off job still leaves its rows
+        (out / "sdxl_gpu.md").write_text(text)
+        (out / "sdxl_gpu.json").write_text(json.dumps({"machine": machine, "runs": results}, indent=1))
+        print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
