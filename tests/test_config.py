@@ -53,6 +53,9 @@ def test_bad_values_are_clear_errors():
         load(TrainConfig, None, ["steps=many"])
     with pytest.raises(ConfigError, match="partition needs engine.zero=3"):
         load(TrainConfig, None, ["model.frozen_placement=partition", "engine.zero=2"])
+    with pytest.raises(ConfigError, match="needs 4 non-negative weights"):
+        load(TrainConfig, None, ["student.timestep_weights=[2, 1, 1]"])
+    assert load(TrainConfig, None, ["student.timestep_weights=[2, 1, 1, 1]"]).student.timestep_weights == (2, 1, 1, 1)
 
 
 def test_resolved_yaml_round_trips(tmp_path):

@@ -104,3 +104,16 @@ def test_training_noise_depends_only_on_seed_step_and_stream():
     assert not torch.equal(other_step.noise, b.noise)
     assert a.student_index.min() >= 0 and a.student_index.max() < 4
     assert a.teacher_t.min() >= 20 and a.teacher_t.max() <= 980
+
+
+def test_student_timestep_weights_set_how_often_each_timestep_is_trained():
+    streams = list(range(4000))  # one sample per stream: 4000 independent draws
+    weighted = draw_training_noise(0, 3, streams, (1, 1, 1), 4, 20, 980, (2.0, 0.0, 1.0, 1.0)).student_index
+    counts = torch.bincount(weighted, minlength=4).double() / len(streams)
+    assert counts[1] == 0
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.0, 0.25, 0.25], dtype=torch.float64), atol=0.03, rtol=0)
+    uniform = draw_training_noise(0, 3, streams, (1, 1, 1), 4, 20, 980).student_index
+    torch.testing.assert_close(torch.bincount(uniform, minlength=4).double() / len(streams),
+                               torch.full((4,), 0.25, dtype=torch.float64), atol=0.03, rtol=0)
+    # Still a pure function of (seed, step, stream), weights or not.
+    assert torch.equal(weighted[:2], draw_training_noise(0, 3, [0, 1], (1, 1, 1), 4, 20, 980, (2, 0, 1, 1)).student_index)

@@ -44,6 +44,9 @@ class StudentConfig:
     """What the student's output means; both stay finite at zero terminal SNR (epsilon does not)."""
     zero_terminal_snr: bool = True
     """Rescale the student's schedule so alpha at T-1 is 0 (Lin et al. 2023): training then starts from pure noise."""
+    timestep_weights: tuple[float, ...] = ()
+    """Relative probability of training at each student timestep (one per timestep, largest first); default uniform
+    as in the paper. Weighting the first (pure-noise) timestep up trains the one-step sampler more often."""
     backward_simulation: float = 0.0
     """Share of samples at a later student timestep whose input is the student's own earlier output re-noised (what the few-step sampler feeds it) instead of a noised real image; 0 = the paper's ADD."""
 
@@ -54,6 +57,11 @@ class StudentConfig:
             raise ValueError(f"student.backward_simulation is a share in [0, 1], got {self.backward_simulation}")
         if self.timesteps and list(self.timesteps) != sorted(self.timesteps, reverse=True):
             raise ValueError(f"student.timesteps must be descending, got {list(self.timesteps)}")
+        count = len(self.timesteps) or self.num_timesteps
+        if self.timestep_weights and (len(self.timestep_weights) != count or min(self.timestep_weights) < 0
+                                      or sum(self.timestep_weights) <= 0):
+            raise ValueError(f"student.timestep_weights needs {count} non-negative weights (one per student timestep) "
+                             f"with a positive sum, got {list(self.timestep_weights)}")
 
 
 @dataclass

@@ -329,7 +329,7 @@ class Trainer:
         config = self.config
         inputs = self.prepare(next(self.data))
         noise = draw_training_noise(config.seed, self.step, inputs.streams, self.latent_shape, len(self.timesteps),
-                                    config.distill.t_min, config.distill.t_max)
+                                    config.distill.t_min, config.distill.t_max, config.student.timestep_weights)
         inputs = self.simulate(inputs, noise)
         terms, fake_pixels = self.generator_phase(inputs, noise)
         if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:

@@ -9,6 +9,7 @@ its output must be a v- or x0-prediction, which stays finite there.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
@@ -146,9 +147,12 @@ class TrainingNoise:
 
 
 def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: tuple[int, ...],
-                        num_student_timesteps: int, t_min: int, t_max: int) -> TrainingNoise:
+                        num_student_timesteps: int, t_min: int, t_max: int,
+                        timestep_weights: Sequence[float] = ()) -> TrainingNoise:
     """Noise as a pure function of (seed, step, data stream): a resumed run draws exactly what the
-    uninterrupted run drew, and the global batch's noise does not depend on how streams map to ranks."""
+    uninterrupted run drew, and the global batch's noise does not depend on how streams map to ranks.
+    Student timestep indices are uniform, or drawn in proportion to `timestep_weights` where given."""
+    weights = torch.tensor(timestep_weights, dtype=torch.float64) if timestep_weights else None
     parts: list[TrainingNoise] = []
     start = 0
     while start < len(streams):
@@ -159,7 +163,8 @@ def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: 
         mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + streams[start] * 0xC2B2AE3D + 1) % (2**63 - 1)
         generator = torch.Generator().manual_seed(mixed)
         parts.append(TrainingNoise(
-            torch.randint(0, num_student_timesteps, (count,), generator=generator),
+            torch.randint(0, num_student_timesteps, (count,), generator=generator) if weights is None
+            else torch.multinomial(weights, count, replacement=True, generator=generator),
             torch.randn((count, *latent_shape), generator=generator),
             torch.randint(t_min, t_max + 1, (count,), generator=generator),
             torch.randn((count, *latent_shape), generator=generator),
