@@ -45,7 +45,7 @@ def run_job(args: argparse.Namespace, name: str, seed: int, overrides: list[str]
     import torch
 
     from addpipe.dataprep.shards import shard_pattern
-    from addpipe.pipeline.demo import SHIPPED_TEACHER, DemoSettings, evaluate, train_student
+    from addpipe.pipeline.demo import SHIPPED_TEACHER, DemoSettings, evaluate, real_reference, train_student
     from addpipe.pipeline.reproduce import GUIDANCE, TEACHER_STEPS
 
     torch.set_num_threads(args.threads)
@@ -63,7 +63,9 @@ def run_job(args: argparse.Namespace, name: str, seed: int, overrides: list[str]
     trained = time.perf_counter() - started
     result = evaluate(out / "studies" / f"{name}-s{seed}", arms, settings, shards, demo / "models" / "classifier", judges=0,
                       seed=seed)
+    real = real_reference(settings, shards, demo / "models" / "classifier", seed) if name == TEACHER else None
     return {"variant": name, "seed": seed, "overrides": overrides, "steps": settings.steps, "train_s": round(trained, 1),
+            **({"real": real} if real else {}),
             "total_s": round(time.perf_counter() - started, 1),
             "arms": {arm: {"fid": entry["frechet_distance"], "adherence": entry["adherence"]["all"],
                            "adherence_fields": {k: v for k, v in entry["adherence"].items() if k != "all"}}
@@ -79,6 +81,10 @@ def table(results: list[dict], variants: dict[str, list[str]], seeds: list[int])
         t = {n: mean(teacher[s][f"teacher-{n}"]["fid"] for s in teacher) for n in (1, 2, 4, 50)}
         lines.append(f"| teacher (1/2/4/50 steps, cfg 3) | {t[1]:.1f} | {t[2]:.1f} | {t[4]:.1f} (50: {t[50]:.1f}) | "
                      f"{min(teacher[s]['teacher-50']['adherence'] for s in teacher):.3f} (50 steps) | | | | |")
+        real = [r["real"] for r in results if r["variant"] == TEACHER and "real" in r]
+        if real:
+            lines.append(f"| real images of the prompts | {mean(r['frechet_distance'] for r in real):.1f} | | | "
+                         f"{min(r['adherence'] for r in real):.3f} | | | | |")
     for name in variants:
         rows = {r["seed"]: r for r in results if r["variant"] == name}
         if not rows:

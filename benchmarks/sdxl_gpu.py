@@ -109,14 +109,10 @@ def build_models(work: Path, scale: str, device: str) -> tuple[Path, Path, int]:
 
 
 def write_data(work: Path, resolution: int, count: int) -> Path:
-    from addpipe.dataprep.digits import digit_images
-    from addpipe.dataprep.shards import ShardSample, write_shards
+    from addpipe.dataprep.digits import write_digit_shards
 
     shards = work / f"shards{resolution}"
-    if not shards.is_dir():
-        write_shards((ShardSample(f"{i:06d}", image, caption, meta) for i, (caption, image, meta)
-                      in enumerate(digit_images(count, resolution))), shards, 32)
-    return shards
+    return shards if shards.is_dir() else write_digit_shards(shards, count, resolution, 32)
 
 
 def peak_flops(device: torch.device) -> float | None:

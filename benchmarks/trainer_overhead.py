@@ -24,8 +24,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from addpipe.dataprep.digits import digit_images  # noqa: E402
-from addpipe.dataprep.shards import ShardSample, write_shards  # noqa: E402
+from addpipe.dataprep.digits import write_digit_shards  # noqa: E402
 from addpipe.pipeline.config import load  # noqa: E402
 from addpipe.train import losses  # noqa: E402
 from addpipe.train.config import TrainConfig  # noqa: E402
@@ -112,8 +111,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="addpipe_bench_"))
     shards = work / "shards"
-    write_shards((ShardSample(f"{i:06d}", im, cap, meta) for i, (cap, im, meta) in
-                  enumerate(digit_images(200, args.resolution))), shards, 25)
+    write_digit_shards(shards, 200, args.resolution, 25)
     teacher = build_tiny_pipeline(work / "teacher", "sd", latent_size=args.resolution // 2)
     dino = build_tiny_dinov2(work / "dino", image_size=32)
     config = load(TrainConfig, REPO / "configs/tiny.yaml", [

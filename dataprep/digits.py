@@ -3,7 +3,7 @@ captioned like "a handwritten seven in red on a blue background". The offline de
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -32,3 +32,15 @@ def digit_images(count: int, size: int = 32, seed: int = 0) -> Iterator[tuple[st
         image = Image.fromarray(small.astype(np.uint8)).resize((size, size), Image.BICUBIC)
         caption = f"a handwritten {NUMBER_WORDS[label]} in {names[fg]} on a {names[bg]} background"
         yield caption, image, {"label": label, "foreground": names[fg], "background": names[bg], "source_index": source}
+
+
+def write_digit_shards(directory, count: int, size: int, samples_per_shard: int, seed: int = 0,
+                       metadata: Callable[[dict], dict] = lambda meta: meta):
+    """`count` digits written straight into WebDataset shards in the project's contract (no img2dataset:
+    the demo teacher's own data, tests, benchmarks); `metadata` maps each digit's metadata to what is stored."""
+    from addpipe.dataprep.shards import ShardSample, write_shards
+
+    samples = (ShardSample(f"{i:06d}", image, caption, metadata(meta))
+               for i, (caption, image, meta) in enumerate(digit_images(count, size, seed)))
+    write_shards(samples, directory, samples_per_shard)
+    return directory

@@ -170,14 +170,12 @@ def teacher_directory(settings: DemoSettings, out: Path) -> Path:
 def teacher_shards(directory: Path, settings: DemoSettings) -> str:
     """The teacher's own pretraining data: digits rendered straight into shards (as SD's LAION is not the ADD
     data either), `teacher_images` of them with the demo's captions."""
-    from addpipe.dataprep.digits import digit_images
-    from addpipe.dataprep.shards import ShardSample, shard_pattern, write_shards
+    from addpipe.dataprep.digits import write_digit_shards
+    from addpipe.dataprep.shards import shard_pattern
 
     if not done(directory):
-        samples = (ShardSample(f"{i:06d}", image, caption, labels(meta))
-                   for i, (caption, image, meta) in enumerate(digit_images(settings.teacher_images, size=settings.resolution,
-                                                                           seed=settings.seed)))
-        write_shards(samples, directory, samples_per_shard=500)
+        write_digit_shards(directory, settings.teacher_images, settings.resolution, samples_per_shard=500,
+                           seed=settings.seed, metadata=labels)
         mark_done(directory, {"images": settings.teacher_images})
     return shard_pattern(sorted(directory.glob("*.tar")))
 
@@ -244,15 +242,38 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
 
 # --- 5. evaluation ----------------------------------------------------------------------------------------
 
-def write_prompts(path: Path, count: int, seed: int) -> Path:
-    """Held-out prompts: captions of digits drawn with another colour seed, category = the digit."""
+def held_out_digits(count: int, size: int, seed: int):
+    """The evaluation's digits, drawn with another colour seed than the training data: their captions are the
+    held-out prompts, their images what real data scores on those prompts."""
     from addpipe.dataprep.digits import digit_images
 
+    return digit_images(count, size=size, seed=seed + 1000)
+
+
+def write_prompts(path: Path, count: int, seed: int) -> Path:
+    """Held-out prompts: the captions of held_out_digits, category = the digit."""
     lines = ["Prompt\tCategory"]
-    for caption, _, meta in digit_images(count, size=8, seed=seed + 1000):
+    for caption, _, meta in held_out_digits(count, 8, seed):
         lines.append(f"{caption}\t{labels(meta)['digit']}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: int) -> dict[str, float]:
+    """The same metrics for the real digits whose captions are the held-out prompts (write_prompts): what real
+    images score at this prompt count, the level below which a generator's FID is not resolvable by this metric."""
+    from addpipe.eval.classifier import adherence, load_classifier
+    from addpipe.eval.metrics import features_of, frechet_between, iter_images, load_feature_network
+    from addpipe.train.engines import resolve_device
+
+    device = str(resolve_device(settings.device))
+    pairs = [(caption, image) for caption, image, _ in held_out_digits(settings.prompts, settings.resolution, seed)]
+    network = load_feature_network(f"classifier:{classifier}", device)
+    reference = features_of(iter_images(shards), network, desc="reference features")
+    images = [image for _, image in pairs]
+    share = adherence(load_classifier(classifier, device), images, [caption for caption, _ in pairs])["all"]
+    return {"frechet_distance": frechet_between(features_of(images, network, desc="real features"), reference),
+            "adherence": share}
 
 
 def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, classifier: Path, judges: int,

@@ -19,7 +19,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
 
-from addpipe.pipeline.demo import CONFIG, DemoSettings, curate, evaluate, feature_models, teacher_directory, train_student
+from addpipe.pipeline.demo import (CONFIG, DemoSettings, curate, evaluate, feature_models, real_reference, teacher_directory,
+                                   train_student)
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")
 
@@ -83,7 +84,10 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
             targets.setdefault(name, {"target": check["target"], "values": {}, "met": {}})
             targets[name]["values"][seed] = check["value"]
             targets[name]["met"][seed] = check["met"]
-    return {"seeds": sorted(per_seed), "arms": table, "targets": targets}
+    real = [s["real"]["frechet_distance"] for s in per_seed.values() if "real" in s]
+    reference = {"fid": real, "fid_mean": mean(real), "fid_std": stdev(real) if len(real) > 1 else 0.0,
+                 "adherence_mean": mean(s["real"]["adherence"] for s in per_seed.values())} if real else None
+    return {"seeds": sorted(per_seed), "arms": table, "targets": targets, "real": reference}
 
 
 def order(arm: str) -> tuple[int, int]:
@@ -98,9 +102,14 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
     lines = ["# ADD reproduction at small scale", "",
              f"Seeds: {', '.join(map(str, seeds))}. FID: Fréchet distance to the curated images in the content classifier's "
              "feature space (lower is better), mean ± std over seeds. Adherence: share of images showing the requested "
-             "digit, ink and background colour.", "",
+             "digit, ink and background colour. `real images of the prompts`: the real digits whose captions are the "
+             "held-out prompts, scored the same way (the metric's level for real data at this prompt count).", "",
              "| arm | steps | guidance | FID | FID per seed | adherence | median latency (s) |", "|---|---:|---:|---:|---|---:|---:|"]
     arms = sorted(summary["arms"], key=order)
+    real = summary.get("real")
+    if real:
+        lines.append(f"| real images of the prompts | | | {real['fid_mean']:.2f} ± {real['fid_std']:.2f} | "
+                     + ", ".join(f"{v:.2f}" for v in real["fid"]) + f" | {real['adherence_mean']:.1%} | |")
     for arm in arms:
         row = summary["arms"][arm]
         lines.append(f"| {arm} | {row['steps']} | {row['guidance']:g} | {row['fid_mean']:.2f} ± {row['fid_std']:.2f} | "
@@ -117,6 +126,9 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
         colour = "tab:gray" if arm.startswith("teacher") else "tab:blue" if arm.startswith("add") else "tab:orange"
         axis.bar(i, row["fid_mean"], color=colour, alpha=0.6)
         axis.scatter([i] * len(row["fid"]), row["fid"], color="black", s=10, zorder=3)
+    if real:
+        axis.axhline(real["fid_mean"], color="tab:green", linestyle="--", linewidth=1, label="real images of the prompts")
+        axis.legend(fontsize=8, loc="upper right")
     axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("FID (classifier features)")
     axis.set_title("Teacher (grey), ADD student (blue), ablations at 1 step (orange); dots: seeds", fontsize=9)
@@ -151,6 +163,7 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3) -> Path:
                           judges=0, seed=seed)
         if any(math.isnan(e.get("frechet_distance", math.nan)) for e in result["metrics"]["arms"].values()):
             raise RuntimeError(f"a Fréchet distance is NaN in {full / f'seed{seed}' / 'study' / 'metrics.json'}")
-        per_seed[seed] = {"metrics": result["metrics"], "targets": check_targets(result["metrics"]["arms"])}
+        per_seed[seed] = {"metrics": result["metrics"], "targets": check_targets(result["metrics"]["arms"]),
+                          "real": real_reference(settings, shards, classifier, seed)}
         report = write_table(full, summarise(per_seed))
     return report

@@ -39,14 +39,9 @@ def tiny_dino(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digit_shards(tmp_path_factory) -> Path:
-    from addpipe.dataprep.digits import digit_images
-    from addpipe.dataprep.shards import ShardSample, write_shards
+    from addpipe.dataprep.digits import write_digit_shards
 
-    out = tmp_path_factory.mktemp("shards")
-    samples = (ShardSample(f"{i:06d}", image, caption, meta)
-               for i, (caption, image, meta) in enumerate(digit_images(96, size=16)))
-    write_shards(samples, out, samples_per_shard=12)
-    return out
+    return write_digit_shards(tmp_path_factory.mktemp("shards"), 96, 16, samples_per_shard=12)
 
 
 def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **extra) -> list[str]:

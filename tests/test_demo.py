@@ -153,6 +153,17 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
     metrics = summary["metrics"]["arms"]
     assert set(metrics) == arms and all(np.isfinite(m["frechet_distance"]) and "all" in m["adherence"] for m in metrics.values())
 
+    # the real digits scored as the floor of the reproduction table are exactly those the study's prompts describe
+    from addpipe.pipeline.demo import held_out_digits, real_reference
+
+    prompts = (out / "study" / "prompts.tsv").read_text().splitlines()[1:]
+    assert [line.split("\t")[0] for line in prompts] == [caption for caption, _, _ in held_out_digits(4, DemoSettings().resolution, 0)]
+    from addpipe.dataprep.shards import shard_pattern
+
+    real = real_reference(DemoSettings(out=str(out), prompts=4), shard_pattern(sorted((out / "prep" / "shards").glob("*.tar"))),
+                          out / "models" / "classifier", 0)
+    assert np.isfinite(real["frechet_distance"]) and 0 <= real["adherence"] <= 1
+
     # votes: each judge answered both questions on every pair of its queue, through the server into the database
     votes_before = vote_rows(out)
     quotas = dict(sqlite3.connect(out / "study" / "votes.db").execute("select name, quota from raters").fetchall())
@@ -224,7 +235,7 @@ def test_teacher_pretraining_trains_the_text_encoder_on_caption_tokens_only(labe
 
 def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_targets_per_seed(tmp_path):
     from addpipe.pipeline.demo import CONFIG
-    from addpipe.pipeline.reproduce import check_targets, summarise, variants
+    from addpipe.pipeline.reproduce import check_targets, summarise, variants, write_table
 
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG.read_text().replace("weighting: ", "weighting: sds  # was ", 1))
@@ -245,10 +256,18 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
     assert not targets["student adherence >= 95% (worst of 1/2/4 steps)"]["met"]         # the 4-step arm's 0.94
     assert not targets["stretch: 1-step student FID <= teacher 4-step FID"]["met"]
     other = dict(arms, **{"add-1": arm(120)})
-    summary = summarise({0: {"metrics": {"arms": arms}, "targets": targets},
-                         1: {"metrics": {"arms": other}, "targets": check_targets(other)}})
+    summary = summarise({0: {"metrics": {"arms": arms}, "targets": targets, "real": {"frechet_distance": 70, "adherence": 1.0}},
+                         1: {"metrics": {"arms": other}, "targets": check_targets(other),
+                             "real": {"frechet_distance": 80, "adherence": 0.9}}})
     assert summary["arms"]["add-1"]["fid_mean"] == pytest.approx(110)
     assert summary["targets"]["1-step student FID <= 0.5 x teacher 1-step FID"]["met"] == {0: True, 1: False}
+    assert summary["real"]["fid"] == [70, 80] and summary["real"]["fid_mean"] == pytest.approx(75)
+    assert summary["real"]["adherence_mean"] == pytest.approx(0.95)
+    for arm_summary in summary["arms"].values():
+        arm_summary["guidance"] = 0.0
+    table = write_table(tmp_path, summary).read_text()
+    assert "| real images of the prompts | | | 75.00 ± 7.07 | 70.00, 80.00 | 95.0% | |" in table
+    assert (tmp_path / "reproduction_fid.png").is_file()
 
 
 def test_demo_refuses_a_device_name_before_any_work():

@@ -99,6 +99,30 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path)
         [json.loads(l)["loss/distillation"] for l in split_metrics], rel=1e-4)
 
 
+def test_image_condition_is_zeroed_where_the_student_saw_only_noise(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    """discriminator.image_condition_pure_noise=false: the samples at the pure-noise timestep (alpha = 0 at zero
+    terminal SNR) get a zero c_img on the real and the fake side; every other sample keeps its own."""
+    from addpipe.train.loop import Trainer
+    from addpipe.train.schedule import draw_training_noise
+
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
+        **{"engine.zero": 0, "data.batch_size": 6, "discriminator.image_condition_pure_noise": "false"})))
+    inputs = trainer.prepare(next(trainer.data))
+    noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
+    noise.student_index = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert trainer.student_schedule.alphas[trainer.timesteps[0]] == 0 < trainer.student_schedule.alphas[trainer.timesteps[1]]
+    out = trainer.blind_image_condition(inputs, noise)
+    for row in range(6):
+        for name in ("image_embedding", "source_embedding"):
+            value, before = getattr(out, name)[row], getattr(inputs, name)[row]
+            assert torch.equal(value, torch.zeros_like(before) if row in (0, 4) else before), (name, row)
+    assert bool(inputs.image_embedding[0].abs().sum() > 0)
+
+    trainer.config.discriminator.image_condition_pure_noise = True
+    assert trainer.blind_image_condition(inputs, noise) is inputs
+
+
 def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, digit_shards, tmp_path):
     """Chosen samples at tau_k start from the x0 the sampler reaches after k student steps (written out by hand
     here for a v-prediction student), and the discriminator's image condition follows them; the rest keep

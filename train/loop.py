@@ -198,6 +198,16 @@ class Trainer:
             embedding[rows] = self.discriminator.module.image_embedding(pixels).to(embedding.dtype)
         return replace(inputs, sources=sources, source_embedding=embedding)
 
+    def blind_image_condition(self, inputs: StepInputs, noise) -> StepInputs:
+        """With discriminator.image_condition_pure_noise off: a zero c_img, for the real and the fake image alike,
+        on the samples whose student input carried no signal of x_0 (alpha_s = 0)."""
+        if self.config.discriminator.image_condition_pure_noise or not self.config.discriminator.image_conditioning:
+            return inputs
+        timesteps = torch.tensor(self.timesteps, device=self.device)[noise.student_index.to(self.device)]
+        alpha, _ = self.student_schedule.at(timesteps, 2)
+        keep = (alpha > 0).to(inputs.image_embedding.dtype)
+        return replace(inputs, image_embedding=inputs.image_embedding * keep, source_embedding=inputs.source_embedding * keep)
+
     def teacher_target(self, x0_student: torch.Tensor, inputs: StepInputs, teacher_t: torch.Tensor,
                        teacher_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stop-gradient target x_psi and the weight c(t) (DESIGN §1.3)."""
@@ -330,7 +340,7 @@ class Trainer:
         inputs = self.prepare(next(self.data))
         noise = draw_training_noise(config.seed, self.step, inputs.streams, self.latent_shape, len(self.timesteps),
                                     config.distill.t_min, config.distill.t_max, config.student.timestep_weights)
-        inputs = self.simulate(inputs, noise)
+        inputs = self.blind_image_condition(self.simulate(inputs, noise), noise)
         terms, fake_pixels = self.generator_phase(inputs, noise)
         if config.distill.adversarial and self.step % config.optim.discriminator_interval == 0:
             terms.update(self.discriminator_phase(inputs, fake_pixels))
