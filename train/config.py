@@ -90,8 +90,8 @@ class DiscriminatorConfig:
     """Project the DINOv2 CLS embedding of the real image into the heads' output."""
     image_condition_pure_noise: bool = True
     """Keep c_img for samples whose student input held no trace of x_0 (alpha_s = 0: the pure-noise timestep at zero
-    terminal SNR), as the paper does. False gives those samples, real and fake alike, a zero c_img: the student cannot
-    match an image it never saw, and asking it to pulls its one-step output toward an average of the images."""
+    terminal SNR), as the paper does. False gives those samples, real and fake alike, a zero c_img, in case asking the
+    student to match an image it never saw pulls it toward an average; on the demo it did not help (add_sweep.md)."""
     r1_gamma: float = 1e-5
     """Weight of R1: squared gradient norm of each head's output w.r.t. that head's input features."""
 
