@@ -60,8 +60,14 @@ class DownloadConfig:
     """Input rows per shard. Shard i of the output covers the same input rows as shard i of the download."""
     distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"
     """img2dataset's distributor; pyspark runs on the active SparkSession (or a local one) and needs pyspark installed."""
+    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
+    """URL schemes that may be fetched. Any other (file:, ftp:, data:, a relative path ...) is a failed row with the reason
+    'scheme not allowed: <scheme>', never opened: img2dataset's urllib would read local files and decode data: URLs."""
 
     def __post_init__(self) -> None:
+        self.allowed_schemes = [str(s).strip().lower() for s in self.allowed_schemes]
+        if not self.allowed_schemes or not all(self.allowed_schemes):
+            raise ValueError(f"download.allowed_schemes must name at least one scheme (e.g. [http, https]), got {self.allowed_schemes}")
         limit = 9 if self.encode_format == "png" else 100
         if not 0 <= self.encode_quality <= limit:
             raise ValueError(f"download.encode_quality={self.encode_quality} is out of range for {self.encode_format}: "

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from addpipe.dataprep.aesthetic import AestheticPredictor
 from addpipe.dataprep.clip import ClipEmbedder
 from addpipe.dataprep.shards import read_samples
+from addpipe.dataprep.table import restore_refused
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -58,13 +59,16 @@ def atomic_parquet(table: pd.DataFrame, path: Path) -> None:
 
 
 def embed_shard(shard: int, download_dir: Path, out_dir: Path, embedder: ClipEmbedder,
-                aesthetic: Optional[AestheticPredictor], batch_size: int) -> Path:
-    """Embed and score one download shard; returns the scores file (skipped when it already exists)."""
+                aesthetic: Optional[AestheticPredictor], batch_size: int, refused: Optional[pd.DataFrame] = None) -> Path:
+    """Embed and score one download shard; returns the scores file (skipped when it already exists).
+    `refused` (table.read_refused) puts back the url and reason of rows whose scheme was never fetched."""
     scores_path = out_dir / "scores" / f"{shard:05d}.parquet"
     if scores_path.exists():
         return scores_path
     name = f"{shard:05d}"
     rows = pd.read_parquet(download_dir / f"{name}.parquet").sort_values("key", kind="stable").reset_index(drop=True)
+    if refused is not None:
+        rows = restore_refused(rows, refused)
     images = read_images(download_dir / f"{name}.tar")
     success = rows["status"] == "success"
     rows["embedding_index"] = -1

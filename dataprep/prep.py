@@ -30,7 +30,7 @@ from addpipe.dataprep.config import PrepConfig
 from addpipe.dataprep.embed import atomic_parquet, embed_shard
 from addpipe.dataprep.filters import decide
 from addpipe.dataprep.report import build_report, write_atomic
-from addpipe.dataprep.table import write_normalised
+from addpipe.dataprep.table import read_refused, write_normalised
 from addpipe.dataprep.write import write_output_shard
 from addpipe.pipeline.config import to_dict, to_yaml
 
@@ -96,7 +96,8 @@ def run_download(config: PrepConfig) -> list[int]:
     root = out_dir(config)
     settings = input_settings(config)
     check_fingerprint(root / "input", settings, rebuild=False, record=False)
-    urls, carried, rows = write_normalised(config.input, root)  # validates the table before anything is recorded
+    # validates the table before anything is recorded
+    urls, carried, rows = write_normalised(config.input, root, config.download.allowed_schemes)
     check_fingerprint(root / "input", settings, rebuild=False)
     write_atomic(root / "prep_config.yaml", to_yaml(config))
     logger.info("input: %d rows, carrying columns %s", rows, carried)
@@ -129,8 +130,9 @@ def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> l
 
         embedder = load_clip(config.embed)
         aesthetic = load_aesthetic(config.filter.aesthetic_weights, embedder.device) if config.filter.aesthetic_weights else None
+        refused = read_refused(root)
         for shard in tqdm(todo, desc="embed + score shards", disable=None):
-            embed_shard(shard, root / "download", root, embedder, aesthetic, config.embed.batch_size)
+            embed_shard(shard, root / "download", root, embedder, aesthetic, config.embed.batch_size, refused)
     return mine
 
 

@@ -7,9 +7,11 @@ with the outcome it must get.
 
 from __future__ import annotations
 
+import base64
 import io
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -105,10 +107,35 @@ def _gif(frames: list[Image.Image]) -> bytes:
     return buffer.getvalue()
 
 
+def hostile_scheme_rows(local_image: Path) -> list[Row]:
+    """Rows whose URL is no http(s) address: each must fail with 'scheme not allowed' and nothing be read.
+    `local_image` is a real image file on this machine, so a fetcher that honours file: would keep it."""
+    absolute = local_image.resolve()
+    dead = closed_port()
+    data = "data:image/png;base64," + base64.b64encode(png(Image.new("RGB", (200, 200), (200, 30, 30)))).decode()
+    refused = "failed_to_download: scheme not allowed: "
+    cases = [
+        ("scheme-file", absolute.as_uri(), "file"),
+        ("scheme-file-upper-host", f"FILE://localhost{absolute}", "file"),
+        ("scheme-file-padded", f"  \tfile://{absolute}", "file"),
+        ("scheme-file-wrapped", f"<URL:file://{absolute}>", "file"),
+        ("scheme-file-dotdot", f"file://{absolute.parent}/../{absolute.parent.name}/{absolute.name}", "file"),
+        ("scheme-ftp", f"ftp://127.0.0.1:{dead}/image.jpg", "ftp"),
+        ("scheme-data", data, "data"),
+        ("scheme-javascript", "javascript:alert(document.cookie)", "javascript"),
+        ("scheme-relative", local_image.name, "(none)"),
+        ("scheme-dotdot", "../../../../../../etc/passwd", "(none)"),
+        ("scheme-absolute-path", str(absolute), "(none)"),
+        ("scheme-protocol-relative", f"//127.0.0.1:{dead}/image.jpg", "(none)"),
+    ]
+    return [Row(name, f"a picture behind a {name} url", refused + scheme, url=url) for name, url, scheme in cases]
+
+
 def serve_rows(rows: list[Row]) -> ImageServer:
-    """An unstarted server for `rows`; sets each row's url (refused rows point at a closed port)."""
+    """An unstarted server for `rows`; sets the url of each row that has none (refused rows point at a closed port)."""
     server = ImageServer({"/" + row.name: row.route for row in rows if row.route is not None})
     dead = closed_port()
     for row in rows:
-        row.url = f"http://127.0.0.1:{dead}/{row.name}" if row.name.startswith("refused") else server.url("/" + row.name)
+        if row.url is None:
+            row.url = f"http://127.0.0.1:{dead}/{row.name}" if row.name.startswith("refused") else server.url("/" + row.name)
     return server

@@ -28,7 +28,7 @@ from PIL import Image
 from addpipe.dataprep.config import InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
-from image_server import curation_rows, serve_rows
+from image_server import curation_rows, hostile_scheme_rows, jpeg, sample_photos, serve_rows
 from conftest import REPO
 from test_train import clean_env
 
@@ -58,7 +58,9 @@ def curated(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     tiny = build_tiny_clip(root / "clip")
     aesthetic = build_tiny_aesthetic(root / "aesthetic.pth", 32)
-    rows = curation_rows()
+    local = root / "local.jpg"  # a real image on this disk: a file: URL must not reach it
+    local.write_bytes(jpeg(sample_photos()[0]))
+    rows = curation_rows() + hostile_scheme_rows(local)
     server = serve_rows(rows)
     with server:
         table = pd.DataFrame({"URL": [r.url for r in rows], "TEXT": [r.caption for r in rows], "name": [r.name for r in rows],
@@ -98,6 +100,67 @@ def test_every_input_row_is_accounted_for_with_its_reason(curated):
     for path in report["plots"].values():
         with Image.open(curated["out"] / path) as image:
             assert image.format == "PNG" and image.width > 100
+
+
+def test_urls_with_other_schemes_are_refused_counted_and_never_read(curated):
+    """file:, ftp:, data:, javascript:, paths and wrapped or padded variants: a failed row each, with its reason and
+    its original url, counted in the report; the local image they point at is in no shard."""
+    out = curated["out"]
+    hostile = [row for row in curated["rows"] if row.name.startswith("scheme-")]
+    table = decisions(out)
+    for row in hostile:
+        assert table.loc[row.name, "reason"] == row.expected, (row.name, table.loc[row.name, "reason"])
+        assert table.loc[row.name, "url"] == row.url and table.loc[row.name, "status"] == "failed_to_download"
+    report = json.loads((out / "report.json").read_text())
+    assert report["reasons"]["failed_to_download: scheme not allowed: file"] == 5
+    assert report["reasons"]["failed_to_download: scheme not allowed: (none)"] == 4
+    for scheme in ("ftp", "data", "javascript"):
+        assert report["reasons"][f"failed_to_download: scheme not allowed: {scheme}"] == 1
+    local = hashlib.sha256((curated["root"] / "local.jpg").read_bytes()).hexdigest()
+    for directory in ("download", "shards"):
+        for tar_path in (out / directory).glob("*.tar"):
+            with tarfile.open(tar_path) as tar:
+                names = {m.name for m in tar}
+                assert not any(n.startswith(tuple(table.loc[[r.name for r in hostile], "key"])) for n in names), tar_path
+                assert all(hashlib.sha256(tar.extractfile(m).read()).hexdigest() != local for m in tar if m.isfile())
+    listing = pd.concat([pd.read_parquet(p) for p in (out / "shards").glob("*.parquet") if not p.name.startswith("_")])
+    assert set(listing.loc[listing["name"].str.startswith("scheme-"), "status"]) == {"failed_to_download"}
+
+
+def test_scheme_allow_list_reads_schemes_as_urllib_does():
+    from addpipe.dataprep.config import DownloadConfig
+    from addpipe.dataprep.table import refusal
+
+    web = ["http", "https"]
+    assert refusal("https://example.org/a.jpg", web) is None and refusal("HTTP://example.org/a.jpg", web) is None
+    assert refusal(" <URL:file:///etc/passwd>", web) == "scheme not allowed: file"
+    assert refusal("\x00file:///etc/passwd", web) == "scheme not allowed: '\\x00file'"
+    assert refusal("https://example.org/a.jpg", ["http"]) == "scheme not allowed: https"
+    assert refusal("", web) == refusal("a/b.jpg", web) == "scheme not allowed: (none)"
+    assert DownloadConfig(allowed_schemes=[" HTTPS "]).allowed_schemes == ["https"]
+    with pytest.raises(ValueError, match="allowed_schemes must name at least one"):
+        DownloadConfig(allowed_schemes=[])
+
+
+def test_empty_malformed_and_zero_byte_tables_fail_naming_the_file_before_any_stage(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    pd.DataFrame({"url": pd.Series([], dtype=str), "caption": pd.Series([], dtype=str)}).to_parquet(tables / "empty.parquet")
+    (tables / "header-only.csv").write_text("url,caption\n")
+    (tables / "zero.csv").write_bytes(b"")
+    (tables / "ragged.csv").write_text("url,caption\nhttp://a/1.jpg,one\nhttp://a/2.jpg,two,three,four\n")
+    (tables / "garbage.parquet").write_bytes(os.urandom(300))
+    (tables / "broken.jsonl").write_text('{"url": "http://a/1.jpg", "caption": "x"}\n{"url": \n')
+    expected = {"empty.parquet": "has no rows", "header-only.csv": "has no rows", "zero.csv": "is empty (0 bytes)",
+                "ragged.csv": "cannot read input file", "garbage.parquet": "cannot read input file",
+                "broken.jsonl": "cannot read input file"}
+    for name, message in expected.items():
+        out = tmp_path / ("out-" + name)
+        result = addpipe("prep", "--urls", str(tables / name), "--out", str(out), check=False)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        assert message in result.stderr and str(tables / name) in result.stderr, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "img2dataset" not in result.stderr
+        assert not out.exists(), (name, sorted(p.name for p in out.rglob("*")))
 
 
 def test_embeddings_use_clip_retrievals_layout_and_scores_match_their_definitions(curated):
