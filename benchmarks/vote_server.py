@@ -1,77 +1,135 @@
-"""Benchmark: votes/s and latency percentiles of the rating server under N concurrent clients on loopback.
+"""Benchmark: the rating server under N concurrent raters on loopback, whole vote rounds with the images.
 
-One uvicorn process (what `addpipe eval serve` runs) over SQLite, and over PostgreSQL when Debian's
-package is installed, measured side by side in one run. Each client is one rater voting through its queue
-(GET /api/next, then POST /api/vote with both questions), as the rater page does.
+`addpipe eval serve` runs as its own process (as in a study), over SQLite and, where Debian's package is
+installed, PostgreSQL, measured side by side in one run. Each client is one rater with its own connection
+pool, as a browser is: a round is GET /api/next, both images at once, then POST /api/vote with both
+questions. The round's latency is from the first request to the vote's answer. Any answer other than 200, or
+a failed connection, is an error. Afterwards the database must hold exactly two rows per acknowledged vote.
 
-    .venv/bin/python benchmarks/vote_server.py --clients 1 8 32 --raters 32
+The raters are aiohttp clients in one process on the same machine (`pip install aiohttp`): httpx's async
+client costs about three times the CPU per request, and on two cores the load generator's CPU is taken
+from the server. The CPU each side spent per round is printed with the results.
+
+    .venv/bin/python benchmarks/vote_server.py --clients 50 200 --rounds 10
+    .venv/bin/python benchmarks/vote_server.py --clients 200 --think 1.0   # raters who look for a second
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def run_backend(url: str, study: Path, clients: int, raters: int) -> dict:
-    import httpx
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def rater(session, base: str, token: str, think: float, rounds: list[float], errors: list[str],
+                acknowledged: list[int]) -> None:
+    headers = {"X-Token": token}
+
+    async def image(path: str) -> bytes:
+        async with session.get(base + path) as response:
+            body = await response.read()
+            if response.status != 200 or not body:
+                raise RuntimeError(f"image {response.status}: {body[:200]!r}")
+            return body
+
+    async with session:
+        while True:
+            started = time.perf_counter()
+            try:
+                async with session.get(base + "/api/next", headers=headers) as response:
+                    if response.status != 200:
+                        errors.append(f"next {response.status}: {(await response.text())[:200]}")
+                        return
+                    task = await response.json()
+                if task["finished"]:
+                    return
+                await asyncio.gather(image(task["left"]), image(task["right"]))  # as a browser loads them
+                body = {"pair_id": task["pair_id"], "submission_id": uuid.uuid4().hex,
+                        "answers": {"adherence": "left", "quality": "tie"}, "response_ms": int(1000 * think)}
+                async with session.post(base + "/api/vote", json=body, headers=headers) as response:
+                    if response.status != 200:
+                        errors.append(f"vote {response.status}: {(await response.text())[:200]}")
+                        return
+                acknowledged.append(task["pair_id"])
+            except Exception as error:  # connection refused, reset, timed out, a failed image: an error like any other
+                errors.append(f"{type(error).__name__}: {error}")
+                return
+            rounds.append(time.perf_counter() - started)
+            if think:
+                await asyncio.sleep(think)
+
+
+def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, think: float, threads: int) -> dict:
     from sqlalchemy import func, select
 
-    from addpipe.eval.db import Vote, connect, session_factory
-    from addpipe.eval.server import create_app
+    from addpipe.eval.db import Rater, Vote, connect, session_factory
     from addpipe.eval.study import invite
-    from live_server import ServerThread
+    from live_server import ServeProcess
 
     engine = connect(url)
     with session_factory(engine)() as session:
-        invited = invite(session, study, raters=raters, golden_fraction=0.1)
-    latencies: list[float] = []
-    lock = threading.Lock()
+        invited = invite(session, study, raters=clients, pairs_per_rater=rounds_per_rater, golden_fraction=0.1)
+    server = ServeProcess(study, url, threads).__enter__()
+    process, base = server.process, server.url
+    rounds: list[float] = []
+    errors: list[str] = []
+    acknowledged: list[int] = []
 
-    def rater(token: str) -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            while True:
-                task = client.get("/api/next", headers={"X-Token": token}).json()
-                if task["finished"]:
-                    return
-                body = {"pair_id": task["pair_id"], "submission_id": uuid.uuid4().hex,
-                        "answers": {"adherence": "left", "quality": "tie"}, "response_ms": 1000}
-                started = time.perf_counter()
-                response = client.post("/api/vote", json=body, headers={"X-Token": token})
-                elapsed = time.perf_counter() - started
-                assert response.status_code == 200, response.text
-                with lock:
-                    latencies.append(elapsed)
+    async def everyone() -> float:
+        import aiohttp
 
-    with ServerThread(create_app(study, url), workers_limit=max(64, 2 * clients)) as server:
+        # One session (connection pool) per rater, as each browser has its own, all made before the clock starts.
+        sessions = [aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) for _ in invited]
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            list(pool.map(rater, [r["token"] for r in invited]))
-        wall = time.perf_counter() - started
+        await asyncio.gather(*(rater(session, base, r["token"], think, rounds, errors, acknowledged)
+                               for session, r in zip(sessions, invited)))
+        return time.perf_counter() - started
+
+    server_before, client_before = cpu_seconds(process.pid), sum(os.times()[:2])
+    try:
+        wall = asyncio.run(everyone())
+        server_cpu, client_cpu = cpu_seconds(process.pid) - server_before, sum(os.times()[:2]) - client_before
+    finally:
+        server.__exit__(None, None, None)
     with session_factory(engine)() as session:
         stored = session.scalar(select(func.count(Vote.id)))
+        expected = session.scalar(select(func.sum(Rater.quota)))
     engine.dispose()
-    latencies.sort()
-    return {"votes": len(latencies), "stored_rows": stored, "votes_per_s": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))]}
+    rounds.sort()
+    return {"clients": clients, "rounds": len(rounds), "expected_rounds": expected, "errors": len(errors),
+            "first_errors": errors[:3], "stored_rows": stored, "acknowledged_votes": len(acknowledged),
+            "rounds_per_s": len(rounds) / wall, "wall_s": wall,
+            "server_cpu_ms_per_round": 1000 * server_cpu / max(1, len(rounds)),
+            "client_cpu_ms_per_round": 1000 * client_cpu / max(1, len(rounds)),
+            "p50_ms": 1000 * statistics.median(rounds) if rounds else None,
+            "p99_ms": 1000 * rounds[int(0.99 * (len(rounds) - 1))] if rounds else None,
+            "max_ms": 1000 * rounds[-1] if rounds else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--raters", type=int, default=32)
+    parser.add_argument("--clients", type=int, nargs="+", default=[50, 200], help="Concurrent raters (one run each)")
+    parser.add_argument("--rounds", type=int, default=10, help="Regular pairs per rater (golden pairs come on top)")
+    parser.add_argument("--think", type=float, default=0.0, help="Seconds each rater waits between rounds")
+    parser.add_argument("--threads", type=int, default=8, help="The server's --threads")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here")
     args = parser.parse_args()
 
     from live_server import PostgresServer
@@ -81,23 +139,32 @@ def main() -> None:
     backends = ["sqlite"] + (["postgresql"] if postgres.available() else [])
     if "postgresql" in backends:
         postgres.__enter__()
-    rows = []
+    results = []
     try:
         for clients in args.clients:
             for backend in backends:
                 work = Path(tempfile.mkdtemp(prefix="vote_bench_"))
                 study = write_study(work / "study")
                 url = f"sqlite:///{study / 'votes.db'}" if backend == "sqlite" else postgres.create_database(f"bench_{uuid.uuid4().hex[:8]}")
-                result = run_backend(url, study, clients, max(args.raters, clients))
-                assert result["stored_rows"] == 2 * result["votes"], result  # nothing lost, nothing doubled
-                rows.append((clients, backend, result))
-                print(f"{clients:3d} clients  {backend:10s}  {result['votes_per_s']:7.1f} votes/s  p50 {result['p50_ms']:6.1f} ms  "
-                      f"p99 {result['p99_ms']:6.1f} ms  ({result['votes']} votes)", flush=True)
+                result = {"backend": backend, **run_backend(url, study, clients, args.rounds, args.think, args.threads)}
+                results.append(result)
+                intact = result["stored_rows"] == 2 * result["acknowledged_votes"]
+                print(f"{clients:4d} raters  {backend:10s}  {result['rounds_per_s']:7.1f} rounds/s  p50 {result['p50_ms']:7.1f} ms  "
+                      f"p99 {result['p99_ms']:7.1f} ms  max {result['max_ms']:7.1f} ms  errors {result['errors']}  "
+                      f"rounds {result['rounds']}/{result['expected_rounds']}  votes stored once: {intact}  "
+                      f"cpu ms/round: server {result['server_cpu_ms_per_round']:.1f} clients {result['client_cpu_ms_per_round']:.1f}",
+                      flush=True)
+                for error in result["first_errors"]:
+                    print(f"      {error}")
     finally:
         if "postgresql" in backends:
             postgres.__exit__(None, None, None)
-    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
-          "server and clients share the machine")
+    machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
+               "server and clients share the machine")
+    print(f"machine: {machine}; think time {args.think} s; server threads {args.threads}")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "think_s": args.think, "threads": args.threads,
+                                         "results": results}, indent=2))
 
 
 if __name__ == "__main__":

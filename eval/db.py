@@ -17,6 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 QUESTIONS = ("adherence", "quality")
+# The largest id any table holds: PostgreSQL's INTEGER (SQLite's is 64-bit); ids outside it are refused up front.
+MAX_ID = 2**31 - 1
 QUESTION_TEXT = {
     "adherence": "Which image follows the prompt better?",
     "quality": "Which image looks better (quality, realism, no artefacts)?",
@@ -91,11 +93,12 @@ def default_url(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'votes.db'}"
 
 
-def connect(url: str) -> Engine:
-    """An engine for `url`, tables created if missing. SQLite gets WAL and a busy timeout so concurrent
-    voters wait for the write lock instead of failing."""
+def connect(url: str, pool_size: int = 8) -> Engine:
+    """An engine for `url`, tables created if missing, with `pool_size` connections (the rating server sizes it to
+    its worker threads). SQLite gets WAL and a busy timeout so concurrent voters wait for the write lock instead
+    of failing."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=16, max_overflow=32)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=pool_size, max_overflow=4)
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection, _record) -> None:
@@ -105,7 +108,7 @@ def connect(url: str) -> Engine:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
     else:
-        engine = create_engine(url, pool_size=16, max_overflow=32, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=pool_size, max_overflow=4, pool_pre_ping=False)
     Base.metadata.create_all(engine)
     return engine
 

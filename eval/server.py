@@ -3,11 +3,20 @@
 Raters open `/rate/<token>`; the page asks `/api/next` for their next pair and posts `/api/vote`.
 Images are served by pair and side, never by arm, so nothing in the page or its URLs names a model.
 Every request that cannot be honoured is a 4xx with a `detail` message and leaves the database as it was.
+
+Concurrency (sized so that 200 raters at once never wait on the pool):
+- Every handler is a plain function run in AnyIO's worker threads, `threads` of them at most, and opens its
+  database session inside its body, so a connection is held only while the handler runs: at most `threads`
+  connections are ever checked out, and the pool has that many plus a margin.
+- An image request uses no connection at all once /api/next has shown the pair (eval/access.py keeps the grant),
+  and one indexed lookup otherwise; the file is sent afterwards by the event loop, with no session open.
+- SQLite writers queue on a lock in the process instead of sleeping in SQLite's busy handler.
+- Request bodies are counted as they arrive and refused past the limit without reading the rest.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
 import html
 import io
 import socket
@@ -16,151 +25,212 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI, Header, HTTPException, Path as PathParam, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from addpipe.eval.db import QUESTION_TEXT, QUESTIONS, Assignment, Pair, Rater, Setting, Vote, connect, session_factory, utcnow
-from addpipe.eval.ratings import rater_accuracy
+from addpipe.eval import rounds
+from addpipe.eval.access import Access, AccessDenied
+from addpipe.eval.admin import admin_stats, page_arguments, render_page
+from addpipe.eval.db import MAX_ID, QUESTION_TEXT, QUESTIONS, Setting, connect, session_factory, utcnow
 from addpipe.eval.votes import votes_frame
 
 MAX_BODY_BYTES = 4096
+DEFAULT_THREADS = 8
 PAGE = (Path(__file__).parent / "static" / "rate.html").read_text()
+ID = PathParam(ge=1, le=MAX_ID)
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
 class VoteBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    pair_id: int = Field(ge=1)
+    # strict: JSON true is not pair 1, "7" is not 7
+    model_config = ConfigDict(extra="forbid", strict=True)
+    pair_id: int = Field(ge=1, le=MAX_ID)
     submission_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     answers: dict[Literal["adherence", "quality"], Literal["left", "right", "tie"]]
     response_ms: Optional[int] = Field(default=None, ge=0, le=24 * 3600 * 1000)
 
 
-def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTIONS) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 as soon as the limit is passed, by the
+    declared Content-Length or by what arrives (chunked bodies too), without reading the rest into memory."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._refuse(send)
+        received: list[dict] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                received.append(message)
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(send)
+            received.append(message)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = f'{{"detail": "request body larger than {self.limit} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def invite_page(status: int, title: str, message: str) -> HTMLResponse:
+    return HTMLResponse(
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Image comparison</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:40rem;margin:3rem auto;padding:0 1rem;color:#222}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p></body></html>", status_code=status)
+
+
+def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTIONS, threads: int = DEFAULT_THREADS) -> FastAPI:
     study_dir = Path(study_dir).resolve()
-    engine = connect(db_url)
+    # Handlers never hold more than one session each, and at most `threads` run at once.
+    engine = connect(db_url, pool_size=threads + 4)
     sessions = session_factory(engine)
-    app = FastAPI(title="addpipe rating server", docs_url=None, redoc_url=None, openapi_url=None)
+    access = Access(engine, study_dir)
+    question_list = [{"id": q, "text": QUESTION_TEXT[q]} for q in questions]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="addpipe rating server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        # Refuse oversized bodies before parsing them: by the declared length, or by what actually arrives.
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-        if request.method == "POST":
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
-
-    def db():
-        with sessions() as session:
-            yield session
-
-    def rater_for(token: Optional[str], session: Session) -> Rater:
-        rater = session.scalar(select(Rater).where(Rater.token == token)) if token else None
-        if rater is None:
-            raise HTTPException(401, "unknown invite token")
-        if rater.revoked:
-            raise HTTPException(403, "this invite has been withdrawn")
-        return rater
-
-    def progress(session: Session, rater: Rater) -> int:
-        return session.scalar(select(func.count(func.distinct(Vote.pair_id))).where(Vote.rater_id == rater.id)) or 0
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError):
+        # FastAPI's default echoes the input back; a short reason per field is enough and never reflects a large body.
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"detail": reasons or "invalid request"}, status_code=422)
 
     def require_admin(token: Optional[str], session: Session) -> None:
         setting = session.get(Setting, "admin_token")
         if setting is None or not token or token != setting.value:
             raise HTTPException(401, "unknown admin token")
 
+    def invite_of(token: Optional[str], connection: Connection):
+        try:
+            return access.invite(token, connection)
+        except AccessDenied as denied:
+            raise HTTPException(denied.status, str(denied)) from None
+
     @app.get("/rate/{token}", response_class=HTMLResponse)
-    def page(token: str, session: Session = Depends(db)):
-        rater_for(token, session)
+    def page(token: str):
+        with engine.connect() as connection:
+            try:
+                access.invite(token, connection)
+            except AccessDenied as denied:
+                if denied.status == 403:
+                    return invite_page(403, "This invite has been withdrawn",
+                                       "The study lead has withdrawn this invite link. Thank you for your help so far.")
+                return invite_page(401, "This invite link is not valid",
+                                   "Check that the whole link was copied; if it was, ask the study lead for a new one.")
         return HTMLResponse(PAGE.replace("__TOKEN__", html.escape(token)))
 
     @app.get("/api/next")
-    def next_pair(x_token: Optional[str] = Header(None), session: Session = Depends(db)):
-        rater = rater_for(x_token, session)
-        done = progress(session, rater)
-        voted = select(Vote.pair_id).where(Vote.rater_id == rater.id)
-        assignment = session.scalar(select(Assignment).where(Assignment.rater_id == rater.id, Assignment.pair_id.not_in(voted))
-                                    .order_by(Assignment.position).limit(1))
-        if assignment is None:
-            return {"finished": True, "done": done, "total": rater.quota}
-        pair = session.get(Pair, assignment.pair_id)
-        if assignment.shown_at is None:
-            assignment.shown_at = utcnow()
-            session.commit()
-        return {"finished": False, "done": done, "total": rater.quota, "pair_id": pair.id, "prompt": pair.prompt,
-                "left": f"/api/image/{pair.id}/left?token={rater.token}", "right": f"/api/image/{pair.id}/right?token={rater.token}",
-                "questions": [{"id": q, "text": QUESTION_TEXT[q]} for q in questions]}
+    def next_pair(x_token: Optional[str] = Header(None)):
+        with engine.connect() as connection:
+            rater = invite_of(x_token, connection)
+            done = rounds.progress(connection, rater.id)
+            row = rounds.next_assignment(connection, rater.id)
+            if row is None:
+                return JSONResponse({"finished": True, "done": done, "total": rater.quota})
+            if row.shown_at is None:
+                with access.writing():
+                    rounds.mark_shown(connection, row.id, utcnow())
+                    connection.commit()
+        access.grant(rater.token, row.pair_id, row.a_on_left, row.image_a, row.image_b)
+        # A JSONResponse is returned as it is; a dict would go through FastAPI's encoder, which costs more here.
+        return JSONResponse({"finished": False, "done": done, "total": rater.quota, "pair_id": row.pair_id, "prompt": row.prompt,
+                             "left": f"/api/image/{row.pair_id}/left?token={rater.token}",
+                             "right": f"/api/image/{row.pair_id}/right?token={rater.token}", "questions": question_list})
 
     @app.get("/api/image/{pair_id}/{side}")
-    def image(pair_id: int, side: Literal["left", "right"], token: Optional[str] = None, session: Session = Depends(db)):
-        rater = rater_for(token, session)
-        assignment = session.scalar(select(Assignment).where(Assignment.rater_id == rater.id, Assignment.pair_id == pair_id))
-        if assignment is None:
-            raise HTTPException(404, f"unknown pair {pair_id}")
-        pair = session.get(Pair, pair_id)
-        show_a = assignment.a_on_left == (side == "left")
-        path = (study_dir / (pair.image_a if show_a else pair.image_b)).resolve()
-        if study_dir not in path.parents or not path.is_file():
+    def image(side: Literal["left", "right"], pair_id: int = ID, token: Optional[str] = None):
+        try:
+            path = access.image(token, pair_id, side)  # no database once /api/next has shown the pair
+        except AccessDenied as denied:
+            raise HTTPException(denied.status, str(denied)) from None
+        if path is None:
             raise HTTPException(404, "image missing from the study directory")
-        return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+        try:
+            # Read here, in the handler's worker thread: study images are small, and FileResponse would hop to a
+            # worker thread again for each of stat, open, read and close (four hand-offs per image under load).
+            content = path.read_bytes()
+        except OSError:
+            raise HTTPException(404, "image missing from the study directory") from None
+        return Response(content, media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/vote")
-    def vote(body: VoteBody, x_token: Optional[str] = Header(None), session: Session = Depends(db)):
-        rater = rater_for(x_token, session)
-        if set(body.answers) != set(questions):
-            raise HTTPException(422, f"answers must cover exactly the questions {list(questions)}")
-        assignment = session.scalar(select(Assignment).where(Assignment.rater_id == rater.id, Assignment.pair_id == body.pair_id))
-        if assignment is None:
-            raise HTTPException(404, f"unknown pair {body.pair_id} for this invite")
-        previous = session.scalar(select(Vote).where(Vote.rater_id == rater.id, Vote.pair_id == body.pair_id).limit(1))
-        if previous is not None:
-            same = previous.submission_id == body.submission_id
-            raise HTTPException(409, "this submission was already recorded" if same else "this pair already has your vote")
-        for question, side in body.answers.items():
-            choice = "tie" if side == "tie" else ("a" if (side == "left") == assignment.a_on_left else "b")
-            session.add(Vote(rater_id=rater.id, pair_id=body.pair_id, question=question, choice=choice, side=side,
-                             submission_id=body.submission_id, response_ms=body.response_ms))
-        try:
-            session.commit()
-        except IntegrityError:  # a concurrent duplicate won the race: the database kept exactly one
-            session.rollback()
-            raise HTTPException(409, "this pair already has your vote")
-        return {"recorded": len(body.answers), "done": progress(session, rater), "total": rater.quota}
+    def vote(body: VoteBody, x_token: Optional[str] = Header(None)):
+        with engine.connect() as connection:
+            rater = invite_of(x_token, connection)
+            if set(body.answers) != set(questions):
+                raise HTTPException(422, f"answers must cover exactly the questions {list(questions)}")
+            assignment = rounds.assignment(connection, rater.id, body.pair_id)
+            if assignment is None:
+                raise HTTPException(404, f"unknown pair {body.pair_id} for this invite")
+            if assignment.previous is not None:
+                raise HTTPException(409, "this submission was already recorded" if assignment.previous == body.submission_id
+                                    else "this pair already has your vote")
+            if assignment.shown_at is None:
+                # Only /api/next shows a pair: a vote for one still waiting in the queue was cast without seeing it.
+                raise HTTPException(409, f"pair {body.pair_id} has not been shown to you yet")
+            rows = rounds.vote_rows(rater.id, body.pair_id, body.answers, assignment.a_on_left, body.submission_id,
+                                    body.response_ms, utcnow())
+            try:
+                with access.writing():
+                    rounds.insert_votes(connection, rows)
+                    connection.commit()
+            except IntegrityError:  # a concurrent duplicate won the race: the database kept exactly one
+                connection.rollback()
+                raise HTTPException(409, "this pair already has your vote") from None
+            return JSONResponse({"recorded": len(rows), "done": rounds.progress(connection, rater.id), "total": rater.quota})
 
     @app.get("/admin/{token}", response_class=HTMLResponse)
-    def admin_page(token: str, session: Session = Depends(db)):
-        require_admin(token, session)
-        stats = admin_stats(session)
-        rows = "".join(admin_row(r) for r in stats["raters"])
-        return HTMLResponse(
-            f"<!doctype html><html><head><meta charset='utf-8'><title>Study admin</title>"
-            f"<style>body{{font-family:system-ui,sans-serif;margin:2rem}}td,th{{padding:.2rem .8rem;border-bottom:1px solid #ddd}}</style></head>"
-            f"<body><h1>Study progress</h1><p id='summary'>{stats['pairs_rated']} of {stats['pairs_assigned']} assigned pairs rated "
-            f"({stats['votes']} votes) by {stats['active_raters']} of {len(stats['raters'])} raters.</p>"
-            f"<p><a href='/api/admin/votes.csv?token={html.escape(token)}'>votes.csv</a> · "
-            f"<a href='/api/admin/votes.jsonl?token={html.escape(token)}'>votes.jsonl</a></p>"
-            f"<table><tr><th>rater</th><th>progress</th><th>golden votes</th><th>golden accuracy</th><th>median s / pair</th><th></th></tr>"
-            f"{rows}</table></body></html>")
+    def admin_page(token: str, sort: Optional[str] = None, order: Optional[str] = None, page: Optional[int] = None,
+                   per_page: Optional[int] = None):
+        with sessions() as session:
+            require_admin(token, session)
+            stats = admin_stats(session)
+        return HTMLResponse(render_page(stats, token, *page_arguments(sort, order, page, per_page)))
 
     @app.get("/api/admin/stats")
-    def stats(token: Optional[str] = None, x_token: Optional[str] = Header(None), session: Session = Depends(db)):
-        require_admin(x_token or token, session)
-        return admin_stats(session)
+    def stats(token: Optional[str] = None, x_token: Optional[str] = Header(None)):
+        with sessions() as session:
+            require_admin(x_token or token, session)
+            return admin_stats(session)
 
     @app.get("/api/admin/votes.{fmt}")
-    def export(fmt: Literal["csv", "jsonl"], token: Optional[str] = None, x_token: Optional[str] = Header(None),
-               session: Session = Depends(db)):
-        require_admin(x_token or token, session)
-        frame = votes_frame(session)
+    def export(fmt: Literal["csv", "jsonl"], token: Optional[str] = None, x_token: Optional[str] = Header(None)):
+        with sessions() as session:
+            require_admin(x_token or token, session)
+            frame = votes_frame(session)
         buffer = io.StringIO()
         if fmt == "csv":
             frame.to_csv(buffer, index=False)
@@ -169,33 +239,6 @@ def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTI
         return Response(buffer.getvalue(), media_type="application/x-ndjson")
 
     return app
-
-
-def admin_row(rater: dict) -> str:
-    accuracy = "" if rater["golden_accuracy"] is None else f"{100 * rater['golden_accuracy']:.0f}%"
-    seconds = "" if rater["median_response_s"] is None else f"{rater['median_response_s']:.1f}"
-    cells = [html.escape(rater["name"]), f"{rater['pairs_rated']} / {rater['quota']}", str(rater["golden_votes"]), accuracy,
-             seconds, "withdrawn" if rater["revoked"] else ""]
-    return "<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
-
-
-def admin_stats(session: Session) -> dict:
-    frame = votes_frame(session)
-    raters = session.scalars(select(Rater).order_by(Rater.id)).all()
-    accuracy = rater_accuracy(frame) if len(frame) else None
-    out = []
-    for rater in raters:
-        mine = frame[frame["rater"] == rater.name]
-        golden_votes = int(accuracy.loc[rater.name, "golden_votes"]) if accuracy is not None and rater.name in accuracy.index else 0
-        golden_accuracy = (float(accuracy.loc[rater.name, "golden_accuracy"])
-                           if golden_votes and accuracy is not None else None)
-        per_pair = mine.drop_duplicates("pair_id")["response_ms"].dropna()
-        out.append({"name": rater.name, "quota": rater.quota, "pairs_rated": int(mine["pair_id"].nunique()),
-                    "votes": int(len(mine)), "golden_votes": golden_votes, "golden_accuracy": golden_accuracy,
-                    "median_response_s": float(per_pair.median()) / 1000 if len(per_pair) else None, "revoked": rater.revoked})
-    return {"votes": int(len(frame)), "pairs_rated": sum(r["pairs_rated"] for r in out),
-            "pairs_assigned": sum(r["quota"] for r in out), "active_raters": sum(1 for r in out if r["votes"]),
-            "raters": out, "generated_at": dt.datetime.now(dt.timezone.utc).isoformat()}
 
 
 def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -211,12 +254,12 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 class ServerThread:
     """A uvicorn server for `app` on 127.0.0.1 (a free port), in a daemon thread."""
 
-    def __init__(self, app, workers_limit: int = 64):
+    def __init__(self, app):
         import uvicorn
 
         self.socket = listening_socket("127.0.0.1", 0)
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", limit_concurrency=workers_limit, timeout_keep_alive=30)
+        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -239,10 +282,13 @@ class ServerThread:
         self.socket.close()
 
 
-def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, threads: int = DEFAULT_THREADS,
+          access_log: bool = True) -> None:
     """`addpipe eval serve`: run the rating server until interrupted."""
     import uvicorn
 
     sock = listening_socket(host, port)
     print(f"rating server on http://{host}:{sock.getsockname()[1]} (invite links: {Path(study_dir) / 'invites.csv'})", flush=True)
-    uvicorn.Server(uvicorn.Config(create_app(study_dir, db_url), log_level="info")).run(sockets=[sock])
+    config = uvicorn.Config(create_app(study_dir, db_url, threads=threads), log_level="info", access_log=access_log,
+                            timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])

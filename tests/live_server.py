@@ -6,11 +6,54 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 from addpipe.eval.server import ServerThread  # noqa: F401 (re-exported for the tests)
+
+
+class ServeProcess:
+    """`addpipe eval serve` in its own process on a free loopback port, as a study runs it; stopped by PID."""
+
+    def __init__(self, study: Path, db_url: str, threads: Optional[int] = None):
+        self.study, self.db_url, self.threads = Path(study), db_url, threads
+        self.process: Optional[subprocess.Popen] = None
+        self.port: Optional[int] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "ServeProcess":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        command = [sys.executable, "-m", "addpipe.pipeline", "eval", "serve", "--study", str(self.study), "--db", self.db_url,
+                   "--port", str(self.port), "--no-access-log"] + (["--threads", str(self.threads)] if self.threads else [])
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"eval serve exited: {self.process.stderr.read().decode()[-2000:]}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        self.process.kill()
+        raise RuntimeError("eval serve did not start within 60 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def _as_postgres(command: list[str]) -> list[str]:

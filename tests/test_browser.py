@@ -88,3 +88,49 @@ def test_headless_chromium_completes_a_rater_session(tmp_path, browser):
             assert v.choice == ("tie" if side == "tie" else ("a" if (side == "left") == a_on_left else "b"))
             assert v.response_ms is not None and v.response_ms >= 0
         assert session.scalar(select(Rater.name)) == rater["name"]
+
+
+class FlakyNext:
+    """ASGI wrapper: the first `failures` requests to /api/next get a plain-text 500, as a crashed worker behind a
+    proxy would answer; everything else reaches the real app."""
+
+    def __init__(self, app, failures: int):
+        self.app, self.failures, self.refused = app, failures, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/api/next" and self.refused < self.failures:
+            self.refused += 1
+            await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"Internal Server Error"})
+            return
+        await self.app(scope, receive, send)
+
+
+def test_the_page_says_what_failed_and_retries_instead_of_hanging(tmp_path, browser):
+    """A non-JSON 500 from /api/next is shown to the rater and retried; the pair then appears and can be rated.
+    A wrong invite link shows a page, not raw JSON."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    directory = write_study(tmp_path / "study")
+    url = f"sqlite:///{directory / 'votes.db'}"
+    sessions = session_factory(connect(url))
+    with sessions() as session:
+        rater = invite(session, directory, raters=1, pairs_per_rater=1, golden_fraction=0.0)[0]
+    flaky = FlakyNext(create_app(directory, url), failures=2)
+    wait = WebDriverWait(browser, 30)
+    with ServerThread(flaky) as server:
+        browser.get(f"{server.url}/rate/{rater['token']}")
+        wait.until(lambda d: "Could not load the next pair (the server answered 500" in d.find_element(By.ID, "message").text)
+        assert "trying again" in browser.find_element(By.ID, "message").text
+        wait.until(lambda d: d.find_element(By.ID, "prompt").text.strip() != "")  # recovered on its own
+        assert flaky.refused == 2 and browser.find_element(By.ID, "message").text == ""
+        for question in ("adherence", "quality"):
+            browser.find_element(By.CSS_SELECTOR, f'button.answer[data-question="{question}"][data-answer="left"]').click()
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda d: d.find_element(By.ID, "done").is_displayed())
+
+        browser.get(f"{server.url}/rate/not-a-real-token")
+        assert "This invite link is not valid" in browser.find_element(By.TAG_NAME, "h1").text
+    with sessions() as session:
+        assert len(session.scalars(select(Vote)).all()) == 2

@@ -5,11 +5,12 @@ nothing counted twice), SQL-injection text stored literally, admin statistics an
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
-import threading
+import socket
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -133,7 +134,22 @@ def test_bad_requests_are_4xx_with_a_message_and_change_nothing(study):
         with study["sessions"]() as session:
             foreign = session.scalar(select(Assignment.pair_id).where(Assignment.rater_id == 2, Assignment.pair_id.not_in(
                 select(Assignment.pair_id).where(Assignment.rater_id == 1))))
+        with study["sessions"]() as session:  # a pair still waiting in this rater's queue: never shown
+            waiting = session.scalar(select(Assignment.pair_id).where(Assignment.rater_id == 1, Assignment.shown_at.is_(None))
+                                     .order_by(Assignment.position).limit(1))
         cases = [
+            (post_vote(client, token, waiting), 409, "has not been shown to you yet"),
+            (post_vote(client, token, 2**31), 422, "less than or equal"),
+            (post_vote(client, token, 2**63), 422, "less than or equal"),
+            (post_vote(client, token, 10**30), 422, ""),
+            (post_vote(client, token, True), 422, "valid integer"),
+            (post_vote(client, token, "1"), 422, "valid integer"),
+            (post_vote(client, token, 1.0), 422, "valid integer"),
+            (post_vote(client, token, pair_id, response_ms=True), 422, "valid integer"),
+            (post_vote(client, token, pair_id, submission="x" * 8 + "/" * 4), 422, "pattern"),
+            (client.get(f"/api/image/{2**31}/left?token={token}"), 422, "less than or equal"),
+            (client.get(f"/api/image/{2**63}/left?token={token}"), 422, ""),
+            (client.get(f"/api/image/0/left?token={token}"), 422, "greater than or equal"),
             (post_vote(client, token, 999_999), 404, "unknown pair"),
             (post_vote(client, "forged-token-0000", pair_id), 401, "unknown invite token"),
             (post_vote(client, "' OR '1'='1", pair_id), 401, "unknown invite token"),
@@ -152,46 +168,102 @@ def test_bad_requests_are_4xx_with_a_message_and_change_nothing(study):
             (client.get(f"/api/image/999999/left?token={token}"), 404, "unknown pair"),
             (client.get(f"/api/image/{pair_id}/middle?token={token}"), 422, ""),
             (client.get("/api/admin/stats", headers={"X-Token": token}), 401, "unknown admin token"),
-            (client.get("/rate/forged"), 401, "unknown invite token"),
         ]
         for response, status, message in cases:
             assert response.status_code == status, (response.request.url, response.status_code, response.text)
             assert message in response.json()["detail"] if message else "detail" in response.json()
         assert vote_count(study) == before
+        page = client.get("/rate/forged")  # a person opened it: a page, not JSON
+        assert page.status_code == 401 and page.headers["content-type"].startswith("text/html")
+        assert "This invite link is not valid" in page.text and "detail" not in page.text
         # a finished (spent) invite can vote no more, and a withdrawn one is refused
         with study["sessions"]() as session:
             rater = session.scalar(select(Rater).where(Rater.token == other))
             rater.revoked = True
             session.commit()
+        time.sleep(1.1)  # the server re-reads withdrawals at most once a second
         response = post_vote(client, other, pair_id)
         assert response.status_code == 403 and "withdrawn" in response.json()["detail"]
+        assert client.get("/api/next", headers={"X-Token": other}).status_code == 403
+        page = client.get(f"/rate/{other}")
+        assert page.status_code == 403 and "This invite has been withdrawn" in page.text
         assert vote_count(study) == before
 
 
-def test_many_concurrent_voters_with_retries_lose_and_double_count_nothing(study):
-    raters = study["raters"]
-    with study["sessions"]() as session:
-        queues = {r["token"]: session.scalars(select(Assignment.pair_id).join(Rater).where(Rater.token == r["token"])
-                                              .order_by(Assignment.position)).all() for r in raters}
-    jobs = [(token, pair_id, uuid.uuid4().hex) for token, queue in queues.items() for pair_id in queue]
-    statuses: list[int] = []
-    lock = threading.Lock()
+def test_oversized_chunked_body_is_refused_without_reading_it(study):
+    """A chunked body with no declared length is cut off at the limit: the 413 comes while the client is still
+    sending (it never finishes the body here), so the server cannot have read it all into memory."""
+    token = study["raters"][0]["token"]
+    host, port = study["server"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /api/vote HTTP/1.1\r\nHost: {host}\r\nX-Token: {token}\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"x" * 1024
+        for _ in range(6):  # 6 KiB, over the 4 KiB limit; the terminating chunk is never sent
+            sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        answer = sock.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 413") and "larger than 4096 bytes" in answer
 
-    def send(job):
-        token, pair_id, submission = job
-        with httpx.Client(base_url=study["server"], timeout=60) as client:
-            for _ in range(2):  # every submission is sent twice, as a client retrying after a lost response would
-                status = post_vote(client, token, pair_id, submission=submission).status_code
-                with lock:
-                    statuses.append(status)
 
-    with ThreadPoolExecutor(max_workers=24) as pool:
-        list(pool.map(send, jobs))
-    assert statuses.count(200) == len(jobs) and statuses.count(409) == len(jobs) and len(statuses) == 2 * len(jobs)
-    assert vote_count(study) == 2 * len(jobs)
-    with study["sessions"]() as session:
-        pairs = session.execute(select(Vote.rater_id, Vote.pair_id, Vote.question)).all()
-    assert len(set(pairs)) == len(pairs)
+def test_two_hundred_raters_fetching_images_and_voting_at_once_lose_nothing(tmp_path, postgres):
+    """200 raters against `addpipe eval serve` in its own process, each a browser: next pair, both images at once,
+    then the vote, sent twice (a retry after a lost answer) and, every third round, twice at the same moment.
+    No request fails; every acknowledged vote is stored exactly once; replays are answered 409."""
+    import asyncio
+
+    from live_server import ServeProcess
+
+    for backend in ("sqlite", "postgresql"):
+        if backend == "postgresql" and postgres is None:
+            continue  # the SQLite run above still counts; test_bad_requests reports the missing PostgreSQL
+        directory = write_study(tmp_path / backend)
+        url = f"sqlite:///{directory / 'votes.db'}" if backend == "sqlite" else postgres.create_database("many_" + uuid.uuid4().hex[:10])
+        engine = connect(url)
+        with session_factory(engine)() as session:
+            raters = invite(session, directory, raters=200, pairs_per_rater=3, golden_fraction=0.3)
+            quotas = dict(session.execute(select(Rater.token, Rater.quota)).all())
+        statuses: list[tuple[str, int]] = []
+        acknowledged: list[tuple[str, int]] = []
+
+        async def rater(client, token):
+            headers = {"X-Token": token}
+            for round_index in range(quotas[token] + 1):
+                task = (await client.get("/api/next", headers=headers))
+                statuses.append(("next", task.status_code))
+                task = task.json()
+                if task["finished"]:
+                    return
+                images = await asyncio.gather(client.get(task["left"]), client.get(task["right"]))
+                statuses.extend(("image", r.status_code) for r in images)
+                assert all(r.content[:8] == b"\x89PNG\r\n\x1a\n" for r in images)
+                body = {"pair_id": task["pair_id"], "submission_id": uuid.uuid4().hex,
+                        "answers": {"adherence": "left", "quality": "tie"}}
+                if round_index % 3 == 0:  # the same submission twice at once: one 200, one 409
+                    answers = await asyncio.gather(*(client.post("/api/vote", json=body, headers=headers) for _ in range(2)))
+                else:
+                    answers = [await client.post("/api/vote", json=body, headers=headers)]
+                    answers.append(await client.post("/api/vote", json=body, headers=headers))
+                codes = sorted(r.status_code for r in answers)
+                statuses.append(("vote", codes[0]))
+                assert codes == [200, 409], (codes, [r.text for r in answers])
+                acknowledged.append((token, task["pair_id"]))
+
+        async def everyone(base):
+            clients = [httpx.AsyncClient(base_url=base, timeout=120, verify=False) for _ in raters]
+            try:
+                await asyncio.gather(*(rater(c, r["token"]) for c, r in zip(clients, raters)))
+            finally:
+                await asyncio.gather(*(c.aclose() for c in clients))
+
+        with ServeProcess(directory, url) as server:
+            asyncio.run(everyone(server.url))
+        assert {code for _, code in statuses} == {200}, [s for s in statuses if s[1] != 200][:5]
+        assert len(acknowledged) == sum(quotas.values()) == len(set(acknowledged))
+        with session_factory(engine)() as session:
+            stored = session.execute(select(Rater.token, Vote.pair_id, Vote.question).join(Rater)).all()
+        assert len(stored) == 2 * len(acknowledged) and len(set(stored)) == len(stored)
+        assert {(t, p) for t, p, _ in stored} == set(acknowledged)
+        engine.dispose()
 
 
 def test_injection_text_is_stored_and_served_literally(study):
@@ -217,6 +289,9 @@ def test_admin_page_statistics_and_exports(study):
         golden = session.execute(select(Pair.id, Pair.expected_quality, Pair.expected_adherence, Assignment.a_on_left)
                                  .join(Assignment, Assignment.pair_id == Pair.id).join(Rater)
                                  .where(Rater.token == token, Pair.golden.is_(True))).all()
+        for assignment in session.scalars(select(Assignment).join(Rater).where(Rater.token == token)):
+            assignment.shown_at = assignment.shown_at or dt.datetime(2026, 1, 1)  # as if /api/next had shown them
+        session.commit()
     with httpx.Client(base_url=study["server"]) as client:
         for pair_id, expected_quality, expected_adherence, a_on_left in golden:
             correct = "left" if a_on_left else "right"  # the expected answer is always arm a
@@ -232,3 +307,48 @@ def test_admin_page_statistics_and_exports(study):
         lines = client.get("/api/admin/votes.jsonl", params={"token": admin}).text.splitlines()
         assert len(rows) == len(lines) == 2 * len(golden)
         assert {row["golden"] for row in rows} == {"True"}
+
+
+def test_admin_page_sorts_pages_and_flags_raters_who_fail_the_golden_screen(study):
+    """Two raters answer their golden pairs wrongly through the rating flow, one rightly: the page says how many
+    fail, highlights exactly them, sorts by any column both ways, pages a long rater list and explains its columns."""
+    import re
+
+    admin = (study["dir"] / "admin.txt").read_text().strip().rsplit("/", 1)[1]
+    with study["sessions"]() as session:
+        invite(session, study["dir"], raters=26, pairs_per_rater=2, golden_fraction=0.0)  # 30 raters in all
+    with httpx.Client(base_url=study["server"]) as client:
+        for rater, right in zip(study["raters"][:3], (False, False, True)):
+            token = rater["token"]
+            task = client.get("/api/next", headers={"X-Token": token}).json()
+            while not task["finished"]:
+                with study["sessions"]() as session:
+                    pair, a_on_left = session.execute(select(Pair, Assignment.a_on_left).join(Assignment).join(Rater).where(
+                        Rater.token == token, Pair.id == task["pair_id"])).one()
+                expected_side = "left" if a_on_left else "right"
+                wrong_side = "right" if a_on_left else "left"
+                side = (expected_side if right else wrong_side) if pair.golden else "tie"
+                assert post_vote(client, token, task["pair_id"], {"adherence": side, "quality": side}).status_code == 200
+                task = client.get("/api/next", headers={"X-Token": token}).json()
+
+        page = client.get(f"/admin/{admin}", params={"per_page": 25})
+        assert page.status_code == 200
+        assert "2 rater(s) fail the golden-pair screen" in page.text
+        failing = set(re.findall(r"<tr class='fails'><td>([^<]+)</td>", page.text))
+        assert failing == {study["raters"][0]["name"], study["raters"][1]["name"]}
+        assert len(re.findall(r"<tr class='[a-z]*'>", page.text)) == 25  # page 1 of 2
+        second = client.get(f"/admin/{admin}", params={"per_page": 25, "page": 2}).text
+        assert len(re.findall(r"<tr class='[a-z]*'>", second)) == 5
+        for column in ("golden accuracy", "median s / pair", "progress"):
+            assert f"<dt>{column}</dt>" in page.text  # the columns are explained
+
+        by_accuracy = client.get(f"/admin/{admin}", params={"sort": "golden_accuracy", "order": "asc"}).text
+        names = re.findall(r"<tr class='[a-z]*'><td>([^<]+)</td>", by_accuracy)
+        assert set(names[:2]) == failing and names[2] == study["raters"][2]["name"]  # 0%, 0%, 100%, then unscreened
+        descending = re.findall(r"<tr class='[a-z]*'><td>([^<]+)</td>",
+                                client.get(f"/admin/{admin}", params={"sort": "golden_accuracy", "order": "desc"}).text)
+        assert descending[0] == study["raters"][2]["name"] and set(descending[1:3]) == failing
+        stats = client.get("/api/admin/stats", headers={"X-Token": admin}).json()
+        assert stats["failing_raters"] == 2
+        assert {r["name"]: r["status"] for r in stats["raters"]}[study["raters"][2]["name"]] == "passes"
+        assert client.get(f"/admin/{admin}", params={"sort": "nonsense", "page": -3}).status_code == 200
