@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +28,7 @@ from addpipe.dataprep.aesthetic import AestheticPredictor
 from addpipe.dataprep.clip import ClipEmbedder
 from addpipe.dataprep.shards import read_samples
 from addpipe.dataprep.table import restore_refused
+from addpipe.files import write_atomic, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -46,16 +46,10 @@ def caption_stats(captions: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
-def atomic_parquet(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.save would append .npy to a path without it
+            np.save(handle, array)
+    write_atomic(path, write)
 
 
 def embed_shard(shard: int, download_dir: Path, out_dir: Path, embedder: ClipEmbedder,
@@ -100,7 +94,7 @@ def embed_shard(shard: int, download_dir: Path, out_dir: Path, embedder: ClipEmb
     atomic_save_npy(out_dir / "embeddings/img_emb" / f"img_emb_{name}.npy", image_emb)
     atomic_save_npy(out_dir / "embeddings/text_emb" / f"text_emb_{name}.npy", text_emb)
     metadata = rows.loc[embedded, ["key", "row_id", "url", "caption"]].reset_index(drop=True)
-    atomic_parquet(metadata, out_dir / "embeddings/metadata" / f"metadata_{name}.parquet")
+    write_parquet_atomic(metadata, out_dir / "embeddings/metadata" / f"metadata_{name}.parquet")
 
     rows["shard"] = shard
     rows["clip_similarity"] = np.nan
@@ -116,5 +110,5 @@ def embed_shard(shard: int, download_dir: Path, out_dir: Path, embedder: ClipEmb
     rows["caption_words"], rows["caption_chars"] = caption_stats(rows["caption"])
     short = rows[["original_width", "original_height"]].min(axis=1)
     rows["aspect_ratio"] = rows[["original_width", "original_height"]].max(axis=1) / short
-    atomic_parquet(rows.drop(columns=[c for c in ("exif",) if c in rows.columns]), scores_path)
+    write_parquet_atomic(rows.drop(columns=[c for c in ("exif",) if c in rows.columns]), scores_path)
     return scores_path

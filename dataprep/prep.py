@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from addpipe.dataprep import download as download_stage
 from addpipe.dataprep.config import PrepConfig
-from addpipe.dataprep.embed import atomic_parquet, embed_shard
+from addpipe.dataprep.embed import embed_shard
 from addpipe.dataprep.filters import decide
-from addpipe.dataprep.report import build_report, write_atomic
+from addpipe.dataprep.report import build_report
 from addpipe.dataprep.table import read_refused, write_normalised
 from addpipe.dataprep.write import write_output_shard
+from addpipe.files import write_parquet_atomic, write_text_atomic
 from addpipe.pipeline.config import to_dict, to_yaml
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def check_fingerprint(directory: Path, settings: dict[str, Any], rebuild: bool, 
         shutil.rmtree(directory)
     if record:
         directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(marker, json.dumps({"digest": _digest(settings), "settings": settings}, indent=2))
+        write_text_atomic(marker, json.dumps({"digest": _digest(settings), "settings": settings}, indent=2))
 
 
 def out_dir(config: PrepConfig) -> Path:
@@ -99,7 +100,7 @@ def run_download(config: PrepConfig) -> list[int]:
     # validates the table before anything is recorded
     urls, carried, rows = write_normalised(config.input, root, config.download.allowed_schemes)
     check_fingerprint(root / "input", settings, rebuild=False)
-    write_atomic(root / "prep_config.yaml", to_yaml(config))
+    write_text_atomic(root / "prep_config.yaml", to_yaml(config))
     logger.info("input: %d rows, carrying columns %s", rows, carried)
     return download_stage.download(urls, carried, rows, config.download, root / "download")
 
@@ -165,7 +166,7 @@ def run_merge(config: PrepConfig) -> dict[str, Any]:
     check_fingerprint(root / "shards", settings, rebuild=True)
     decisions_path = root / "shards" / "_decisions.parquet"
     decisions, stages = decide(scores, config.filter, config.dedup, embedding_reader(root))
-    atomic_parquet(decisions, decisions_path)
+    write_parquet_atomic(decisions, decisions_path)
     for shard in tqdm(sorted(decisions["shard"].unique()), desc="write shards", disable=None):
         write_output_shard(int(shard), decisions, root / "download", root / "shards")
     report = build_report(decisions, stages, config, root)

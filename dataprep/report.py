@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from addpipe.dataprep.config import PrepConfig
+from addpipe.files import write_text_atomic
 from addpipe.dataprep.filters import KEPT, Stage
 
 # score column -> (plot title, the config threshold drawn on it)
@@ -85,19 +85,13 @@ def build_report(decisions: pd.DataFrame, stages: list[Stage], config: PrepConfi
         "shard_pattern": shard_pattern_for(out_dir / "shards", int(decisions["shard"].max()) + 1 if len(decisions) else 0),
     }
     assert sum(report["reasons"].values()) == report["input_rows"]  # every input row has exactly one fate
-    write_atomic(out_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(out_dir / "report.md", markdown(report, config))
+    write_text_atomic(out_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out_dir / "report.md", markdown(report, config))
     return report
 
 
 def shard_pattern_for(shards_dir: Path, count: int) -> str:
     return str(shards_dir / "00000.tar") if count <= 1 else f"{shards_dir}/{{00000..{count - 1:05d}}}.tar"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown(report: dict[str, Any], config: PrepConfig) -> str:

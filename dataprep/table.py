@@ -20,6 +20,7 @@ from typing import Optional
 import pandas as pd
 
 from addpipe.dataprep.config import INPUT_FORMATS, InputConfig
+from addpipe.files import write_parquet_atomic
 
 # Fields img2dataset puts into each sample's metadata; an input column of the same name would be overwritten.
 IMG2DATASET_FIELDS = {"key", "status", "error_message", "width", "height", "original_width", "original_height",
@@ -147,12 +148,6 @@ def restore_refused(rows: pd.DataFrame, refused: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".parquet.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def write_normalised(config: InputConfig, out_dir: Path, allowed_schemes: list[str]) -> tuple[Path, list[str], int]:
     """Write `<out_dir>/input/urls.parquet` (and refused.parquet) once, atomically; -> (path, carried columns, rows).
     urls.parquet is written last: its presence marks the stage done."""
@@ -164,6 +159,6 @@ def write_normalised(config: InputConfig, out_dir: Path, allowed_schemes: list[s
     table, carried = normalise(read_table(config), config)
     table, refused = refuse_schemes(table, allowed_schemes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_parquet(refused, refused_path(out_dir))
-    _write_parquet(table, path)
+    write_parquet_atomic(refused, refused_path(out_dir))
+    write_parquet_atomic(table, path)
     return path, carried, len(table)

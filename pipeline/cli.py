@@ -23,10 +23,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from addpipe.dataprep.table import InputError
     from addpipe.eval.study import StudyError
     from addpipe.pipeline.config import ConfigError
+    from addpipe.train.checkpoint import CheckpointError
     from addpipe.train.data import ShardError
     from addpipe.train.models import ModelLoadError
+    from addpipe.train.report import NonFiniteLossError
+    from addpipe.train.rundir import RunDirError
 
-    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError, StudyError)
+    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError, StudyError, CheckpointError,
+            NonFiniteLossError, RunDirError)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -230,3 +230,15 @@ def to_yaml(config: Any, with_docs: bool = False) -> str:
 
     emit(config, 0)
     return "\n".join(lines) + "\n"
+
+
+def differences(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, before, after) for every leaf that differs between two config mappings (to_dict's shape)."""
+    found = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found.extend(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found.append((f"{prefix}{key}", a, b))
+    return found

@@ -86,3 +86,50 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
 def test_too_few_shards_for_streams_is_a_clear_error(tmp_path, digit_shards):
     with pytest.raises(ShardError, match="cannot feed 16 data streams"):
         TrainingData(config(digit_shards, batch_size=8, num_workers=8), 1, 2)
+
+
+def _tar(path, samples):
+    with wds.TarWriter(str(path)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_without_one_usable_sample_stop_with_the_reasons_instead_of_looping(tmp_path, workers, caplog):
+    """An empty tar, a zero-byte tar, and shards whose every sample is unusable: each ends within seconds with an
+    error naming the shards and why, after one pass over all of them; each shard is warned about once."""
+    import time
+
+    empty = _tar(tmp_path / "empty.tar", [])
+    zero = tmp_path / "zero.tar"
+    zero.write_bytes(b"")
+    broken = _tar(tmp_path / "broken.tar", [{"__key__": f"{i:03d}", "jpg": b"not an image", "txt": "a caption"} for i in range(5)])
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="PNG")
+    uncaptioned = _tar(tmp_path / "uncaptioned.tar", [{"__key__": f"{i:03d}", "png": buffer.getvalue()} for i in range(4)])
+    cases = [(str(empty), {"empty.tar": "no samples"}), (str(zero), {"zero.tar": "unreadable after 0 samples"}),
+             (f"{broken}::{uncaptioned}", {"broken.tar": "5 of 5 samples unusable (first: UnidentifiedImageError",
+                                           "uncaptioned.tar": "4 of 4 samples unusable (first: ValueError: sample 000 has no 'txt'"})]
+    for spec, reasons in cases:
+        caplog.clear()
+        started = time.monotonic()
+        with pytest.raises(ShardError) as raised:
+            next(TrainingData(config(spec, batch_size=2, num_workers=workers), 0, 1))
+        message = str(raised.value)
+        assert time.monotonic() - started < 30
+        assert message.startswith(f"no usable sample in a full pass over all {len(reasons)} shard(s)"), message
+        assert "Traceback" not in message
+        for name, reason in reasons.items():
+            assert f"{name}: {reason}" in message, message
+        if workers == 0:  # the warnings come from this process (a worker's go to its own log)
+            warned = [r.getMessage() for r in caplog.records if "later passes over it are not reported" in r.getMessage()]
+            assert sorted(w.split(":")[0] for w in warned) == sorted(f"shard {tmp_path / n}" for n in reasons)
+
+
+def test_one_good_shard_among_bad_ones_keeps_training(tmp_path, digit_shards):
+    good = sorted(digit_shards.glob("*.tar"))[0]
+    empty = _tar(tmp_path / "empty.tar", [])
+    data = TrainingData(config(f"{empty}::{good}", batch_size=4), 0, 1)
+    batches = take(data, 10)  # 40 samples from a 12-sample shard: several epochs over the empty one too
+    assert all(len(b.captions) == 4 for b in batches)

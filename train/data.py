@@ -58,6 +58,13 @@ def expand_shards(spec: str) -> list[str]:
     return paths
 
 
+def no_usable_samples(shards: list[str], reasons: dict[int, str], shown: int = 10) -> str:
+    listed = "; ".join(f"{shards[i]}: {reasons[i]}" for i in sorted(reasons)[:shown])
+    more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+    return (f"no usable sample in a full pass over all {len(shards)} shard(s): {listed}{more}. "
+            "Check data.shards, data.caption_key and the image keys (jpg, jpeg, png, webp)")
+
+
 def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_shards))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -147,15 +154,23 @@ class ShardStreams(torch.utils.data.IterableDataset):
         self.seed, self.random_crop = seed, random_crop
         self.states = states or {}
         self.signature = signature
+        self.reported: set[str] = set()  # shards already warned about (per process: each worker has its own)
 
     def samples(self, stream: int) -> Iterator[tuple[Optional[dict[str, Any]], StreamState]]:
-        """Decoded samples of one stream forever; None stands for a skipped (corrupt) sample."""
+        """Decoded samples of one stream forever; None stands for a skipped (corrupt) sample.
+
+        Once the stream has read every shard without finding one usable sample (empty or unreadable tars,
+        images that do not decode, missing captions) it raises ShardError naming each shard and why, instead of
+        looping over them forever."""
         state = StreamState(**self.states[stream].as_dict()) if stream in self.states else StreamState()
+        dry: dict[int, str] = {}  # shard index -> why it gave nothing usable, since this stream's last usable sample
         while True:
             mine = epoch_order(len(self.shards), self.seed, state.epoch)[stream :: self.num_streams]
             while state.shard < len(mine):
-                path = self.shards[mine[state.shard]]
-                index = -1
+                shard_index = mine[state.shard]
+                path = self.shards[shard_index]
+                whole_pass = state.offset == 0  # a pass resumed mid-shard says nothing about the shard's start
+                index, usable, unusable, first_error, failure = -1, 0, 0, None, None
                 try:
                     for index, raw in enumerate(wds.tarfile_samples([{"url": path}])):
                         if index < state.offset:
@@ -163,17 +178,30 @@ class ShardStreams(torch.utils.data.IterableDataset):
                         rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
                         try:
                             decoded = decode_sample(raw, self.resolution, self.caption_key, rng, self.signature)
+                            usable += 1
                         except Exception as error:  # a corrupt image or missing caption: skip and count
-                            logger.warning("skipping sample %s of %s: %s", raw.get("__key__"), path, error)
                             state.skipped += 1
+                            unusable += 1
+                            first_error = first_error or f"{type(error).__name__}: {error}"
                             decoded = None
                         state.offset = index + 1
                         yield decoded, StreamState(**state.as_dict())
-                except Exception as error:  # a truncated shard: keep what was read, move on
+                except Exception as error:  # a truncated or unreadable shard: keep what was read, move on
                     if isinstance(error, (KeyboardInterrupt, GeneratorExit)):
                         raise
-                    logger.warning("shard %s failed after %d samples: %s", path, index + 1, error)
                     state.skipped += 1
+                    failure = f"unreadable after {index + 1} samples ({type(error).__name__}: {error})"
+                reason = failure or (f"{unusable} of {unusable + usable} samples unusable (first: {first_error})" if unusable
+                                     else "no samples" if index < 0 else None)
+                if reason and path not in self.reported:  # once per shard, not once per pass
+                    self.reported.add(path)
+                    logger.warning("shard %s: %s; later passes over it are not reported", path, reason)
+                if usable:
+                    dry.clear()
+                elif whole_pass:
+                    dry[shard_index] = reason or "no samples"
+                    if len(dry) == len(self.shards):
+                        raise ShardError(no_usable_samples(self.shards, dry))
                 state.shard, state.offset = state.shard + 1, 0
             state.epoch, state.shard = state.epoch + 1, 0
 
@@ -258,7 +286,12 @@ class TrainingData:
     def __next__(self) -> Batch:
         if self._iterator is None:
             self._iterator = iter(self.loader)
-        chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
+        try:
+            chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
+        except ShardError as error:
+            # From a DataLoader worker the message is wrapped in its traceback: keep only the reason.
+            message = str(error)
+            raise ShardError(message.rsplit("ShardError: ", 1)[-1].strip()) from None
         for chunk in chunks:
             self.states[chunk["stream"]] = StreamState(**chunk["state"])
         encoded = {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -33,9 +36,35 @@ def prepare_environment() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def launched_by_a_launcher() -> bool:
+    """Started by torchrun (it sets TORCHELASTIC_RUN_ID) or by DeepSpeed's per-node launcher."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return b"deepspeed.launcher.launch" in parent
+
+
+def die_with_launcher() -> None:
+    """Make this worker end when its launcher ends. torchrun starts each worker in a session of its own, so a
+    `kill -9` of torchrun used to leave the workers training on into the run directory. Linux only; a process
+    started by hand (a shell, nohup) is left alone: its parent's end must not stop it."""
+    if not sys.platform.startswith("linux") or not launched_by_a_launcher():
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def initialize(backend: str = "auto") -> torch.device:
     """Start the process group (once) and return this rank's device."""
     prepare_environment()
+    die_with_launcher()
     import deepspeed
 
     if backend == "auto":

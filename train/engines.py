@@ -122,6 +122,21 @@ def learning_rate(engine) -> float:
     return float(engine.get_lr()[0])
 
 
+def set_hyperparameters(engine, lr: float, betas: tuple[float, float], weight_decay: float) -> None:
+    """Put the configured optimizer settings into an engine restored from a checkpoint (which brings back the
+    values it was saved with). The schedule's base rate moves too, so warm-up and later steps scale the new rate."""
+    scheduler = engine.lr_scheduler
+    if scheduler is not None:
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        # LambdaLR's rate at its current step, from the new base: what its next step() would also compute
+        rates = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+        scheduler._last_lr = rates
+    else:
+        rates = [lr] * len(engine.optimizer.param_groups)
+    for group, rate in zip(engine.optimizer.param_groups, rates):
+        group.update(lr=rate, initial_lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
 def set_requires_grad(parameters: list[nn.Parameter], flag: bool) -> None:
     for parameter in parameters:
         parameter.requires_grad_(flag)

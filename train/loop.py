@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
-from addpipe.pipeline.config import to_yaml
-from addpipe.train import checkpoint, distributed, engines, losses
+from addpipe.pipeline.config import differences, to_dict, to_yaml
+from addpipe.train import checkpoint, distributed, engines, losses, rundir
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import Batch, TrainingData
 from addpipe.train.discriminator import build_discriminator
@@ -60,9 +61,8 @@ class Trainer:
         self.device = distributed.initialize(config.engine.backend)
         self.dtype = engines.resolve_precision(config.engine.precision, self.device)
         self.run_dir = Path(config.run_dir)
-        if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(config))
+        # One trainer per run directory, checked before anything is loaded or written; held until the process ends.
+        self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
         distributed.barrier()
         torch.manual_seed(config.seed)  # identical head initialisation on every rank
 
@@ -114,19 +114,23 @@ class Trainer:
 
         self.step = 0
         self.last_checkpoint: Optional[Path] = None
-        data_state = None
+        data_state, state = None, {}
         if resume:
-            found = checkpoint.latest(self.run_dir)
+            found = checkpoint.load_latest(self.run_dir, self.engines(), self.layout(), self.device)
             if found is None:
                 logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
             else:
-                state = checkpoint.load(found, self.engines())
+                self.last_checkpoint, state = found
                 self.step, data_state = state["step"], state["data"]
                 if self.ema is not None and state.get("ema") is not None:
                     self.ema.load_state_dict(state["ema"])
-                self.last_checkpoint = found
+                self.apply_configured_optimizers(self.last_checkpoint)
                 if distributed.is_main():
-                    logger.info("resumed from %s at step %d", found, self.step)
+                    logger.info("resumed from %s at step %d", self.last_checkpoint, self.step)
+        elif checkpoint.latest(self.run_dir) is not None:
+            raise checkpoint.CheckpointError(
+                f"{self.run_dir} already holds checkpoints (newest: {checkpoint.latest(self.run_dir).name}): pass --resume "
+                "to continue that run, or give a new run_dir")
         from addpipe.dataprep.encode import encoding_signature  # the one definition both sides compare
 
         signature = encoding_signature(config) if config.data.use_precomputed and not config.data.random_crop else None
@@ -136,12 +140,34 @@ class Trainer:
         with torch.no_grad():
             self.empty = encode_prompts(self.teacher, [""], self.device)
             self.negative = encode_prompts(self.teacher, [config.distill.nfsd_negative_prompt], self.device)
-        self.reporter = Reporter(self.run_dir, config.log.tensorboard)
+        if distributed.is_main():  # only now: a refused start or resume leaves the recorded config as it was
+            rundir.write_config(self.run_dir, to_yaml(config))
+        self.reporter = Reporter(self.run_dir, config.log.tensorboard, start_step=self.step)
+        if state.get("reporter") is not None:
+            self.reporter.load_state_dict(state["reporter"])
         latent_size = config.data.resolution // vae_downsample_factor(self.teacher)
         self.latent_shape = (self.teacher.vae.config.latent_channels, latent_size, latent_size)
 
     def engines(self) -> dict[str, Any]:
         return {"student": self.student, "discriminator": self.discriminator}
+
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it (besides the process count)."""
+        engine = self.config.engine
+        return {"engine.zero": engine.zero,
+                "engine.discriminator_zero": engine.discriminator_zero if engine.discriminator_zero is not None else min(engine.zero, 2)}
+
+    def apply_configured_optimizers(self, path: Path) -> None:
+        """A resumed run trains with the optimizer settings of its config, not the checkpoint's: learning rates,
+        betas and weight decay changed for the continuation take effect from the first resumed step."""
+        optim = self.config.optim
+        engines.set_hyperparameters(self.student, optim.student_lr, optim.student_betas, optim.weight_decay)
+        engines.set_hyperparameters(self.discriminator, optim.discriminator_lr, optim.discriminator_betas, optim.weight_decay)
+        saved = path / "config.yaml"
+        if distributed.is_main() and saved.is_file():
+            changed = differences(yaml.safe_load(saved.read_text()) or {}, to_dict(self.config))
+            for key, before, after in changed:
+                logger.warning("resume: %s changed since %s: %s -> %s; the new value is used", key, path.name, before, after)
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -299,10 +325,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def save(self) -> Path:
-        state = {"step": self.step, "data": self.data.state_dict(),
+        state = {"step": self.step, "data": self.data.state_dict(), "reporter": self.reporter.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None}
         self.last_checkpoint = checkpoint.save(self.run_dir, self.step, self.engines(), state,
-                                               self.config.checkpoint.keep_last)
+                                               self.config.checkpoint.keep_last, self.layout(), to_yaml(self.config))
         return self.last_checkpoint
 
     def sample_grid(self) -> Optional[Path]:
@@ -346,8 +372,8 @@ class Trainer:
             terms.update(self.discriminator_phase(inputs, fake_pixels))
         if self.ema is not None:
             self.ema.update(engines.local_tensors(self.student.module))
-        check_finite(self.step, terms, self.device, self.last_checkpoint)
         self.step += 1
+        check_finite(self.step, terms, self.device, self.last_checkpoint)
         return terms, inputs.latents.shape[0] * distributed.world_size()
 
     def run(self) -> Path:
@@ -381,10 +407,22 @@ class Trainer:
             return self.export()
         finally:
             progress.close()
-            self.reporter.close()
-            use(None)
+            self.close()
+
+    def close(self) -> None:
+        """Flush the logs and give the run directory back (a process that dies gives it back anyway)."""
+        self.reporter.close()
+        use(None)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) an ADD training run; returns the exported student directory."""
-    return Trainer(config, resume=resume).run()
+    try:
+        return Trainer(config, resume=resume).run()
+    except OSError as error:
+        if rundir.is_write_error(error):  # a full or read-only disk under a sample grid or the export
+            raise rundir.RunDirError(rundir.describe_write_error(Path(error.filename or config.run_dir), error)) from None
+        raise
