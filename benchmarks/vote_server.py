@@ -32,10 +32,32 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def python_speed() -> float:
+    """Seconds this machine takes for a fixed pure-Python loop, now: shared VMs drift by 2x over an hour, so each
+    recorded result carries the speed it was measured at."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(5_000_000):
+        total += i
+    return time.perf_counter() - started
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and every live process under it (Linux /proc): with --workers
+    the server is a supervisor and its worker processes."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # parent, utime + stime
+    tree, total = {pid}, 0
+    for _ in range(4):  # a few levels are plenty (supervisor -> workers)
+        tree |= {child for child, (parent, _) in stats.items() if parent in tree}
+    total = sum(stats[p][1] for p in tree if p in stats)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def rater(session, base: str, token: str, think: float, rounds: list[float], errors: list[str],
@@ -76,7 +98,7 @@ async def rater(session, base: str, token: str, think: float, rounds: list[float
                 await asyncio.sleep(think)
 
 
-def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, think: float, threads: int) -> dict:
+def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, think: float, threads: int, workers: int) -> dict:
     from sqlalchemy import func, select
 
     from addpipe.eval.db import Rater, Vote, connect, session_factory
@@ -86,7 +108,7 @@ def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, thin
     engine = connect(url)
     with session_factory(engine)() as session:
         invited = invite(session, study, raters=clients, pairs_per_rater=rounds_per_rater, golden_fraction=0.1)
-    server = ServeProcess(study, url, threads).__enter__()
+    server = ServeProcess(study, url, threads, workers).__enter__()
     process, base = server.process, server.url
     rounds: list[float] = []
     errors: list[str] = []
@@ -129,12 +151,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="Regular pairs per rater (golden pairs come on top)")
     parser.add_argument("--think", type=float, default=0.0, help="Seconds each rater waits between rounds")
     parser.add_argument("--threads", type=int, default=8, help="The server's --threads")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="The server's --workers (processes); one run each")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here")
     args = parser.parse_args()
 
     from live_server import PostgresServer
     from test_study_server import write_study
 
+    speed_before = python_speed()
     postgres = PostgresServer()
     backends = ["sqlite"] + (["postgresql"] if postgres.available() else [])
     if "postgresql" in backends:
@@ -142,25 +166,35 @@ def main() -> None:
     results = []
     try:
         for clients in args.clients:
-            for backend in backends:
-                work = Path(tempfile.mkdtemp(prefix="vote_bench_"))
-                study = write_study(work / "study")
-                url = f"sqlite:///{study / 'votes.db'}" if backend == "sqlite" else postgres.create_database(f"bench_{uuid.uuid4().hex[:8]}")
-                result = {"backend": backend, **run_backend(url, study, clients, args.rounds, args.think, args.threads)}
-                results.append(result)
-                intact = result["stored_rows"] == 2 * result["acknowledged_votes"]
-                print(f"{clients:4d} raters  {backend:10s}  {result['rounds_per_s']:7.1f} rounds/s  p50 {result['p50_ms']:7.1f} ms  "
-                      f"p99 {result['p99_ms']:7.1f} ms  max {result['max_ms']:7.1f} ms  errors {result['errors']}  "
-                      f"rounds {result['rounds']}/{result['expected_rounds']}  votes stored once: {intact}  "
-                      f"cpu ms/round: server {result['server_cpu_ms_per_round']:.1f} clients {result['client_cpu_ms_per_round']:.1f}",
-                      flush=True)
-                for error in result["first_errors"]:
-                    print(f"      {error}")
+            for workers in args.workers:
+                for backend in backends:
+                    work = Path(tempfile.mkdtemp(prefix="vote_bench_"))
+                    study = write_study(work / "study")
+                    url = (f"sqlite:///{study / 'votes.db'}" if backend == "sqlite"
+                           else postgres.create_database(f"bench_{uuid.uuid4().hex[:8]}"))
+                    result = {"backend": backend, "workers": workers,
+                              **run_backend(url, study, clients, args.rounds, args.think, args.threads, workers)}
+                    results.append(result)
+                    intact = result["stored_rows"] == 2 * result["acknowledged_votes"]
+                    print(f"{clients:4d} raters  {workers} proc  {backend:10s}  {result['rounds_per_s']:7.1f} rounds/s  "
+                          f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  max {result['max_ms']:7.1f} ms  "
+                          f"errors {result['errors']}  rounds {result['rounds']}/{result['expected_rounds']}  "
+                          f"votes stored once: {intact}  cpu ms/round: server {result['server_cpu_ms_per_round']:.1f} "
+                          f"clients {result['client_cpu_ms_per_round']:.1f}", flush=True)
+                    for error in result["first_errors"]:
+                        print(f"      {error}")
+        base = {(r["clients"], r["backend"]): r for r in results if r["workers"] == args.workers[0]}
+        for r in results:
+            if r["workers"] != args.workers[0]:
+                ref = base[(r["clients"], r["backend"])]
+                print(f"{r['clients']:4d} raters  {r['backend']:10s}  {r['workers']} processes vs {args.workers[0]}: "
+                      f"throughput x{r['rounds_per_s'] / ref['rounds_per_s']:.2f}, p99 x{r['p99_ms'] / ref['p99_ms']:.2f}")
     finally:
         if "postgresql" in backends:
             postgres.__exit__(None, None, None)
     machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
-               "server and clients share the machine")
+               f"server and clients share the machine; 5M-iteration Python loop {speed_before:.2f} s before, "
+               f"{python_speed():.2f} s after")
     print(f"machine: {machine}; think time {args.think} s; server threads {args.threads}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "think_s": args.think, "threads": args.threads,

@@ -8,18 +8,22 @@
   token, so the two image requests that follow need no database at all. A grant that is missing (a server
   restarted between showing a pair and loading its images) is looked up once and recorded.
 - SQLite lets one writer in at a time and makes the others sleep and retry (its busy handler backs off to
-  tens of milliseconds per try), which is what made rounds take seconds under load; writers in this process
-  queue on a lock instead and go in one after another without sleeping. PostgreSQL locks rows itself.
+  tens of milliseconds per try), which is what made rounds take seconds under load; writers queue on a lock
+  instead and go in one after another without sleeping: a thread lock within the process, and a POSIX
+  record lock on `<database>.write-lock` between the processes of `eval serve --workers N`. PostgreSQL
+  locks rows itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import Iterator, Optional
 
 from sqlalchemy import Connection, Engine
 
@@ -52,10 +56,24 @@ class Access:
         self._revoked_at = float("-inf")
         self._lock = threading.Lock()
         self._sqlite_writer = threading.Lock() if engine.dialect.name == "sqlite" else None
+        database = engine.url.database if self._sqlite_writer is not None else None
+        self._writer_file = (os.open(f"{database}.write-lock", os.O_RDWR | os.O_CREAT, 0o644)
+                             if database and database != ":memory:" else None)
 
-    def writing(self) -> ContextManager:
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
         """Hold around a write transaction (its statements and commit)."""
-        return self._sqlite_writer if self._sqlite_writer is not None else contextlib.nullcontext()
+        if self._sqlite_writer is None:
+            yield
+            return
+        with self._sqlite_writer:
+            if self._writer_file is not None:
+                fcntl.lockf(self._writer_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if self._writer_file is not None:
+                    fcntl.lockf(self._writer_file, fcntl.LOCK_UN)
 
     def _revoked_tokens(self, connection: Connection) -> frozenset[str]:
         now = time.monotonic()

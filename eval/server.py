@@ -19,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import html
 import io
+import json
+import os
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Header, HTTPException, Path as PathParam, Request
 from fastapi.exceptions import RequestValidationError
@@ -95,6 +98,55 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class ImageFastPath:
+    """ASGI middleware answering the image route itself, `GET /api/image/<pair>/<left|right>?token=...`: half of a
+    rating round's requests, and ones that, once /api/next has shown the pair, need no database. Through FastAPI's
+    routing, dependency solving and exception layers each cost several times the lookup and the read (measured
+    per round with benchmarks/vote_server.py). A request it cannot parse falls through to the app's own route,
+    which answers it with the usual 422."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        parsed = self._parse(scope) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if parsed is None:
+            return await self.app(scope, receive, send)
+        import anyio.to_thread
+
+        response = await anyio.to_thread.run_sync(image_response, self.access, *parsed)
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _parse(scope) -> Optional[tuple[Optional[str], int, str]]:
+        parts = scope["path"].split("/")
+        if len(parts) != 5 or parts[1:3] != ["api", "image"] or parts[4] not in ("left", "right"):
+            return None
+        if not parts[3].isdigit() or not 1 <= int(parts[3]) <= MAX_ID:
+            return None
+        tokens = parse_qs(scope["query_string"].decode("latin-1")).get("token")
+        return (tokens[0] if tokens else None), int(parts[3]), parts[4]
+
+
+
+def image_response(access: Access, token: Optional[str], pair_id: int, side: str) -> Response:
+    """The image a rater sees on `side` of a pair, or the 4xx that says why not. Read in the caller's worker
+    thread: study images are small, and FileResponse would hop to a worker thread again for each of stat, open,
+    read and close."""
+    try:
+        path = access.image(token, pair_id, side)
+    except AccessDenied as denied:
+        return JSONResponse({"detail": str(denied)}, status_code=denied.status)
+    try:
+        if path is None:  # its recorded path leads outside the study
+            raise FileNotFoundError
+        content = path.read_bytes()
+    except OSError:
+        return JSONResponse({"detail": "image missing from the study directory"}, status_code=404)
+    return Response(content, media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
 def invite_page(status: int, title: str, message: str) -> HTMLResponse:
     return HTMLResponse(
         "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Image comparison</title>"
@@ -119,6 +171,7 @@ def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTI
 
     app = FastAPI(title="addpipe rating server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(ImageFastPath, access=access)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(RequestValidationError)
@@ -171,20 +224,8 @@ def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTI
 
     @app.get("/api/image/{pair_id}/{side}")
     def image(side: Literal["left", "right"], pair_id: int = ID, token: Optional[str] = None):
-        try:
-            path = access.image(token, pair_id, side)  # no database once /api/next has shown the pair
-        except AccessDenied as denied:
-            raise HTTPException(denied.status, str(denied)) from None
-        if path is None:
-            raise HTTPException(404, "image missing from the study directory")
-        try:
-            # Read here, in the handler's worker thread: study images are small, and FileResponse would hop to a
-            # worker thread again for each of stat, open, read and close (four hand-offs per image under load).
-            content = path.read_bytes()
-        except OSError:
-            raise HTTPException(404, "image missing from the study directory") from None
-        return Response(content, media_type=IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
-                        headers={"Cache-Control": "private, max-age=3600"})
+        # ImageFastPath answers every well-formed request before it gets here; this route validates the rest (422).
+        return image_response(access, token, pair_id, side)
 
     @app.post("/api/vote")
     def vote(body: VoteBody, x_token: Optional[str] = Header(None)):
@@ -282,13 +323,28 @@ class ServerThread:
         self.socket.close()
 
 
+SETTINGS_ENV = "ADDPIPE_SERVE_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one `eval serve --workers N` process (uvicorn imports it by name in each worker)."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(Path(settings["study"]), settings["db"], threads=settings["threads"])
+
+
 def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, threads: int = DEFAULT_THREADS,
-          access_log: bool = True) -> None:
-    """`addpipe eval serve`: run the rating server until interrupted."""
+          access_log: bool = True, workers: int = 1) -> None:
+    """`addpipe eval serve`: run the rating server until interrupted. With workers > 1, uvicorn runs that many
+    processes on the one port (Python runs one thread at a time per process: more processes use more cores)."""
     import uvicorn
 
-    sock = listening_socket(host, port)
-    print(f"rating server on http://{host}:{sock.getsockname()[1]} (invite links: {Path(study_dir) / 'invites.csv'})", flush=True)
-    config = uvicorn.Config(create_app(study_dir, db_url, threads=threads), log_level="info", access_log=access_log,
-                            timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    options = dict(log_level="info", access_log=access_log, timeout_keep_alive=30)
+    if workers <= 1:
+        sock = listening_socket(host, port)
+        print(f"rating server on http://{host}:{sock.getsockname()[1]} (invite links: {Path(study_dir) / 'invites.csv'})", flush=True)
+        uvicorn.Server(uvicorn.Config(create_app(study_dir, db_url, threads=threads), **options)).run(sockets=[sock])
+        return
+    os.environ[SETTINGS_ENV] = json.dumps({"study": str(Path(study_dir).resolve()), "db": db_url, "threads": threads})
+    print(f"rating server on http://{host}:{port} with {workers} processes (invite links: {Path(study_dir) / 'invites.csv'})",
+          flush=True)
+    uvicorn.run("addpipe.eval.server:app_from_environment", factory=True, host=host, port=port, workers=workers, **options)

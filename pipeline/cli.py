@@ -306,13 +306,14 @@ def eval_invite(
 def eval_serve(study: Path = _STUDY, db: Optional[str] = _DB, host: str = typer.Option("127.0.0.1", "--host"),
                port: int = typer.Option(8000, "--port"),
                threads: int = typer.Option(8, "--threads", help="Worker threads; the database pool gets this many connections plus 4"),
+               workers: int = typer.Option(1, "--workers", help="Server processes on the port (one per core to spare)"),
                access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request")) -> None:
     """Serve the rating page and API (raters open their invite links)."""
     from addpipe.eval.server import serve
 
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
-    serve(study, _db_url(study, db), host, port, threads, access_log)
+    if threads < 1 or workers < 1:
+        raise UserError(f"--threads and --workers must be at least 1, got {threads} and {workers}")
+    serve(study, _db_url(study, db), host, port, threads, access_log, workers)
 
 
 @eval_app.command("judge")

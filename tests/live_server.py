@@ -18,8 +18,8 @@ from addpipe.eval.server import ServerThread  # noqa: F401 (re-exported for the 
 class ServeProcess:
     """`addpipe eval serve` in its own process on a free loopback port, as a study runs it; stopped by PID."""
 
-    def __init__(self, study: Path, db_url: str, threads: Optional[int] = None):
-        self.study, self.db_url, self.threads = Path(study), db_url, threads
+    def __init__(self, study: Path, db_url: str, threads: Optional[int] = None, workers: int = 1):
+        self.study, self.db_url, self.threads, self.workers = Path(study), db_url, threads, workers
         self.process: Optional[subprocess.Popen] = None
         self.port: Optional[int] = None
 
@@ -33,7 +33,8 @@ class ServeProcess:
             self.port = probe.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
         command = [sys.executable, "-m", "addpipe.pipeline", "eval", "serve", "--study", str(self.study), "--db", self.db_url,
-                   "--port", str(self.port), "--no-access-log"] + (["--threads", str(self.threads)] if self.threads else [])
+                   "--port", str(self.port), "--no-access-log", "--workers", str(self.workers)]
+        command += ["--threads", str(self.threads)] if self.threads else []
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:

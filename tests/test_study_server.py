@@ -213,10 +213,12 @@ def test_two_hundred_raters_fetching_images_and_voting_at_once_lose_nothing(tmp_
 
     from live_server import ServeProcess
 
-    for backend in ("sqlite", "postgresql"):
+    # One server process, and two (`--workers 2`: grants made by one process, images asked of the other; SQLite
+    # writers of both processes taking turns on the write lock).
+    for backend, workers in (("sqlite", 1), ("sqlite", 2), ("postgresql", 2)):
         if backend == "postgresql" and postgres is None:
-            continue  # the SQLite run above still counts; test_bad_requests reports the missing PostgreSQL
-        directory = write_study(tmp_path / backend)
+            continue  # the SQLite runs still count; test_bad_requests reports the missing PostgreSQL
+        directory = write_study(tmp_path / f"{backend}-{workers}")
         url = f"sqlite:///{directory / 'votes.db'}" if backend == "sqlite" else postgres.create_database("many_" + uuid.uuid4().hex[:10])
         engine = connect(url)
         with session_factory(engine)() as session:
@@ -255,7 +257,7 @@ def test_two_hundred_raters_fetching_images_and_voting_at_once_lose_nothing(tmp_
             finally:
                 await asyncio.gather(*(c.aclose() for c in clients))
 
-        with ServeProcess(directory, url) as server:
+        with ServeProcess(directory, url, workers=workers) as server:
             asyncio.run(everyone(server.url))
         assert {code for _, code in statuses} == {200}, [s for s in statuses if s[1] != 200][:5]
         assert len(acknowledged) == sum(quotas.values()) == len(set(acknowledged))
