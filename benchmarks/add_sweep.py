@@ -44,7 +44,7 @@ def run_job(args: argparse.Namespace, name: str, seed: int, overrides: list[str]
     """One (variant, seed) or the teacher's arms on one seed, in this process."""
     import torch
 
-    from addpipe.dataprep.shards import shard_pattern
+    from addpipe.shards import shard_pattern
     from addpipe.pipeline.demo import SHIPPED_TEACHER, DemoSettings, evaluate, real_reference, train_student
     from addpipe.pipeline.reproduce import GUIDANCE, TEACHER_STEPS
 

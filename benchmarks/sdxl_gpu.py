@@ -154,7 +154,7 @@ class FlopCount:
 
 def measure(spec: dict) -> dict:
     """One configuration in this process: build the trainer, time steps, count one step's FLOPs."""
-    from addpipe.pipeline.config import load
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
     from addpipe.train.loop import Trainer
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from addpipe.eval.generate import Arm, arm_call_kwargs, initial_latents, load_arm_pipeline  # noqa: E402
 from addpipe.pipeline.demo import GRID_PROMPTS  # noqa: E402
-from addpipe.train.engines import resolve_device  # noqa: E402
+from addpipe.devices import resolve_device  # noqa: E402
 
 
 class UNetCounter:

@@ -25,7 +25,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from addpipe.dataprep.digits import write_digit_shards  # noqa: E402
-from addpipe.pipeline.config import load  # noqa: E402
+from addpipe.config import load  # noqa: E402
 from addpipe.train import losses  # noqa: E402
 from addpipe.train.config import TrainConfig  # noqa: E402
 from addpipe.train.discriminator import build_discriminator  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from addpipe.dataprep.config import EmbedConfig
-from addpipe.train.engines import resolve_device
+from addpipe.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def write_digit_shards(directory, count: int, size: int, samples_per_shard: int,
                        metadata: Callable[[dict], dict] = lambda meta: meta):
     """`count` digits written straight into WebDataset shards in the project's contract (no img2dataset:
     the demo teacher's own data, tests, benchmarks); `metadata` maps each digit's metadata to what is stored."""
-    from addpipe.dataprep.shards import ShardSample, write_shards
+    from addpipe.shards import ShardSample, write_shards
 
     samples = (ShardSample(f"{i:06d}", image, caption, metadata(meta))
                for i, (caption, image, meta) in enumerate(digit_images(count, size, seed)))

@@ -33,7 +33,7 @@ from addpipe.dataprep.report import build_report
 from addpipe.dataprep.table import read_refused, write_normalised
 from addpipe.dataprep.write import write_output_shard
 from addpipe.files import write_parquet_atomic, write_text_atomic
-from addpipe.pipeline.config import to_dict, to_yaml
+from addpipe.config import to_dict, to_yaml
 
 logger = logging.getLogger(__name__)
 

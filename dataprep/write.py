@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from addpipe.dataprep.filters import KEPT
-from addpipe.dataprep.shards import read_samples, write_tar_shard
+from addpipe.shards import read_samples, write_tar_shard
 
 SCORE_COLUMNS = ("clip_similarity", "aesthetic", "nearest_similarity", "caption_words", "caption_chars", "aspect_ratio")
 DROPPED_COLUMNS = ("embedding_index", "shard", "reason")

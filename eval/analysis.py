@@ -133,7 +133,7 @@ def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_m
     """`addpipe eval metrics`: FD / CLIP score / latency -> metrics.json (and into the report)."""
     from addpipe.eval.report import write_report
     from addpipe.eval.study import read_generations
-    from addpipe.train.engines import resolve_device
+    from addpipe.devices import resolve_device
 
     target = str(resolve_device(device))
     embedder = None

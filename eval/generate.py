@@ -137,7 +137,7 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
                    dtype: str = "auto") -> Path:
     study_dir = Path(study_dir)
     (study_dir / "images").mkdir(parents=True, exist_ok=True)
-    from addpipe.train.engines import resolve_device
+    from addpipe.devices import resolve_device
 
     target = resolve_device(device)
     torch_dtype = {"auto": torch.float16 if target.type == "cuda" else torch.float32, "fp32": torch.float32,

@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
-from addpipe.train.discriminator import IMAGENET_MEAN, IMAGENET_STD
+from addpipe.devices import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -128,7 +128,7 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
 def iter_images(source: str | Path, limit: Optional[int] = None) -> Iterator[Image.Image]:
     """Images from a directory (recursively) or WebDataset shards (a pattern or a directory of .tar)."""
     from addpipe.dataprep.embed import read_images
-    from addpipe.train.data import expand_shards
+    from addpipe.shards import expand_shards
 
     path = Path(os.path.expanduser(str(source)))
     count = 0

@@ -22,9 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from addpipe.dataprep.prep import PrepError
     from addpipe.dataprep.table import InputError
     from addpipe.eval.study import StudyError
-    from addpipe.pipeline.config import ConfigError
+    from addpipe.config import ConfigError
     from addpipe.train.checkpoint import CheckpointError
-    from addpipe.train.data import ShardError
+    from addpipe.shards import ShardError
     from addpipe.train.models import ModelLoadError
     from addpipe.train.report import NonFiniteLossError
     from addpipe.train.rundir import RunDirError
@@ -44,7 +44,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config with its documentation and exit"),
 ) -> None:
     """Train an ADD student (one process, or several under torchrun / the deepspeed launcher)."""
-    from addpipe.pipeline.config import load, to_yaml
+    from addpipe.config import load, to_yaml
     from addpipe.train.config import TrainConfig
 
     extra = list(overrides or [])
@@ -76,7 +76,7 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
 ) -> None:
     """Sample from an exported student: deterministic for a seed, no guidance."""
-    from addpipe.train.engines import resolve_device
+    from addpipe.devices import resolve_device
     from addpipe.train.sampling import generate, load_student, sample_timesteps, save_grid, vae_downsample_factor
 
     target = resolve_device(device)
@@ -138,7 +138,7 @@ _SET = typer.Option(None, "--set", "-s", help="Dotted override, repeatable: --se
 
 def _prep_config(out: Optional[Path], urls: Optional[str], config: Optional[Path], overrides: Optional[List[str]]):
     from addpipe.dataprep.config import PrepConfig
-    from addpipe.pipeline.config import load
+    from addpipe.config import load
 
     if config is None and out is not None and (out / "prep_config.yaml").is_file():
         config = out / "prep_config.yaml"
@@ -175,7 +175,7 @@ def prep(
     if ctx.invoked_subcommand is not None:
         return
     from addpipe.dataprep.prep import run_prep
-    from addpipe.pipeline.config import to_yaml
+    from addpipe.config import to_yaml
 
     cfg = _prep_config(out, urls, config, overrides)
     if dry_run:
@@ -227,8 +227,8 @@ def prep_encode(
     storage: str = typer.Option("float16", "--storage", help="float16 or float32"),
 ) -> None:
     """Optional: precompute the teacher's VAE latents and text embeddings into the shards; training then skips those encoders."""
-    from addpipe.dataprep.encode import encode_shards
-    from addpipe.pipeline.config import load
+    from addpipe.train.encode import encode_shards
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
 
     if storage not in ("float16", "float32"):

@@ -114,7 +114,7 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
     from addpipe.dataprep.loopback import ImageServer, Route
     from addpipe.dataprep.prep import run_prep
     from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
-    from addpipe.pipeline.config import load, to_yaml
+    from addpipe.config import load, to_yaml
 
     prep_dir = out / "prep"
     if (prep_dir / "report.json").is_file() and done(prep_dir):
@@ -171,7 +171,7 @@ def teacher_shards(directory: Path, settings: DemoSettings) -> str:
     """The teacher's own pretraining data: digits rendered straight into shards (as SD's LAION is not the ADD
     data either), `teacher_images` of them with the demo's captions."""
     from addpipe.dataprep.digits import write_digit_shards
-    from addpipe.dataprep.shards import shard_pattern
+    from addpipe.shards import shard_pattern
 
     if not done(directory):
         write_digit_shards(directory, settings.teacher_images, settings.resolution, samples_per_shard=500,
@@ -222,7 +222,7 @@ def feature_models(settings: DemoSettings, out: Path, shards: str) -> tuple[Path
 def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, settings: DemoSettings, seed: int,
                   overrides: Optional[list[str]] = None) -> Path:
     """ADD-distil `teacher` with configs/tiny.yaml; -> the exported student directory (skipped when it exists)."""
-    from addpipe.pipeline.config import load
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
     from addpipe.train.loop import train
 
@@ -264,7 +264,7 @@ def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: 
     images score at this prompt count, the level below which a generator's FID is not resolvable by this metric."""
     from addpipe.eval.classifier import adherence, load_classifier
     from addpipe.eval.metrics import features_of, frechet_between, iter_images, load_feature_network
-    from addpipe.train.engines import resolve_device
+    from addpipe.devices import resolve_device
 
     device = str(resolve_device(settings.device))
     pairs = [(caption, image) for caption, image, _ in held_out_digits(settings.prompts, settings.resolution, seed)]
@@ -308,7 +308,7 @@ def demo_arms(teacher: Path, student: Path) -> list[str]:
 def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: int, device: str = "cpu") -> Path:
     """Teacher at 50 guided steps on top, then the student at 1, 2 and 4 steps; same prompts and noise."""
     from addpipe.eval.generate import Arm, load_arm_pipeline
-    from addpipe.train.engines import resolve_device
+    from addpipe.devices import resolve_device
     from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
 
     target = resolve_device(device)

@@ -28,7 +28,7 @@ WEIGHTINGS = ("exponential", "sds", "nfsd")
 def variants(config: Path = CONFIG) -> dict[str, list[str]]:
     """The ADD run ("add": `config` as it stands) and its ablations, each as overrides on top of `config`. The
     weighting ablations are the two c(t) the config does not use, so the table compares all three."""
-    from addpipe.pipeline.config import load
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
 
     default = load(TrainConfig, config, []).distill.weighting

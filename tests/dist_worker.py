@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from addpipe.pipeline.config import load
+from addpipe.config import load
 from addpipe.train import distributed, engines
 from addpipe.train.config import TrainConfig
 from addpipe.train.loop import Trainer

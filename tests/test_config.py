@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from addpipe.pipeline.config import ConfigError, load, to_yaml
+from addpipe.config import ConfigError, load, to_yaml
 from addpipe.train.config import TrainConfig
 from conftest import REPO
 

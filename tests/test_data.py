@@ -7,7 +7,8 @@ import webdataset as wds
 from PIL import Image
 
 from addpipe.train.config import DataConfig
-from addpipe.train.data import ShardError, TrainingData, expand_shards
+from addpipe.shards import ShardError, expand_shards
+from addpipe.train.data import TrainingData
 
 
 def config(shards, **kw):

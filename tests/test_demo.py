@@ -26,8 +26,8 @@ def labelled_digits(tmp_path_factory) -> str:
 
 
 def shard_images(pattern: str) -> list[tuple[Image.Image, str]]:
-    from addpipe.dataprep.shards import read_samples
-    from addpipe.train.data import expand_shards
+    from addpipe.shards import read_samples
+    from addpipe.shards import expand_shards
 
     out = []
     for shard in expand_shards(pattern):
@@ -158,7 +158,7 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
 
     prompts = (out / "study" / "prompts.tsv").read_text().splitlines()[1:]
     assert [line.split("\t")[0] for line in prompts] == [caption for caption, _, _ in held_out_digits(4, DemoSettings().resolution, 0)]
-    from addpipe.dataprep.shards import shard_pattern
+    from addpipe.shards import shard_pattern
 
     real = real_reference(DemoSettings(out=str(out), prompts=4), shard_pattern(sorted((out / "prep" / "shards").glob("*.tar"))),
                           out / "models" / "classifier", 0)
@@ -195,7 +195,7 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
 
 
 def shard_samples(directory: Path) -> list[dict]:
-    from addpipe.dataprep.shards import read_samples
+    from addpipe.shards import read_samples
 
     return [json.loads(files["json"]) for tar in sorted(directory.glob("*.tar")) for files in read_samples(tar).values()]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from addpipe.pipeline.config import load
+from addpipe.config import load
 from addpipe.train.config import TrainConfig
 from conftest import TINY_CONFIG, tiny_overrides
 from test_train import cli

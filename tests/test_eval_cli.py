@@ -20,7 +20,7 @@ from test_train import cli
 @pytest.fixture(scope="module")
 def student(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
     """A student exported by the trainer after two steps (its quality is irrelevant here)."""
-    from addpipe.pipeline.config import load
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
     from addpipe.train.loop import train
     from conftest import TINY_CONFIG, tiny_overrides

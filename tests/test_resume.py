@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from addpipe.pipeline.config import load
+from addpipe.config import load
 from addpipe.train.config import TrainConfig
 from conftest import TINY_CONFIG, tiny_overrides
 from test_train import clean_env, cli, unet_weights

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from addpipe.pipeline.config import load
+from addpipe.config import load
 from addpipe.train.config import TrainConfig
 from conftest import TINY_CONFIG, tiny_overrides
 

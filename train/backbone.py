@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from addpipe.train.discriminator import IMAGENET_MEAN, IMAGENET_STD
+from addpipe.devices import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ def image_tensor(image: Image.Image, size: int) -> torch.Tensor:
 
 def labelled_images(shards: str, fields: list[str], size: int, limit: Optional[int] = None) -> LabelledImages:
     """Every sample of `shards` (pattern or directory) with the json `fields` as labels."""
-    from addpipe.dataprep.embed import IMAGE_EXTENSIONS
-    from addpipe.dataprep.shards import read_samples
-    from addpipe.train.data import expand_shards
+    from addpipe.shards import IMAGE_KEYS
+    from addpipe.shards import read_samples
+    from addpipe.shards import expand_shards
 
     pixels, values = [], {field: [] for field in fields}
     for shard in expand_shards(shards):
         for key, files in read_samples(Path(shard)).items():
-            extension = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
+            extension = next((ext for ext in IMAGE_KEYS if ext in files), None)
             if extension is None or "json" not in files:
                 continue
             meta = json.loads(files["json"])

@@ -1,6 +1,6 @@
 """The training stage's config tree. Defaults are the ADD paper's constants (DESIGN §1).
 
-Each field's docstring is read back by `addpipe.pipeline.config` for `--dry-run` and for the error
+Each field's docstring is read back by `addpipe.config` for `--dry-run` and for the error
 that lists valid keys, so keep them short and specific.
 """
 

@@ -17,45 +17,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from PIL import Image
 
+from addpipe.shards import IMAGE_KEYS, ShardError, expand_shards
+
 logger = logging.getLogger(__name__)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-
-
-class ShardError(FileNotFoundError):
-    """Shards that are missing or too few for the data layout."""
-
-
-def expand_shards(spec: str) -> list[str]:
-    """'a/{000..009}.tar' brace patterns, directories of .tar files, or several joined by '::'."""
-    if not spec:
-        raise ShardError("data.shards is empty: give a brace pattern like '/data/{00000..00099}.tar' or a directory")
-    paths: list[str] = []
-    for part in spec.split("::"):
-        part = os.path.expanduser(part.strip())
-        if part and os.path.isdir(part):
-            paths.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
-        elif part:
-            paths.extend(braceexpand(part))
-    if not paths:
-        raise ShardError(f"no shards found for {spec!r}")
-    remote = ("pipe:", "http://", "https://", "s3://", "gs://")
-    missing = [p for p in paths if not p.startswith(remote) and not os.path.isfile(p)]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ShardError(f"{len(missing)} of {len(paths)} shards are missing: {shown}")
-    return paths
 
 
 def no_usable_samples(shards: list[str], reasons: dict[int, str], shown: int = 10) -> str:

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from addpipe.devices import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 def evenly_spaced_layers(num_layers: int, num_heads: int) -> list[int]:

@@ -17,28 +17,6 @@ import torch
 import torch.nn as nn
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda when available, else cpu; anything else as torch names it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 def deepspeed_config(stage: int, micro_batch: int, gradient_clipping: float, dtype: torch.dtype,
                      offload_optimizer: str = "none", offload_param: str = "none", nvme_path: str = "/local_nvme") -> dict[str, Any]:

@@ -18,7 +18,8 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from addpipe.pipeline.config import differences, to_dict, to_yaml
+from addpipe.config import differences, to_dict, to_yaml
+from addpipe.devices import autocast, resolve_precision
 from addpipe.train import checkpoint, distributed, engines, losses, rundir
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import Batch, TrainingData
@@ -59,7 +60,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.device = distributed.initialize(config.engine.backend)
-        self.dtype = engines.resolve_precision(config.engine.precision, self.device)
+        self.dtype = resolve_precision(config.engine.precision, self.device)
         self.run_dir = Path(config.run_dir)
         # One trainer per run directory, checked before anything is loaded or written; held until the process ends.
         self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
@@ -131,7 +132,7 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"{self.run_dir} already holds checkpoints (newest: {checkpoint.latest(self.run_dir).name}): pass --resume "
                 "to continue that run, or give a new run_dir")
-        from addpipe.dataprep.encode import encoding_signature  # the one definition both sides compare
+        from addpipe.train.encode import encoding_signature  # the one definition both sides compare
 
         signature = encoding_signature(config) if config.data.use_precomputed and not config.data.random_crop else None
         self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), data_state, signature)
@@ -178,7 +179,7 @@ class Trainer:
             conditioning = TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device))
             self.precomputed_batches += 1
         else:
-            with engines.autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype):
                 latents = vae_encode(self.teacher, pixels)
                 conditioning = encode_prompts(self.teacher, batch.captions, self.device)
         time_ids = None
@@ -209,7 +210,7 @@ class Trainer:
         depth = len(self.timesteps) - 1 if fixed else int(index[run].max())
         start_noise = noise.simulation_noise.to(self.device)[run]
         time_ids = None if inputs.time_ids is None else inputs.time_ids[run]
-        with engines.autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):
             trajectory = sample_trajectory(self.student.module, self.student_schedule,
                                            inputs.conditioning.select(run).unet_kwargs(time_ids), start_noise[:, 0],
                                            self.timesteps[:depth], lambda step: start_noise[:, step + 1])
@@ -219,7 +220,7 @@ class Trainer:
         sources, embedding = inputs.sources.clone(), inputs.source_embedding.clone()
         sources[rows] = reached.to(sources.dtype)
         if rows.numel() and self.config.discriminator.image_conditioning:
-            with engines.autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype):
                 pixels = vae_decode(self.teacher, reached).clamp(-1.0, 1.0)
             embedding[rows] = self.discriminator.module.image_embedding(pixels).to(embedding.dtype)
         return replace(inputs, sources=sources, source_embedding=embedding)
@@ -249,7 +250,7 @@ class Trainer:
         conditioning = TextConditioning.cat(branches)
         time_ids = None if inputs.time_ids is None else inputs.time_ids.repeat(len(branches), 1)
         k = len(branches)
-        with torch.no_grad(), engines.autocast(self.device, self.dtype):
+        with torch.no_grad(), autocast(self.device, self.dtype):
             output = self.teacher_unet(x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k), **conditioning.unet_kwargs(time_ids),
                                        return_dict=False)[0].float()
             prediction = self.teacher_schedule.prediction_type
@@ -271,7 +272,7 @@ class Trainer:
         x_s = add_noise(inputs.sources, noise.noise.to(self.device), alpha, sigma)
         engines.set_requires_grad(self.heads, False)
         terms: dict[str, torch.Tensor] = {}
-        with engines.autocast(self.device, self.dtype):
+        with autocast(self.device, self.dtype):
             # In bf16 DeepSpeed holds the student in bf16 and, on CUDA, turns torch.autocast off inside the engine's
             # forward (it follows only its own `torch_autocast` setting): the inputs must arrive in the weights' dtype.
             output = self.student(x_s.to(self.dtype), timesteps,
@@ -340,7 +341,7 @@ class Trainer:
         module.eval()
         rows = []
         for count in step_counts:
-            with engines.autocast(self.device, self.dtype):
+            with autocast(self.device, self.dtype):
                 rows.append(generate(module, self.teacher, self.student_schedule, prompts,
                                      student_timesteps(count, self.student_schedule.num_train_timesteps),
                                      seed=self.config.seed, resolution=self.config.data.resolution, device=self.device))

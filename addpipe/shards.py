@@ -1,8 +1,9 @@
-"""Writing WebDataset shards in the project's shard contract (DESIGN §2).
+"""The shard contract every stage shares: WebDataset tars as img2dataset writes them (see docs in the README).
 
-Per sample: an image (`jpg`), a caption (`txt`) and metadata (`json`: url, width, height, original
-size, sha256 and any scores). Per shard: `NNNNN.tar`, `NNNNN.parquet` listing every input row with its
-status and error, and `NNNNN_stats.json` counting them, as img2dataset writes them.
+Per sample: an image (`jpg`, `jpeg`, `png` or `webp`), a caption (`txt`) and metadata (`json`: url, width,
+height, original size, sha256 and any scores). Per shard: `NNNNN.tar`, `NNNNN.parquet` listing every input row
+with its status and error, and `NNNNN_stats.json` counting them. Shard sets are named by brace patterns,
+directories, or several of either joined by '::'.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 import webdataset as wds
+from braceexpand import braceexpand
 from PIL import Image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
 
 
 @dataclass
@@ -111,3 +116,28 @@ def shard_pattern(paths: list[Path]) -> str:
     if len(paths) == 1:
         return str(paths[0])
     return f"{paths[0].parent}/{{{paths[0].stem}..{paths[-1].stem}}}.tar"
+
+
+class ShardError(FileNotFoundError):
+    """Shards that are missing or too few for the data layout."""
+
+
+def expand_shards(spec: str) -> list[str]:
+    """'a/{000..009}.tar' brace patterns, directories of .tar files, or several joined by '::'."""
+    if not spec:
+        raise ShardError("data.shards is empty: give a brace pattern like '/data/{00000..00099}.tar' or a directory")
+    paths: list[str] = []
+    for part in spec.split("::"):
+        part = os.path.expanduser(part.strip())
+        if part and os.path.isdir(part):
+            paths.extend(sorted(str(p) for p in Path(part).glob("*.tar")))
+        elif part:
+            paths.extend(braceexpand(part))
+    if not paths:
+        raise ShardError(f"no shards found for {spec!r}")
+    remote = ("pipe:", "http://", "https://", "s3://", "gs://")
+    missing = [p for p in paths if not p.startswith(remote) and not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ShardError(f"{len(missing)} of {len(paths)} shards are missing: {shown}")
+    return paths

@@ -24,9 +24,10 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from addpipe.dataprep.shards import write_tar
-from addpipe.train.data import decode_sample, expand_shards
-from addpipe.train.engines import resolve_device
+from addpipe.shards import write_tar
+from addpipe.shards import expand_shards
+from addpipe.train.data import decode_sample
+from addpipe.devices import resolve_device
 from addpipe.train.models import encode_prompts, load_teacher, vae_encode
 
 logger = logging.getLogger(__name__)
