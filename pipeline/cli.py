@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.student_lr=1e-5 data.shards='/d/{000..099}.tar'"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*.yaml)"),
+    backend: Optional[str] = typer.Option(None, "--backend", help="deepspeed (default) or fsdp2"),
     zero: Optional[int] = typer.Option(None, "--zero", help="DeepSpeed ZeRO stage of the student (0-3)"),
     offload: Optional[str] = typer.Option(None, "--offload", help="Offload optimizer state: none, cpu or nvme"),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Shortcut for run_dir=..."),
@@ -48,6 +49,8 @@ def train(
     from addpipe.train.config import TrainConfig
 
     extra = list(overrides or [])
+    if backend is not None:
+        extra.append(f"engine.backend={backend}")
     if zero is not None:
         extra.append(f"engine.zero={zero}")
     if offload is not None:
@@ -56,7 +59,13 @@ def train(
         extra.append(f"run_dir={run_dir}")
     cfg = load(TrainConfig, config, extra)
     if dry_run:
-        typer.echo(to_yaml(cfg, with_docs=True))
+        from addpipe.train.plan import describe_plan
+
+        try:
+            plan = describe_plan(cfg)
+        except ValueError as error:  # an unknown method
+            raise UserError(str(error)) from error
+        typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan)
         return
     from addpipe.train.loop import train as run_training
 

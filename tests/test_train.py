@@ -89,8 +89,10 @@ def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
-    heads = [torch.load(p / "checkpoints/step_00000004/discriminator/mp_rank_00_model_states.pt", weights_only=False)["module"]
-             for p in (tmp_path / "whole", tmp_path / "split")]
+    from addpipe.train.checkpoint import read_tensors
+
+    heads = [read_tensors(p / "checkpoints/step_00000004", "discriminator.") for p in (tmp_path / "whole", tmp_path / "split")]
+    assert heads[0] and all(key.startswith(("discriminator.model.heads", "discriminator.optim.heads")) for key in heads[0])
     for key in heads[0]:
         torch.testing.assert_close(heads[0][key], heads[1][key], atol=1e-5, rtol=1e-4, msg=key)
     whole_metrics = (tmp_path / "whole/metrics.jsonl").read_text().splitlines()
@@ -108,11 +110,11 @@ def test_image_condition_is_zeroed_where_the_student_saw_only_noise(tiny_sd, tin
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
         **{"engine.zero": 0, "data.batch_size": 6, "discriminator.image_condition_pure_noise": "false"})))
-    inputs = trainer.prepare(next(trainer.data))
+    inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 0, 1])
-    assert trainer.student_schedule.alphas[trainer.timesteps[0]] == 0 < trainer.student_schedule.alphas[trainer.timesteps[1]]
-    out = trainer.blind_image_condition(inputs, noise)
+    assert trainer.method.student_schedule.alphas[trainer.method.timesteps[0]] == 0 < trainer.method.student_schedule.alphas[trainer.method.timesteps[1]]
+    out = trainer.method.blind_image_condition(inputs, noise)
     for row in range(6):
         for name in ("image_embedding", "source_embedding"):
             value, before = getattr(out, name)[row], getattr(inputs, name)[row]
@@ -120,7 +122,7 @@ def test_image_condition_is_zeroed_where_the_student_saw_only_noise(tiny_sd, tin
     assert bool(inputs.image_embedding[0].abs().sum() > 0)
 
     trainer.config.discriminator.image_condition_pure_noise = True
-    assert trainer.blind_image_condition(inputs, noise) is inputs
+    assert trainer.method.blind_image_condition(inputs, noise) is inputs
 
 
 def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, digit_shards, tmp_path):
@@ -134,14 +136,14 @@ def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
         **{"engine.zero": 0, "student.backward_simulation": 0.5, "data.batch_size": 6})))
-    inputs = trainer.prepare(next(trainer.data))
+    inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 3, 0])
     noise.simulate = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9, 0.1])  # row 4 is not chosen (0.9 >= 0.5)
-    out = trainer.simulate(inputs, noise)
+    out = trainer.method.simulate(inputs, noise)
 
-    schedule, student = trainer.student_schedule, trainer.student.module
-    assert schedule.prediction_type == "v_prediction" and trainer.timesteps == [999, 749, 499, 249]
+    schedule, student = trainer.method.student_schedule, trainer.method.student.module
+    assert schedule.prediction_type == "v_prediction" and trainer.method.timesteps == [999, 749, 499, 249]
     for row in range(6):
         if row in (0, 4, 5):
             assert torch.equal(out.sources[row], inputs.latents[row])
@@ -151,20 +153,20 @@ def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, 
         x = noise.simulation_noise[row:row + 1, 0]
         with torch.no_grad():
             for k in range(int(noise.student_index[row])):
-                t = trainer.timesteps[k]
+                t = trainer.method.timesteps[k]
                 v = student(x, torch.tensor([t]), **cond.unet_kwargs(None), return_dict=False)[0]
                 x0 = schedule.alphas[t] * x - schedule.sigmas[t] * v
                 if k + 1 < int(noise.student_index[row]):
-                    t_next = trainer.timesteps[k + 1]
+                    t_next = trainer.method.timesteps[k + 1]
                     x = schedule.alphas[t_next] * x0 + schedule.sigmas[t_next] * noise.simulation_noise[row:row + 1, k + 1]
-            embedding = trainer.discriminator.module.image_embedding(vae_decode(trainer.teacher, x0).clamp(-1, 1))
+            embedding = trainer.method.discriminator.module.image_embedding(vae_decode(trainer.method.teacher, x0).clamp(-1, 1))
         torch.testing.assert_close(out.sources[row:row + 1], x0, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out.source_embedding[row:row + 1], embedding, atol=1e-5, rtol=1e-4)
         assert not torch.allclose(out.sources[row], inputs.latents[row])
     assert torch.equal(out.latents, inputs.latents) and torch.equal(out.image_embedding, inputs.image_embedding)
 
     trainer.config.student.backward_simulation = 0.0
-    assert trainer.simulate(inputs, noise) is inputs
+    assert trainer.method.simulate(inputs, noise) is inputs
     with pytest.raises(ValueError, match="backward_simulation"):
         load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path,
                                                       **{"student.backward_simulation": 1.5}))
@@ -179,15 +181,15 @@ def test_discriminator_text_condition_can_be_the_mean_of_the_unets_text_tokens(t
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sdxl, tiny_dino, digit_shards, tmp_path, steps=1,
         **{"engine.zero": 0, "discriminator.text_embedding": "mean"})))
-    inputs = trainer.prepare(next(trainer.data))
-    torch.testing.assert_close(trainer.text_condition(inputs), inputs.conditioning.hidden_states.mean(dim=1))
-    width = trainer.teacher.unet.config.cross_attention_dim
-    assert width != trainer.teacher.pooled_dim
-    image_width = trainer.discriminator.module.feature_network.config.hidden_size
-    assert all(head.project_condition.in_features == width + image_width for head in trainer.discriminator.module.heads)
-    heads_before = [p.detach().clone() for p in trainer.heads]
+    inputs = trainer.method.prepare(next(trainer.data))
+    torch.testing.assert_close(trainer.method.text_condition(inputs), inputs.conditioning.hidden_states.mean(dim=1))
+    width = trainer.method.teacher.unet.config.cross_attention_dim
+    assert width != trainer.method.teacher.pooled_dim
+    image_width = trainer.method.discriminator.module.feature_network.config.hidden_size
+    assert all(head.project_condition.in_features == width + image_width for head in trainer.method.discriminator.module.heads)
+    heads_before = [p.detach().clone() for p in trainer.method.heads]
     trainer.run()
-    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
+    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.method.heads))
 
 
 def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, digit_shards, tmp_path):
@@ -196,20 +198,20 @@ def test_frozen_networks_get_no_gradient_and_student_moves(tiny_sd, tiny_dino, d
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
                                                                     **{"engine.zero": 0})))
     frozen = {name: [p.detach().clone() for p in module.parameters()]
-              for name, module in [("teacher", trainer.teacher.unet), ("vae", trainer.teacher.vae),
-                                   ("text", trainer.teacher.text_encoders[0]),
-                                   ("dino", trainer.discriminator.module.feature_network)]}
-    student_before = [p.detach().clone() for p in trainer.student.module.parameters()]
-    heads_before = [p.detach().clone() for p in trainer.heads]
+              for name, module in [("teacher", trainer.method.teacher.unet), ("vae", trainer.method.teacher.vae),
+                                   ("text", trainer.method.teacher.text_encoders[0]),
+                                   ("dino", trainer.method.discriminator.module.feature_network)]}
+    student_before = [p.detach().clone() for p in trainer.method.student.module.parameters()]
+    heads_before = [p.detach().clone() for p in trainer.method.heads]
     trainer.run()
-    for name, module in [("teacher", trainer.teacher.unet), ("vae", trainer.teacher.vae),
-                         ("text", trainer.teacher.text_encoders[0]), ("dino", trainer.discriminator.module.feature_network)]:
+    for name, module in [("teacher", trainer.method.teacher.unet), ("vae", trainer.method.teacher.vae),
+                         ("text", trainer.method.teacher.text_encoders[0]), ("dino", trainer.method.discriminator.module.feature_network)]:
         for before, param in zip(frozen[name], module.parameters()):
             assert not param.requires_grad and param.grad is None, name
             assert torch.equal(before, param), name
-    assert not trainer.discriminator.module.feature_network.training
-    assert any(not torch.equal(b, p) for b, p in zip(student_before, trainer.student.module.parameters()))
-    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.heads))
+    assert not trainer.method.discriminator.module.feature_network.training
+    assert any(not torch.equal(b, p) for b, p in zip(student_before, trainer.method.student.module.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(heads_before, trainer.method.heads))
 
 
 @pytest.mark.gpu
@@ -247,7 +249,7 @@ def test_zero_terminal_snr_v_teacher_distils_at_its_last_timestep(weighting, tin
         teacher, tiny_dino, digit_shards, tmp_path / "run", steps=2, **{"engine.zero": 0, "distill.t_min": 998,
                                                                           "distill.t_max": 999,
                                                                           "distill.weighting": weighting})))
-    assert trainer.teacher_schedule.alphas[-1].item() == 0.0 and trainer.teacher_schedule.prediction_type == "v_prediction"
+    assert trainer.method.teacher_schedule.alphas[-1].item() == 0.0 and trainer.method.teacher_schedule.prediction_type == "v_prediction"
     trainer.run()
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
@@ -282,7 +284,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, dig
 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, steps=6,
                                                                     **{"checkpoint.every": 2})))
-    prepare = trainer.prepare
+    prepare = trainer.method.prepare
 
     def poisoned(batch):  # a corrupted batch at step 3 makes every loss NaN
         inputs = prepare(batch)
@@ -290,7 +292,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, dig
             inputs.latents.fill_(float("nan"))
         return inputs
 
-    trainer.prepare = poisoned
+    trainer.method.prepare = poisoned
     with pytest.raises(NonFiniteLossError, match=r"step 4 .*step_00000002"):  # the 4th step, counted as metrics are
         trainer.run()
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"

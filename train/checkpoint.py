@@ -1,17 +1,24 @@
-"""Atomic, resumable checkpoints of both engines plus each rank's trainer state.
+"""Atomic checkpoints in one format for every backend, readable on any number of ranks.
 
 Layout of `run_dir/checkpoints/`:
-    step_00000100/student/...        DeepSpeed checkpoint of the student engine (model, optimizer, lr schedule)
-    step_00000100/discriminator/...  the same for the heads
-    step_00000100/trainer_rank00000.pt  step, RNG states, data stream positions, EMA shard, log accumulator of this rank
+    step_00000100/state/             torch.distributed.checkpoint (DCP) files: for each trained model, its fp32
+                                     master weights (`<model>.model.<parameter>`), Adam moments
+                                     (`<model>.optim.<parameter>.exp_avg|exp_avg_sq`) and, for the EMA'd model,
+                                     `<model>.ema.<parameter>`; sharded tensors stay shards, whole ones are written
+                                     by one owner rank each
+    step_00000100/trainer.json       step, schedules, optimizer step counts, every data stream's cursor, the log
+                                     accumulator summed over ranks, the backend and process count that wrote it
+    step_00000100/rng_rank00000.pt   each rank's RNG states (restored when the process count is the same)
     step_00000100/config.yaml        the resolved config the checkpoint was trained with
-    step_00000100/COMPLETE           written last: step, layout (world size, ZeRO stages) and every file's size
+    step_00000100/COMPLETE           written last: step, writer, and every file's size
     latest                           name of the newest complete checkpoint (replaced atomically)
 
-Everything is written into a `.tmp` directory first and renamed into place, so a crash mid-save never
-leaves a checkpoint that looks complete. Ranks are assumed to share the file system, as DeepSpeed does.
-A complete checkpoint whose files no longer have their recorded sizes (truncated by a full disk, a partial
-copy) or cannot be read is passed over for the previous one, with a warning naming the file.
+DCP records each tensor's global shape and reads any region of it back, so a checkpoint written by W ranks
+loads on W' ranks, and one written by DeepSpeed loads into FSDP2 and the other way round: both backends write
+the same entries. Everything is written into a `.tmp` directory first and renamed into place, so a crash mid-save
+never leaves a checkpoint that looks complete. A complete checkpoint whose files no longer have their recorded
+sizes (truncated by a full disk, a partial copy) or cannot be read is passed over for the previous one, with a
+warning naming the file.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,7 +39,7 @@ from addpipe.train import distributed
 from addpipe.train.rundir import RunDirError, describe_write_error
 
 logger = logging.getLogger(__name__)
-ENGINE_NAMES = ("student", "discriminator")
+STATE = "state"
 
 
 class CheckpointError(RuntimeError):
@@ -88,10 +95,24 @@ def _file_sizes(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def save(run_dir: Path, step: int, engines: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
-         layout: Optional[dict[str, Any]] = None, config_text: str = "") -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory. A write the file system refuses
-    (full, read-only, over quota) is a RunDirError naming the file."""
+def _tensor_entries(models: dict[str, Any], ema: Optional[tuple[str, list[torch.Tensor]]]) -> dict[str, Any]:
+    """Collective: every trained model's entries, keyed `<model>.<entry>`."""
+    entries: dict[str, Any] = {}
+    for name, model in models.items():
+        entries.update({f"{name}.{key}": value for key, value in model.checkpoint_state().items()})
+    if ema is not None:
+        name, shadow = ema
+        entries.update(models[name].parameter_entries(f"{name}.ema", shadow))
+    return entries
+
+
+def save(run_dir: Path, step: int, models: dict[str, Any], trainer_state: dict[str, Any], keep_last: int,
+         ema: Optional[tuple[str, list[torch.Tensor]]] = None, config_text: str = "") -> Path:
+    """Collective: every rank calls it. `models`: name -> backends.Trained; `ema`: (model name, its EMA shadow in
+    local-tensor layout); `trainer_state`: what trainer.json holds (the same on every rank; rank 0 writes it).
+    Returns the final checkpoint directory. A write the file system refuses is a RunDirError naming the file."""
+    import torch.distributed.checkpoint as dcp
+
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -102,14 +123,15 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], trainer_state: dict[
                 shutil.rmtree(tmp)  # left over from a save that crashed
             tmp.mkdir()
         distributed.barrier()
-        for name, engine in engines.items():
-            engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / f"trainer_rank{distributed.rank():05d}.pt")
+        dcp.save(_tensor_entries(models, ema), checkpoint_id=str(tmp / STATE))
+        torch.save(rng_state(), tmp / f"rng_rank{distributed.rank():05d}.pt")
         distributed.barrier()
         if distributed.is_main():
+            (tmp / "trainer.json").write_text(json.dumps(trainer_state))
             if config_text:
                 (tmp / "config.yaml").write_text(config_text)
-            info = {"step": step, "world_size": distributed.world_size(), "layout": layout or {}, "files": _file_sizes(tmp)}
+            info = {"step": step, "world_size": distributed.world_size(), "backend": trainer_state.get("backend"),
+                    "files": _file_sizes(tmp)}
             (tmp / "COMPLETE").write_text(json.dumps(info))
             if final.exists():
                 shutil.rmtree(final)
@@ -120,7 +142,7 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], trainer_state: dict[
     except (OSError, RuntimeError) as error:
         if isinstance(error, RunDirError):
             raise
-        # torch.save reports a full disk as a RuntimeError ("file write failed"), DeepSpeed as an OSError
+        # torch.save and DCP report a full disk as a RuntimeError ("file write failed"), others as an OSError
         where = Path(getattr(error, "filename", None) or tmp)
         hint = "" if isinstance(error, OSError) else " (is the disk full, over quota or read-only?)"
         raise RunDirError(f"saving checkpoint step {step} failed: {describe_write_error(where, error)}{hint}") from None
@@ -131,6 +153,8 @@ def save(run_dir: Path, step: int, engines: dict[str, Any], trainer_state: dict[
 def damage(path: Path) -> Optional[str]:
     """What is wrong with a complete checkpoint's files (missing, or not the recorded size), or None."""
     info = json.loads((path / "COMPLETE").read_text())
+    if not (path / "trainer.json").is_file():
+        return f"{path} predates this format (no trainer.json): it can only be read by the addpipe that wrote it"
     for name, size in info.get("files", {}).items():
         file = path / name
         if not file.is_file():
@@ -140,50 +164,81 @@ def damage(path: Path) -> Optional[str]:
     return None
 
 
-def check_layout(path: Path, layout: dict[str, Any]) -> None:
-    """Refuse a resume whose process count or ZeRO stages differ from the checkpoint's."""
-    info = json.loads((path / "COMPLETE").read_text())
-    if info["world_size"] != distributed.world_size():
-        raise CheckpointError(
-            f"checkpoint {path} was written by {info['world_size']} process(es), this run has {distributed.world_size()}: "
-            f"resume with {info['world_size']} (e.g. torchrun --nproc_per_node {info['world_size']})")
-    recorded = info.get("layout", {})
-    for key, value in layout.items():
-        if key in recorded and recorded[key] != value:
-            raise CheckpointError(f"checkpoint {path} was written with {key}={recorded[key]}, this run asks for {value}: "
-                                  f"resume with {key}={recorded[key]} or start a new run_dir")
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)  # a DTensor's shape is its global shape
 
 
-def load(path: Path, engines: dict[str, Any]) -> dict[str, Any]:
-    """Collective: load both engines and return this rank's trainer state (RNG already restored)."""
-    for name, engine in engines.items():
-        loaded, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed found no {name} engine state in {path / name}")
-    state = torch.load(path / f"trainer_rank{distributed.rank():05d}.pt", weights_only=False)
-    restore_rng(state.pop("rng"))
-    return state
+def check_fits(path: Path, template: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose tensors do not fit the model being resumed, naming the first that does not."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(path / STATE)).read_metadata().state_dict_metadata
+    for key in sorted(template):
+        if key not in saved:
+            raise CheckpointError(f"checkpoint {path} does not fit this model: it has no {key} (another architecture, "
+                                  "method or model? resume in a new run_dir)")
+        shape = tuple(getattr(saved[key], "size", ()))
+        if shape != _shape(template[key]):
+            raise CheckpointError(f"checkpoint {path} does not fit this model: {key} is {list(shape)} there and "
+                                  f"{list(_shape(template[key]))} here (another architecture? resume in a new run_dir)")
 
 
-def load_latest(run_dir: Path, engines: dict[str, Any], layout: dict[str, Any],
-                device: torch.device) -> Optional[tuple[Path, dict[str, Any]]]:
-    """Collective: the newest checkpoint that is intact and loads, with this rank's trainer state; a damaged one
-    is passed over for the one before it, with a warning. None when the run has no complete checkpoint."""
+def loader(path: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Collective: `load(template)` fills the template's tensors from the checkpoint (DTensors in place, shard by
+    shard) and returns it."""
+    import torch.distributed.checkpoint as dcp
+
+    def load(template: dict[str, Any]) -> dict[str, Any]:
+        template = dict(template)
+        check_fits(path, template)
+        dcp.load(template, checkpoint_id=str(path / STATE))
+        return template
+    return load
+
+
+def prefixed(load: Callable[[dict[str, Any]], dict[str, Any]], prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A loader that adds `<prefix>.` to the keys a model asks for and takes it off again."""
+    def load_prefixed(template: dict[str, Any]) -> dict[str, Any]:
+        loaded = load({f"{prefix}.{key}": value for key, value in template.items()})
+        return {key[len(prefix) + 1:]: value for key, value in loaded.items()}
+    return load_prefixed
+
+
+def load(path: Path, models: dict[str, Any], ema_model: Optional[str] = None) -> tuple[dict[str, Any], Optional[list[torch.Tensor]]]:
+    """Collective: fill every trained model (and its optimizer) from `path`; -> (trainer.json's state, the EMA
+    shadow in the EMA'd model's local layout, or None when the checkpoint has none)."""
+    state = json.loads((path / "trainer.json").read_text())
+    read = loader(path)
+    for name, model in models.items():
+        model.load_checkpoint_state(prefixed(read, name))
+        model.set_optimizer_steps(int(state["optimizer_steps"][name]))
+    shadow = None
+    if ema_model is not None and state.get("ema"):
+        shadow = models[ema_model].load_parameter_entries(f"{ema_model}.ema", read)
+    rng = path / f"rng_rank{distributed.rank():05d}.pt"
+    if state.get("world_size") == distributed.world_size() and rng.is_file():
+        restore_rng(torch.load(rng, weights_only=False))
+    return state, shadow
+
+
+def load_latest(run_dir: Path, models: dict[str, Any], ema_model: Optional[str],
+                device: torch.device) -> Optional[tuple[Path, dict[str, Any], Optional[list[torch.Tensor]]]]:
+    """Collective: the newest checkpoint that is intact and loads, with trainer.json's state and the EMA; a damaged
+    one is passed over for the one before it, with a warning. None when the run has no complete checkpoint."""
     found = candidates(run_dir)
     problems = []
     for path in found:
-        check_layout(path, layout)
         problem = damage(path)
-        state = None
+        result = None
         if problem is None:
             try:
-                state = load(path, engines)
+                result = load(path, models, ema_model)
             except CheckpointError:
                 raise
-            except Exception as error:  # torch.load's zip errors do not say which file: this does
+            except Exception as error:  # torch's and DCP's read errors do not say which checkpoint: this does
                 problem = f"it cannot be read ({type(error).__name__}: {str(error).strip().splitlines()[0]})"
         if not distributed.any_rank(problem is not None, device):
-            return path, state
+            return path, result[0], result[1]
         problems.append(f"{path}: {problem or 'unreadable on another rank'}")
         if distributed.is_main():
             logger.warning("checkpoint %s is damaged: %s; trying the previous complete checkpoint", path,
@@ -191,3 +246,15 @@ def load_latest(run_dir: Path, engines: dict[str, Any], layout: dict[str, Any],
     if found:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)} could be resumed: {'; '.join(problems)}")
     return None
+
+
+def read_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint whose key starts with `prefix`, whole, in this process (no process group
+    needed): for inspecting a checkpoint or comparing two."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(Path(path) / STATE)).read_metadata().state_dict_metadata
+    template = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                for key, meta in saved.items() if key.startswith(prefix) and hasattr(meta, "size")}
+    dcp.load(template, checkpoint_id=str(Path(path) / STATE), no_dist=True)
+    return template

@@ -188,8 +188,10 @@ class DataConfig:
 
 @dataclass
 class EngineConfig:
+    backend: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    """How the trained models are distributed: DeepSpeed engines (ZeRO 0-3), or PyTorch FSDP2 (fully_shard)."""
     zero: int = 2
-    """DeepSpeed ZeRO stage of the student: 0, 1, 2 or 3."""
+    """DeepSpeed ZeRO stage of the student: 0, 1, 2 or 3 (deepspeed only; FSDP2 always shards parameters)."""
     discriminator_zero: Optional[int] = None
     """ZeRO stage of the discriminator heads; default min(zero, 2): they are small and R1 needs a double backward."""
     offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
@@ -200,17 +202,25 @@ class EngineConfig:
     """Directory for NVMe offload."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 on devices that support it (auto), or force one."""
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """torch.distributed backend: nccl on GPUs, gloo on CPU."""
+    process_group: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed process-group backend: nccl on GPUs, gloo on CPU."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like memory); false keeps them until the
+    backward (ZeRO-2-like: more memory, one gather fewer)."""
+    shard_discriminator: bool = False
+    """FSDP2: shard the discriminator heads too (default: replicate them and all-reduce their gradients)."""
 
     def __post_init__(self) -> None:
+        if self.backend == "fsdp2" and "nvme" in (self.offload_optimizer, self.offload_param):
+            raise ValueError("NVMe offload is DeepSpeed's: with engine.backend=fsdp2 use offload_param=cpu (FSDP2's "
+                             "CPUOffloadPolicy) or engine.backend=deepspeed")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"engine.zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.discriminator_zero is not None and self.discriminator_zero not in (0, 1, 2, 3):
             raise ValueError("engine.discriminator_zero must be 0..3")
-        if self.offload_param != "none" and self.zero != 3:
+        if self.backend == "deepspeed" and self.offload_param != "none" and self.zero != 3:
             raise ValueError("engine.offload_param needs engine.zero=3")
-        if self.offload_optimizer != "none" and self.zero == 0:
+        if self.backend == "deepspeed" and self.offload_optimizer != "none" and self.zero == 0:
             raise ValueError("engine.offload_optimizer needs engine.zero >= 1")
 
 
@@ -247,6 +257,8 @@ class LogConfig:
 class TrainConfig:
     run_dir: str = "runs/add"
     """Where config, metrics, checkpoints, samples and the exported student go."""
+    method: str = "add"
+    """The training method: add (Adversarial Diffusion Distillation); others register in train/methods."""
     steps: int = 10000
     """Total optimisation steps."""
     seed: int = 0
@@ -273,5 +285,5 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
-        if self.model.frozen_placement == "partition" and self.engine.zero != 3:
-            raise ValueError("model.frozen_placement=partition needs engine.zero=3")
+        if self.model.frozen_placement == "partition" and self.engine.backend == "deepspeed" and self.engine.zero != 3:
+            raise ValueError("model.frozen_placement=partition needs engine.zero=3 (or engine.backend=fsdp2)")

@@ -5,11 +5,15 @@ a seed and deals the shards to the streams round-robin; a stream reads its shard
 into the next epoch, so epochs are resampled forever. A rank owns `streams_per_rank` consecutive
 streams (one per DataLoader worker) and builds each micro-batch from an equal chunk of each of them.
 
-Two properties follow, and the tests rely on both:
+Three properties follow, and the tests rely on them:
 - The global batch of a step depends only on (shards, seed, total streams), not on how streams are
   spread over ranks: two ranks with one worker each see exactly what one rank with two workers sees.
 - A stream's position is (epoch, shard index, sample offset) after its last delivered chunk; saved in
   a checkpoint, it lets a resumed run continue with the very next sample.
+- A run resumed with another number of streams (other ranks or workers) re-deals what is left: for every
+  epoch some stream is still in, the shards (and the rest of each half-read shard) that no stream has read
+  yet are dealt round-robin to the new streams, as explicit `plans`; after those epochs the usual deal of
+  the new layout takes over. Nothing unread is skipped and nothing read is read again (`redeal`).
 """
 
 from __future__ import annotations
@@ -46,15 +50,51 @@ def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 @dataclass
 class StreamState:
-    """Where a stream continues: the next sample is `offset` into the `shard`-th shard of `epoch`."""
+    """Where a stream continues: the next sample is `offset` into the `shard`-th entry of its deal for `epoch`.
+    `plans` holds explicit deals (epoch -> [(shard index, first sample)]) that a re-deal gave this stream."""
 
     epoch: int = 0
     shard: int = 0
     offset: int = 0
     skipped: int = 0
+    plans: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "skipped": self.skipped}
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "skipped": self.skipped,
+                "plans": {str(e): [list(entry) for entry in plan] for e, plan in self.plans.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StreamState":
+        plans = {int(e): [(int(i), int(o)) for i, o in plan] for e, plan in data.get("plans", {}).items()}
+        return cls(int(data["epoch"]), int(data["shard"]), int(data["offset"]), int(data.get("skipped", 0)), plans)
+
+
+def deal(stream: int, epoch: int, state: StreamState, num_streams: int, num_shards: int, seed: int) -> list[tuple[int, int]]:
+    """The (shard index, first sample) entries `stream` reads in `epoch`: its plan there, or the usual deal."""
+    if epoch in state.plans:
+        return state.plans[epoch]
+    return [(index, 0) for index in epoch_order(num_shards, seed, epoch)[stream::num_streams]]
+
+
+def redeal(states: dict[int, StreamState], old_streams: int, new_streams: int, num_shards: int,
+           seed: int) -> dict[int, StreamState]:
+    """Every old stream's unread work, dealt to `new_streams` streams (see the module docstring)."""
+    first = min(state.epoch for state in states.values())
+    last = max([state.epoch for state in states.values()] + [e for state in states.values() for e in state.plans])
+    pools: dict[int, list[tuple[int, int]]] = {epoch: [] for epoch in range(first, last + 1)}
+    for stream in sorted(states):
+        state = states[stream]
+        for epoch in range(max(first, state.epoch), last + 1):
+            entries = deal(stream, epoch, state, old_streams, num_shards, seed)
+            if epoch == state.epoch:
+                entries = entries[state.shard:]
+                if entries and state.offset > entries[0][1]:  # the shard it was reading: from the next sample on
+                    entries = [(entries[0][0], state.offset)] + entries[1:]
+            pools[epoch].extend(entries)
+    skipped = sum(state.skipped for state in states.values())
+    return {j: StreamState(epoch=first, skipped=skipped if j == 0 else 0,
+                           plans={epoch: pool[j::new_streams] for epoch, pool in pools.items()})
+            for j in range(new_streams)}
 
 
 def load_image(sample: dict[str, Any]) -> Image.Image:
@@ -135,13 +175,14 @@ class ShardStreams(torch.utils.data.IterableDataset):
         Once the stream has read every shard without finding one usable sample (empty or unreadable tars,
         images that do not decode, missing captions) it raises ShardError naming each shard and why, instead of
         looping over them forever."""
-        state = StreamState(**self.states[stream].as_dict()) if stream in self.states else StreamState()
+        state = StreamState.from_dict(self.states[stream].as_dict()) if stream in self.states else StreamState()
         dry: dict[int, str] = {}  # shard index -> why it gave nothing usable, since this stream's last usable sample
         while True:
-            mine = epoch_order(len(self.shards), self.seed, state.epoch)[stream :: self.num_streams]
+            mine = deal(stream, state.epoch, state, self.num_streams, len(self.shards), self.seed)
             while state.shard < len(mine):
-                shard_index = mine[state.shard]
+                shard_index, first_sample = mine[state.shard]
                 path = self.shards[shard_index]
+                state.offset = max(state.offset, first_sample)
                 whole_pass = state.offset == 0  # a pass resumed mid-shard says nothing about the shard's start
                 index, usable, unusable, first_error, failure = -1, 0, 0, None, None
                 try:
@@ -158,7 +199,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                             first_error = first_error or f"{type(error).__name__}: {error}"
                             decoded = None
                         state.offset = index + 1
-                        yield decoded, StreamState(**state.as_dict())
+                        yield decoded, StreamState.from_dict(state.as_dict())
                 except Exception as error:  # a truncated or unreadable shard: keep what was read, move on
                     if isinstance(error, (KeyboardInterrupt, GeneratorExit)):
                         raise
@@ -176,6 +217,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                     if len(dry) == len(self.shards):
                         raise ShardError(no_usable_samples(self.shards, dry))
                 state.shard, state.offset = state.shard + 1, 0
+            state.plans.pop(state.epoch, None)  # a finished epoch's plan is spent
             state.epoch, state.shard = state.epoch + 1, 0
 
     def chunks(self, stream: int) -> Iterator[dict[str, Any]]:
@@ -235,14 +277,9 @@ class TrainingData:
         self.num_streams = world_size * self.streams_per_rank
         self.stream_ids = [rank * self.streams_per_rank + j for j in range(self.streams_per_rank)]
         self.layout = {"num_streams": self.num_streams, "num_shards": len(self.shards), "seed": config.seed}
-        restored: dict[int, StreamState] = {}
+        self.states = {s: StreamState() for s in self.stream_ids}
         if states:
-            if states.get("layout") == self.layout:
-                restored = {int(k): StreamState(**v) for k, v in states["streams"].items() if int(k) in self.stream_ids}
-            else:
-                logger.warning("data layout changed since the checkpoint (%s -> %s): streams restart at epoch 0",
-                               states.get("layout"), self.layout)
-        self.states = {s: restored.get(s, StreamState()) for s in self.stream_ids}
+            self.states.update(self.restore(states))
         dataset = ShardStreams(
             self.shards, self.stream_ids, self.num_streams, config.batch_size // self.streams_per_rank,
             config.resolution, config.caption_key, config.seed, config.random_crop, dict(self.states), signature,
@@ -266,7 +303,7 @@ class TrainingData:
             message = str(error)
             raise ShardError(message.rsplit("ShardError: ", 1)[-1].strip()) from None
         for chunk in chunks:
-            self.states[chunk["stream"]] = StreamState(**chunk["state"])
+            self.states[chunk["stream"]] = StreamState.from_dict(chunk["state"])
         encoded = {}
         if all("latents" in c for c in chunks):
             encoded = {name: torch.cat([c[name] for c in chunks]) for name in ("latents", "prompt_embeds", "pooled_embeds")}
@@ -279,9 +316,31 @@ class TrainingData:
             streams=[c["stream"] for c in chunks for _ in c["captions"]],
         )
 
+    def restore(self, saved: dict[str, Any]) -> dict[int, StreamState]:
+        """This rank's streams from a checkpoint's (every stream's) positions, re-dealt if the layout changed."""
+        layout = saved.get("layout", {})
+        streams = {int(k): StreamState.from_dict(v) for k, v in saved["streams"].items()}
+        if layout == self.layout:
+            return {s: streams[s] for s in self.stream_ids if s in streams}
+        same_data = layout.get("num_shards") == self.layout["num_shards"] and layout.get("seed") == self.layout["seed"]
+        if not same_data or set(streams) != set(range(layout.get("num_streams", -1))):
+            logger.warning("the shards or data.seed changed since the checkpoint (%s -> %s): streams restart at epoch 0",
+                           layout, self.layout)
+            return {}
+        logger.info("data streams %d -> %d: the rest of epoch(s) %s re-dealt", layout["num_streams"], self.num_streams,
+                    sorted({s.epoch for s in streams.values()}))
+        new = redeal(streams, layout["num_streams"], self.num_streams, len(self.shards), self.layout["seed"])
+        return {s: new[s] for s in self.stream_ids}
+
     @property
     def skipped(self) -> int:
         return sum(state.skipped for state in self.states.values())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layout": self.layout, "streams": {str(k): v.as_dict() for k, v in self.states.items()}}
+        """Every stream's position, gathered from all ranks (collective): what a checkpoint holds."""
+        from addpipe.train import distributed
+
+        streams: dict[str, Any] = {}
+        for part in distributed.all_gather_objects({str(k): v.as_dict() for k, v in self.states.items()}):
+            streams.update(part)
+        return {"layout": self.layout, "streams": streams}

@@ -61,16 +61,21 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def initialize(backend: str = "auto") -> torch.device:
-    """Start the process group (once) and return this rank's device."""
+def initialize(engine=None) -> torch.device:
+    """Start the process group (once) and return this rank's device. `engine`: the training config's engine
+    section (its process_group, and whether DeepSpeed should set the group up: it keeps its own handle on it)."""
     prepare_environment()
     die_with_launcher()
-    import deepspeed
-
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    group = getattr(engine, "process_group", "auto")
+    if group == "auto":
+        group = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        if getattr(engine, "backend", "deepspeed") == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=group)
+        else:
+            dist.init_process_group(backend=group)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
@@ -121,3 +126,25 @@ def broadcast_object(value):
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Broadcast a tensor from rank `src` in place; CPU tensors go through the GPU where the group is NCCL."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.to(torch.device("cuda", local_rank()))
+        dist.broadcast(moved, src=src)
+        tensor.copy_(moved.cpu())
+        return tensor
+    dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not (dist.is_initialized() and world_size() > 1):
+        return [value]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

@@ -1,4 +1,5 @@
-"""Exponential moving average of the student's weights, kept on whatever storage this rank owns."""
+"""Exponential moving average of the student's weights, kept on whatever storage this rank owns (its shard
+under ZeRO-3 or FSDP2, the whole parameter otherwise: a backend's `local_tensors`)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ class EMA:
         return {"decay": self.decay, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["shadow"]) != len(self.shadow) or any(
-            a.shape != b.shape for a, b in zip(state["shadow"], self.shadow)
-        ):
-            raise ValueError("EMA state does not match the model (was the world size or ZeRO stage changed?)")
-        self.shadow = [s.float().clone() for s in state["shadow"]]
+        self.load_shadow(state["shadow"])
+
+    def load_shadow(self, shadow: list[torch.Tensor]) -> None:
+        """Tensors laid out like this rank's parameter storage (a checkpoint reshards them to it)."""
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise ValueError("EMA state does not match this rank's parameter layout")
+        self.shadow = [s.float().to(t.device).clone() for s, t in zip(shadow, self.shadow)]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
-import torch.nn as nn
+import torch
 
 from addpipe.train import distributed
-from addpipe.train.engines import full_parameters
 from addpipe.train.models import TeacherComponents
 from addpipe.train.sampling import STUDENT_INFO
 
@@ -29,15 +28,13 @@ def student_scheduler(components: TeacherComponents, prediction_type: str, zero_
                         original_inference_steps=4, steps_offset=1)
 
 
-def export_student(student: nn.Module, components: TeacherComponents, out_dir: Path, prediction_type: str,
-                   zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
-    """Collective under ZeRO-3 (parameters are gathered on every rank); rank 0 writes."""
+def export_student(state: Optional[dict[str, torch.Tensor]], unet_config: Any, components: TeacherComponents, out_dir: Path,
+                   prediction_type: str, zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
+    """`state`: the student's whole state dict on rank 0 (a backend's full_state_dict); rank 0 writes, all wait."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    with full_parameters(student):
-        state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()} if distributed.is_main() else None
     if distributed.is_main():
-        unet = UNet2DConditionModel.from_config(student.config)
+        unet = UNet2DConditionModel.from_config(unet_config)
         unet.load_state_dict(state)
         scheduler = student_scheduler(components, prediction_type, zero_terminal_snr)
         parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],

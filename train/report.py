@@ -97,6 +97,18 @@ class Reporter:
         """What was reported since the last flush, on this rank (saved in its checkpoint)."""
         return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
+    def global_state(self, device: torch.device) -> dict:
+        """Collective: the accumulator summed over all ranks. A checkpoint keeps this (rank 0 loads it back), so a
+        run resumed on another number of ranks averages the same steps."""
+        sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)
+        for part in distributed.all_gather_objects(self.state_dict()):
+            for name, value in part["sums"].items():
+                sums[name] += value
+            for name, value in part["counts"].items():
+                counts[name] += value
+        return {"sums": dict(sums), "counts": dict(counts)}
+
     def load_state_dict(self, state: dict) -> None:
         self.sums = defaultdict(float, state["sums"])
         self.counts = defaultdict(int, state["counts"])

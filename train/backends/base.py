@@ -1,0 +1,147 @@
+"""The backend seam: what the loop, checkpoints, the EMA and export may ask of a distribution backend.
+
+A backend wraps each trainable model with its optimizer and learning-rate schedule into a `Trained`, and
+places each frozen model (replicated, or sharded without an optimizer). Nothing outside `train/backends/`
+touches an engine's own API; methods call `Trained.forward` (through the engine) or `Trained.module` (the
+bare network, for passes the engine must not see, such as R1's double backward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW settings and the learning-rate schedule (a factor of the step) of one trainable model."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    schedule: Callable[[int], float]
+    gradient_clipping: float = 0.0
+
+
+class Trained(ABC):
+    """One trainable model inside a backend."""
+
+    name: str
+    module: nn.Module          # the bare network: its parameters, its forward without the engine
+    trainable: list[nn.Parameter]
+    shards_parameters: bool = False
+    """Whether a forward gathers parameters from the other ranks: then every rank must run the same forwards."""
+
+    @abstractmethod
+    def forward(self, *args, **kwargs) -> Any:
+        """A forward pass through the engine (what a training step's main forward should use)."""
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> None:
+        """Clip, take the optimizer and schedule step, and clear the gradients."""
+
+    @abstractmethod
+    def learning_rate(self) -> float: ...
+
+    @abstractmethod
+    def set_hyperparameters(self, settings: OptimizerSettings) -> None:
+        """Put configured optimizer settings into a restored optimizer (a resumed run trains with its config)."""
+
+    @abstractmethod
+    def local_tensors(self) -> list[torch.Tensor]:
+        """The parameter storage this rank owns, in `module.parameters()` order: its shard where the backend
+        shards, the whole parameter where it replicates. The EMA lives on these, partitioned like the model."""
+
+    @abstractmethod
+    def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Collective: every parameter and buffer whole, on CPU, on rank 0 (None on the others)."""
+
+    @contextlib.contextmanager
+    def full_parameters(self) -> Iterator[None]:
+        """Inside: every parameter of `module` is whole on every rank. All ranks enter together."""
+        yield
+
+    # ---- checkpoints (see train/checkpoint.py for the format) ----------------------------------------------
+    @abstractmethod
+    def checkpoint_state(self) -> dict[str, Any]:
+        """This rank's part of a resharding checkpoint: `model.<name>` (fp32 master weights) and
+        `optim.<name>.<state>` (Adam's moments) entries, each a DTensor or a whole tensor this rank owns."""
+
+    @abstractmethod
+    def load_checkpoint_state(self, load: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Fill the model and optimizer from a checkpoint: `load(template)` returns the template with the
+        saved values put in (the backend says which entries it wants, in the shape it wants them)."""
+
+    @abstractmethod
+    def parameter_entries(self, prefix: str, tensors: list[torch.Tensor]) -> dict[str, Any]:
+        """Per-parameter tensors shaped like `local_tensors()` (e.g. an EMA) as checkpoint entries
+        `<prefix>.<parameter name>`, resharding like the parameters themselves (collective)."""
+
+    @abstractmethod
+    def load_parameter_entries(self, prefix: str, load: Callable[[dict[str, Any]], dict[str, Any]]) -> list[torch.Tensor]:
+        """The inverse of `parameter_entries`: this rank's local tensors, in `local_tensors()` order (collective)."""
+
+    @abstractmethod
+    def optimizer_steps(self) -> int:
+        """How many steps the optimizer has taken (Adam's bias correction counts them)."""
+
+    @abstractmethod
+    def set_optimizer_steps(self, steps: int) -> None: ...
+
+    def schedule_state(self) -> dict[str, Any]:
+        return {"last_epoch": int(self.scheduler.last_epoch)}
+
+    def load_schedule_state(self, state: dict[str, Any], settings: OptimizerSettings) -> None:
+        """The schedule continues at the saved step, from the configured base rate."""
+        self.scheduler.last_epoch = int(state["last_epoch"])
+        self.set_hyperparameters(settings)
+
+    def describe(self) -> str:
+        """How this model is placed, for --dry-run and the logs."""
+        return type(self).__name__
+
+
+class Backend(ABC):
+    """Process-wide: builds `Trained` models and places frozen ones."""
+
+    name: str
+
+    @abstractmethod
+    def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,
+             shard: bool) -> Trained:
+        """`module`'s `trainable` parameters get an AdamW optimizer and the schedule; `shard` chooses between
+        sharding the model's parameters across ranks and replicating them."""
+
+    @abstractmethod
+    def place_frozen(self, module: nn.Module, shard: bool) -> nn.Module:
+        """A frozen network on this rank's device, replicated or sharded across ranks without an optimizer;
+        returns what to call for its forward."""
+
+    @staticmethod
+    def describe_plan(config) -> dict[str, str]:
+        """Placement of each model for --dry-run, from the config alone (nothing is built)."""
+        return {}
+
+
+def owner(index: int) -> int:
+    """The rank that writes and reads a whole (unsharded) tensor of a checkpoint: parameter i belongs to rank
+    i mod world size, so every rank holds about 1/world of the whole tensors at once."""
+    from addpipe.train import distributed
+
+    return index % distributed.world_size()
+
+
+def broadcast_owned(index: int, loaded: dict[str, Any], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole tensor `key`, read by its owner, on every rank (collective)."""
+    from addpipe.train import distributed
+
+    value = loaded[key] if owner(index) == distributed.rank() else torch.empty(shape, dtype=torch.float32)
+    return distributed.broadcast(value, src=owner(index))
