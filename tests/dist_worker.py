@@ -1,43 +1,151 @@
-"""Run under torchrun by test_distributed.py: train, check ZeRO-3 partitioning, round-trip a checkpoint."""
+"""Run by test_distributed.py, under torchrun (a backend) or alone (the plain-PyTorch reference).
 
+    python dist_worker.py train CONFIG REPORT [--resume] overrides...    # Trainer.run on any backend
+    python dist_worker.py reference CONFIG REPORT overrides...            # the same ADD steps, no backend at all
+
+Each writes a JSON report: world size, the student's local and full parameter counts, the losses of every step and,
+after a resume, a digest of the student's parameters as loaded (before any further step).
+"""
+
+from __future__ import annotations
+
+import contextlib
 import hashlib
 import json
 import sys
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from addpipe.config import load
-from addpipe.train import distributed, engines
+from addpipe.train import distributed
+from addpipe.train.backends.base import Backend, OptimizerSettings, Trained
 from addpipe.train.config import TrainConfig
-from addpipe.train.loop import Trainer
 
 ORIGINAL_LINEAR = torch.nn.functional.linear
 
 
-def digest(module) -> str:
-    with engines.full_parameters(module):
-        joined = b"".join(p.detach().float().cpu().numpy().tobytes() for p in module.parameters())
-    return hashlib.sha256(joined).hexdigest()
+def digest(state: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(state[k].float().numpy().tobytes() for k in sorted(state))).hexdigest()
 
 
-def main(config_path: str, report_path: str, *overrides: str) -> None:
-    config = load(TrainConfig, config_path, list(overrides))
-    trainer = Trainer(config)
-    params = list(trainer.student.module.parameters())
-    partitioned = all(engines.is_partitioned(p) for p in params)
-    local = sum(p.ds_tensor.numel() for p in params) if partitioned else None
-    full = sum(p.ds_numel for p in params) if partitioned else None
+class PlainTrained(Trained):
+    """One module, AdamW, the schedule, global-norm clipping: what every backend must amount to on one process."""
+
+    def __init__(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings):
+        self.name, self.module, self.trainable, self.settings = name, module, trainable, settings
+        self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, settings.schedule)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        if self.settings.gradient_clipping > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.gradient_clipping)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rate(self):
+        return self.optimizer.param_groups[0]["lr"]
+
+    def local_tensors(self):
+        return [p.data for p in self.module.parameters()]
+
+    def full_state_dict(self):
+        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    def set_hyperparameters(self, settings): raise NotImplementedError("the reference never resumes")
+    def checkpoint_state(self): raise NotImplementedError("the reference never checkpoints")
+    def load_checkpoint_state(self, load): raise NotImplementedError("the reference never resumes")
+    def parameter_entries(self, prefix, tensors): raise NotImplementedError("the reference never checkpoints")
+    def load_parameter_entries(self, prefix, load): raise NotImplementedError("the reference never resumes")
+    def optimizer_steps(self): return 0
+    def set_optimizer_steps(self, steps): raise NotImplementedError("the reference never resumes")
+
+
+class PlainBackend(Backend):
+    name = "plain"
+
+    def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,
+             shard: bool) -> Trained:
+        return PlainTrained(name, module, trainable, settings)
+
+    def place_frozen(self, module: nn.Module, shard: bool) -> nn.Module:
+        return module
+
+
+def reference(config: TrainConfig) -> dict[str, Any]:
+    """The ADD steps with no backend, no loop, no checkpoints: batch, phases, optimizer steps."""
+    from addpipe.train.data import TrainingData
+    from addpipe.train.methods.add import ADD
+
+    torch.manual_seed(config.seed)
+    method = ADD(config, torch.device("cpu"), torch.float32)
+    models = method.build(PlainBackend())
+    data = TrainingData(config.data, 0, 1)
+    losses = []
+    for step in range(config.steps):
+        state = method.begin_step(next(data), step)
+        terms = {}
+        for phase in method.phases():
+            if step % phase.interval:
+                continue
+            others = [p for name, m in models.items() if name != phase.model for p in m.trainable]
+            for p in others:
+                p.requires_grad_(False)
+            found = phase.run(state)
+            models[phase.model].backward(found[phase.total])
+            models[phase.model].step()
+            for p in others:
+                p.requires_grad_(True)
+            terms.update({k: float(v) for k, v in found.items()})
+        losses.append(terms)
+    return {"losses": losses, "student": {k: v.tolist() for k, v in models["student"].full_state_dict().items()}}
+
+
+def train(config: TrainConfig, resume: bool) -> dict[str, Any]:
+    from addpipe.train.loop import Trainer
+
+    trainer = Trainer(config, resume=resume)
+    student = trainer.models["student"]
+    local = sum(t.numel() for t in student.local_tensors())
+    full = sum(p.numel() for p in student.module.parameters()) if not student.shards_parameters else None
+    if full is None:  # sharded: the whole count, from the shapes every backend reports per parameter
+        full = sum(int(torch.Size(getattr(p, "ds_shape", p.shape)).numel()) for p in student.module.parameters())
+    names = [n for n, _ in student.module.named_parameters()]
+    parameters = lambda state: {n: state[n] for n in names}  # noqa: E731 (parameters only: what checkpoints hold)
+    loaded = student.full_state_dict()
+    ema = None
+    if trainer.ema is not None:  # the EMA as loaded, made whole
+        with trainer.ema.applied(student.local_tensors()):
+            ema_state = student.full_state_dict()
+        ema = digest(parameters(ema_state)) if distributed.is_main() else None
+    report = {"world_size": distributed.world_size(), "backend": config.engine.backend, "step_at_start": trainer.step,
+              "local_numel": local, "full_numel": full, "lr_at_start": student.learning_rate(),
+              "loaded_digest": digest(parameters(loaded)) if distributed.is_main() else None, "ema_at_start": ema,
+              "linear_untouched": torch.nn.functional.linear is ORIGINAL_LINEAR}
+    local_counts = distributed.all_gather_objects(local)
+    report["local_numel_per_rank"] = local_counts
     trainer.run()
-    trained = digest(trainer.student.module)
-    resumed = Trainer(config, resume=True)  # loads the final checkpoint the run just wrote
-    round_trip = digest(resumed.student.module) == trained
+    return report
+
+
+def main(mode: str, config_path: str, report_path: str, *rest: str) -> None:
+    resume = "--resume" in rest
+    overrides = [r for r in rest if r != "--resume"]
+    config = load(TrainConfig, config_path, overrides)
+    result = reference(config) if mode == "reference" else train(config, resume)
     if distributed.is_main():
         with open(report_path, "w") as handle:
-            json.dump({"partitioned": partitioned, "local": local, "full": full, "round_trip": round_trip,
-                       "world_size": distributed.world_size(), "step": resumed.step,
-                       # ZeRO-3's process-wide F.linear replacement ignores autocast on CUDA (bf16 runs fail)
-                       "linear_untouched": torch.nn.functional.linear is ORIGINAL_LINEAR}, handle)
+            json.dump(result, handle)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    with contextlib.suppress(BrokenPipeError):
+        main(*sys.argv[1:])

@@ -205,11 +205,14 @@ class DeepSpeedTrained(Trained):
         """Adam creates its moments at the first step, and ZeRO links each parameter to its fragment of them only
         then: a checkpoint is loaded before any step, so create (zero) moments and have ZeRO link them now."""
         optimizer = self._optimizer
-        for group in optimizer.param_groups:
-            for tensor in group["params"]:
-                state = optimizer.state[tensor]
-                if not state:
-                    state.update(exp_avg=torch.zeros_like(tensor), exp_avg_sq=torch.zeros_like(tensor), step=torch.tensor(0.0))
+        # ZeRO-3 hands its flat fp32 partitions to the optimizer only for the length of a step; the others keep them
+        # in the param groups.
+        tensors = list(getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        tensors += [t for group in optimizer.param_groups for t in group["params"]]
+        for tensor in tensors:
+            state = optimizer.state[tensor]
+            if not state:
+                state.update(exp_avg=torch.zeros_like(tensor), exp_avg_sq=torch.zeros_like(tensor), step=torch.tensor(0.0))
         link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:
             link()
