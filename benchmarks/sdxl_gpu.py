@@ -163,7 +163,8 @@ def measure(spec: dict) -> dict:
         f"discriminator.feature_network={spec['dino']}", f"discriminator.image_encoder={spec['dino']}",
         f"data.shards={spec['shards']}", f"data.resolution={spec['resolution']}", f"data.batch_size={spec['batch']}",
         f"data.num_workers={min(2, spec['batch'])}", f"engine.precision={spec['precision']}",
-        f"engine.zero={spec['zero']}", f"engine.offload_optimizer={spec['offload']}", f"checkpoint.every={10**9}",
+        f"engine.zero={spec['zero']}", f"engine.backend={spec.get('backend', 'deepspeed')}",
+        f"engine.offload_{'param' if spec.get('backend') == 'fsdp2' else 'optimizer'}={spec['offload']}", f"checkpoint.every={10**9}",
         "log.progress=false", "log.tensorboard=false", "log.sample_every=0", "optim.warmup_steps=0",
     ]
     if spec["scale"] == "tiny":
@@ -193,7 +194,7 @@ def measure(spec: dict) -> dict:
         "mfu": flops / step_s / peak if peak else None,
         "losses": {k: float(v) for k, v in terms.items()},
         "student_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                  for p in trainer.student.module.parameters()),
+                                  for p in trainer.models["student"].module.parameters()),
     }
     if cuda:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -236,7 +237,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None, help="where models and shards go (default: OUT/work)")
     parser.add_argument("--runs", nargs="+", default=["bf16:4", "bf16:1", "bf16:4:z2", "bf16:4:offload"],
-                        help="PRECISION:BATCH[:zSTAGE][:offload] (default ZeRO-3, optimizer on the GPU), measured "
+                        help="PRECISION:BATCH[:zSTAGE][:offload][:fsdp2] (default DeepSpeed ZeRO-3, optimizer on the GPU), measured "
                              "in this order, each in its own process")
     parser.add_argument("--scale", choices=["sdxl", "tiny"], default="sdxl")
     parser.add_argument("--steps", type=int, default=8)
@@ -264,9 +265,11 @@ def main() -> None:
         precision, batch, *options = run.split(":")
         zero = next((int(o[1:]) for o in options if o.startswith("z")), 3)
         offload = "cpu" if "offload" in options else "none"
-        label = f"{precision}-b{batch}-zero{zero}" + ("-offload" if offload != "none" else "")
+        backend = "fsdp2" if "fsdp2" in options else "deepspeed"
+        label = (f"{precision}-b{batch}-fsdp2" if backend == "fsdp2" else f"{precision}-b{batch}-zero{zero}") + (
+            "-offload" if offload != "none" else "")
         spec = {"label": label, "precision": precision, "batch": int(batch), "scale": args.scale,
-                "zero": zero, "offload": offload,
+                "zero": zero, "offload": offload, "backend": backend,
                 "teacher": str(teacher), "dino": str(dino), "shards": str(shards), "resolution": resolution,
                 "work": str(work), "steps": args.steps, "warmup": args.warmup,
                 "result": str(out / f"run-{label}.json")}

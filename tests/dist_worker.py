@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import sys
+import time
 from typing import Any
 
 import torch
@@ -89,8 +90,9 @@ def reference(config: TrainConfig) -> dict[str, Any]:
     method = ADD(config, torch.device("cpu"), torch.float32)
     models = method.build(PlainBackend())
     data = TrainingData(config.data, 0, 1)
-    losses = []
+    losses, times = [], []
     for step in range(config.steps):
+        started = time.perf_counter()
         state = method.begin_step(next(data), step)
         terms = {}
         for phase in method.phases():
@@ -105,8 +107,16 @@ def reference(config: TrainConfig) -> dict[str, Any]:
             for p in others:
                 p.requires_grad_(True)
             terms.update({k: float(v) for k, v in found.items()})
+        times.append(time.perf_counter() - started)
         losses.append(terms)
-    return {"losses": losses, "student": {k: v.tolist() for k, v in models["student"].full_state_dict().items()}}
+    return {"losses": losses, "step_seconds": times, "peak_rss_mib": peak_rss_mib(),
+            "student": {k: v.tolist() for k, v in models["student"].full_state_dict().items()}}
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train(config: TrainConfig, resume: bool) -> dict[str, Any]:
@@ -133,6 +143,11 @@ def train(config: TrainConfig, resume: bool) -> dict[str, Any]:
     local_counts = distributed.all_gather_objects(local)
     report["local_numel_per_rank"] = local_counts
     trainer.run()
+    report["peak_rss_mib_per_rank"] = distributed.all_gather_objects(peak_rss_mib())
+    if distributed.is_main():  # each step's wall time, from the images/s the trainer logged
+        lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        global_batch = config.data.batch_size * distributed.world_size()
+        report["step_seconds"] = [global_batch / line["perf/images_per_second"] for line in lines]
     return report
 
 

@@ -134,3 +134,46 @@ def test_one_good_shard_among_bad_ones_keeps_training(tmp_path, digit_shards):
     data = TrainingData(config(f"{empty}::{good}", batch_size=4), 0, 1)
     batches = take(data, 10)  # 40 samples from a 12-sample shard: several epochs over the empty one too
     assert all(len(b.captions) == 4 for b in batches)
+
+
+def test_resuming_on_another_number_of_streams_reads_the_rest_of_the_epoch_once(digit_shards):
+    """Two ranks read part of epoch 0; one rank resumes from their saved positions (and the other way round): the
+    samples read after the resume are exactly the ones epoch 0 had left, none twice."""
+    for before, after in ((2, 1), (1, 2)):
+        ranks = [TrainingData(config(digit_shards, batch_size=2), r, before) for r in range(before)]
+        read = [key for _ in range(5) for data in ranks for key in next(data).keys]
+        saved = {"layout": ranks[0].layout, "streams": {}}
+        for data in ranks:  # what a checkpoint gathers from every rank
+            saved["streams"].update(json.loads(json.dumps(data.state_dict()))["streams"])
+        resumed = [TrainingData(config(digit_shards, batch_size=2), r, after, saved) for r in range(after)]
+        later, reading = [], list(resumed)
+        while reading:  # each stream until its first batch of epoch 1 (the deals need not be of equal length)
+            for data in list(reading):
+                keys = next(data).keys
+                if all(state.epoch == 0 for state in data.states.values()):
+                    later.extend(keys)
+                else:
+                    reading.remove(data)
+        assert len(set(read)) == len(read) == 10 * before and len(set(later)) == len(later), (before, after)
+        assert not set(read) & set(later), (before, after)
+        assert len(set(read) | set(later)) == 96, (before, after)  # 8 shards of 12: the whole epoch, each sample once
+
+
+def test_redeal_hands_out_exactly_what_no_stream_has_read():
+    """Three streams, the third already one sample into epoch 1 (its epoch-0 deal was shorter): two new streams get
+    the unread rest of epoch 0 (from the sample each old stream stopped at) and all of epoch 1 that was not read."""
+    from addpipe.train.data import StreamState, deal, redeal
+
+    shards, seed = 8, 3
+    states = {0: StreamState(epoch=0, shard=1, offset=5), 1: StreamState(epoch=0, shard=2, offset=0),
+              2: StreamState(epoch=1, shard=0, offset=1)}
+    new = redeal(states, 3, 2, shards, seed)
+    epoch0 = [deal(s, 0, StreamState(), 3, shards, seed) for s in range(3)]
+    epoch1 = [deal(s, 1, StreamState(), 3, shards, seed) for s in range(3)]
+    expected0 = [(epoch0[0][1][0], 5)] + epoch0[0][2:] + epoch0[1][2:]
+    expected1 = epoch1[0] + epoch1[1] + [(epoch1[2][0][0], 1)] + epoch1[2][1:]
+    got0 = [entry for j in range(2) for entry in new[j].plans[0]]
+    got1 = [entry for j in range(2) for entry in new[j].plans[1]]
+    assert sorted(got0) == sorted(expected0) and sorted(got1) == sorted(expected1)
+    assert all(new[j].epoch == 0 and new[j].shard == 0 for j in range(2))
+    assert new[0].plans[0] == expected0[0::2] and new[1].plans[1] == expected1[1::2]  # round-robin, in order

@@ -139,15 +139,26 @@ def save(run_dir: Path, step: int, models: dict[str, Any], trainer_state: dict[s
             write_text_atomic(root / "latest", final.name)
             for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as error:
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as error:
         if isinstance(error, RunDirError):
             raise
+        error = first_failure(error)
         # torch.save and DCP report a full disk as a RuntimeError ("file write failed"), others as an OSError
         where = Path(getattr(error, "filename", None) or tmp)
         hint = "" if isinstance(error, OSError) else " (is the disk full, over quota or read-only?)"
         raise RunDirError(f"saving checkpoint step {step} failed: {describe_write_error(where, error)}{hint}") from None
     distributed.barrier()
     return final
+
+
+def first_failure(error: BaseException) -> BaseException:
+    """DCP wraps each rank's own error in a CheckpointException (a BaseException, printed as a traceback per rank):
+    the first rank's error is the one worth reporting."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        return next(iter(error.failures.values()))[0]
+    return error
 
 
 def damage(path: Path) -> Optional[str]:
@@ -233,10 +244,14 @@ def load_latest(run_dir: Path, models: dict[str, Any], ema_model: Optional[str],
         if problem is None:
             try:
                 result = load(path, models, ema_model)
-            except CheckpointError:
-                raise
-            except Exception as error:  # torch's and DCP's read errors do not say which checkpoint: this does
-                problem = f"it cannot be read ({type(error).__name__}: {str(error).strip().splitlines()[0]})"
+            except BaseException as error:  # DCP wraps read errors in a CheckpointException, not an Exception
+                cause = first_failure(error)
+                if isinstance(cause, CheckpointError) or not isinstance(cause, Exception):  # Ctrl-C, a misfit
+                    if cause is error:
+                        raise
+                    raise cause from None
+                # torch's and DCP's read errors do not say which checkpoint: this does
+                problem = f"it cannot be read ({type(cause).__name__}: {str(cause).strip().splitlines()[0]})"
         if not distributed.any_rank(problem is not None, device):
             return path, result[0], result[1]
         problems.append(f"{path}: {problem or 'unreadable on another rank'}")

@@ -207,8 +207,6 @@ class EngineConfig:
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like memory); false keeps them until the
     backward (ZeRO-2-like: more memory, one gather fewer)."""
-    shard_discriminator: bool = False
-    """FSDP2: shard the discriminator heads too (default: replicate them and all-reduce their gradients)."""
 
     def __post_init__(self) -> None:
         if self.backend == "fsdp2" and "nvme" in (self.offload_optimizer, self.offload_param):

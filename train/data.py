@@ -192,6 +192,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                         rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
                         try:
                             decoded = decode_sample(raw, self.resolution, self.caption_key, rng, self.signature)
+                            decoded["key"] = f"{shard_index}/{raw.get('__key__')}"
                             usable += 1
                         except Exception as error:  # a corrupt image or missing caption: skip and count
                             state.skipped += 1
@@ -232,6 +233,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                     **({name: torch.stack([e[name] for e in encoded]) for name in encoded[0]} if all(encoded) else {}),
                     "pixels": torch.stack([b["pixels"] for b in buffer]),
                     "captions": [b["caption"] for b in buffer],
+                    "keys": [b["key"] for b in buffer],
                     "original_sizes": torch.tensor([b["original_size"] for b in buffer], dtype=torch.long),
                     "crops": torch.tensor([b["crop"] for b in buffer], dtype=torch.long),
                     "stream": stream,
@@ -257,6 +259,7 @@ class Batch:
     original_sizes: torch.Tensor
     crops: torch.Tensor
     streams: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)   # "<shard index>/<sample key>": which sample each row is
     latents: Optional[torch.Tensor] = None          # from `addpipe prep encode`, when the shards carry them
     prompt_embeds: Optional[torch.Tensor] = None
     pooled_embeds: Optional[torch.Tensor] = None
@@ -314,6 +317,7 @@ class TrainingData:
             original_sizes=torch.cat([c["original_sizes"] for c in chunks]),
             crops=torch.cat([c["crops"] for c in chunks]),
             streams=[c["stream"] for c in chunks for _ in c["captions"]],
+            keys=[key for c in chunks for key in c["keys"]],
         )
 
     def restore(self, saved: dict[str, Any]) -> dict[int, StreamState]:

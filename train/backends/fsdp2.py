@@ -5,9 +5,10 @@
   reduced in fp32, while the sharded parameters (the optimizer's master weights) stay fp32.
 - `engine.offload_param=cpu` (or `offload_optimizer=cpu`) keeps the shards, gradients and optimizer step on the
   CPU (FSDP2's CPUOffloadPolicy); NVMe offload is DeepSpeed's alone.
-- The discriminator heads are replicated by default (their gradients averaged over the ranks before each step),
-  or sharded with `engine.shard_discriminator`; the frozen teacher UNet is sharded without an optimizer with
-  `model.frozen_placement=partition`.
+- The discriminator heads are replicated, their gradients averaged over the ranks before each step: a few
+  million parameters, and R1 differentiates through them twice, which FSDP2's gradient hooks do not follow
+  (sharded heads were tried: they drifted 1% from the single-process reference by the second step). The frozen
+  teacher UNet is sharded without an optimizer with `model.frozen_placement=partition`.
 - Checkpoints hold the DTensors themselves: torch.distributed.checkpoint writes each rank's shards and reads
   them back on any other number of ranks. Replicated models are written by owner, as the DeepSpeed backend
   does, so either backend reads the other's checkpoints.
@@ -221,7 +222,6 @@ class FSDP2Backend(Backend):
 
     def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,
              shard: bool) -> Trained:
-        shard = shard or (name == "discriminator" and self.config.shard_discriminator)
         return FSDP2Trained(name, module, trainable, settings, shard, self.mesh, self.mp_policy,
                             self.offload_policy if shard else None, self.config.reshard_after_forward)
 
@@ -241,7 +241,7 @@ class FSDP2Backend(Backend):
             "bf16 gathers where the GPU supports it" if engine.precision == "auto" else "fp32")
         offload = ", shards and optimizer on the CPU" if "cpu" in (engine.offload_param, engine.offload_optimizer) else ""
         return {"student": f"FSDP2: each UNet block and the root sharded over all ranks ({precision}{offload})",
-                "discriminator heads": "FSDP2: sharded" if engine.shard_discriminator else "replicated, gradients all-reduced",
+                "discriminator heads": "replicated, gradients all-reduced",
                 "frozen teacher UNet": ("FSDP2: sharded by block, no optimizer" if config.model.frozen_placement == "partition"
                                         else "replicated on every rank"),
                 "VAE, text encoders, DINOv2": "replicated on every rank (frozen)"}

@@ -171,9 +171,9 @@ class ADD(Method):
         index = noise.student_index.to(self.device)
         chosen = (index > 0) & (noise.simulate.to(self.device) < share)
         # A sharded student gathers parameters in every forward, collectively, so every rank must run the same
-        # number of them: there each rank runs all N-1 steps on its whole batch; elsewhere only what the chosen
-        # rows need.
-        fixed = self.student.shards_parameters
+        # number of them: there each rank runs all N-1 steps on its whole batch; elsewhere (and alone) only what
+        # the chosen rows need.
+        fixed = self.student.shards_parameters and distributed.world_size() > 1
         if not fixed and not bool(chosen.any()):
             return inputs
         run = torch.arange(index.shape[0], device=self.device) if fixed else chosen.nonzero().squeeze(1)

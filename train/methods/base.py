@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from addpipe.train.backends import Backend, Trained
+from addpipe.train.backends import Backend, OptimizerSettings, Trained
 
 
 @dataclass
@@ -49,6 +49,10 @@ class Method(ABC):
 
     @abstractmethod
     def phases(self) -> list[Phase]: ...
+
+    @abstractmethod
+    def optimizer_settings(self) -> dict[str, OptimizerSettings]:
+        """Each trained model's optimizer settings as configured now (a resumed run puts these in)."""
 
     @abstractmethod
     def begin_step(self, batch, step: int) -> Any:
