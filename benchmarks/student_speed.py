@@ -53,7 +53,7 @@ def main() -> None:
     runs = {}
     for label, arm in arms.items():
         pipe = load_arm_pipeline(arm, device, dtype)
-        runs[label] = (pipe, arm_call_kwargs(arm, pipe), UNetCounter(pipe.unet), [])
+        runs[label] = (pipe, arm_call_kwargs(arm), UNetCounter(pipe.unet), [])
     resolution = summary["settings"]["resolution"]
     for index in range(args.images + 1):
         prompt = GRID_PROMPTS[index % len(GRID_PROMPTS)]

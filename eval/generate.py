@@ -116,13 +116,18 @@ def load_arm_pipeline(arm: Arm, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def arm_call_kwargs(arm: Arm, pipe) -> dict[str, Any]:
-    """Students run on their trained timesteps; other pipelines on `steps` of their scheduler."""
+def arm_call_kwargs(arm: Arm) -> dict[str, Any]:
+    """Students run on a subset of the timesteps they were trained on (their addpipe_student.json); other
+    pipelines on `steps` of their scheduler. A student arm with a step count it was not trained for: ValueError."""
     info_path = Path(arm.source) / "addpipe_student.json"
     if info_path.is_file():
         from addpipe.train.sampling import sample_timesteps
 
-        return {"timesteps": sample_timesteps(json.loads(info_path.read_text()), arm.steps), "guidance_scale": arm.guidance}
+        try:
+            timesteps = sample_timesteps(json.loads(info_path.read_text()), arm.steps)
+        except ValueError as error:
+            raise ValueError(f"arm {arm.name}: {error}") from None
+        return {"timesteps": timesteps, "guidance_scale": arm.guidance}
     return {"num_inference_steps": arm.steps, "guidance_scale": arm.guidance}
 
 
@@ -147,6 +152,7 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
         raise ValueError(f"arm names must be unique: {names}")
     study_file = study_dir / "study.json"
     study = json.loads(study_file.read_text()) if study_file.exists() else {"arms": {}, "seed": seed}
+    call_kwargs = {arm.name: arm_call_kwargs(arm) for arm in arms}  # a bad step count fails before any image
     for arm in arms:
         previous = study["arms"].get(arm.name)
         if previous and previous != asdict(arm):
@@ -163,7 +169,7 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
             continue
         pipe = load_arm_pipeline(arm, target, torch_dtype)
         resolution = arm.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-        kwargs = arm_call_kwargs(arm, pipe)
+        kwargs = call_kwargs[arm.name]
         (study_dir / "images" / arm.name).mkdir(exist_ok=True)
         pipe(todo[0].text, latents=initial_latents(pipe, seed, resolution).to(target, torch_dtype), height=resolution,
              width=resolution, output_type="pil", **kwargs)  # warm-up: the first call pays for lazy initialisation

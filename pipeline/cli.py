@@ -83,15 +83,17 @@ def sample(
     out: Path = typer.Option(Path("sample.png"), "--out", "-o", help="PNG file (a grid when several prompts)"),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the student's native size"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    untrained_steps: bool = typer.Option(False, "--untrained-steps",
+                                         help="Allow a step count whose timesteps the student was not trained on"),
 ) -> None:
-    """Sample from an exported student: deterministic for a seed, no guidance."""
+    """Sample from an exported student on the timesteps it was trained on: deterministic for a seed, no guidance."""
     from addpipe.devices import resolve_device
     from addpipe.train.sampling import generate, load_student, sample_timesteps, save_grid, vae_downsample_factor
 
     target = resolve_device(device)
     components, schedule, info = load_student(str(student), target)
     try:
-        timesteps = sample_timesteps(info, steps)
+        timesteps = sample_timesteps(info, steps, untrained_steps)
     except ValueError as error:
         raise UserError(str(error)) from error
     size = resolution or components.unet.config.sample_size * vae_downsample_factor(components)

@@ -77,3 +77,25 @@ def test_rerunning_encode_skips_finished_shards(encoded, tiny_sdxl, tiny_dino):
     result = cli("prep", "encode", "--shards", str(encoded), "--config", str(TINY_CONFIG), "--storage", "float32", *overrides)
     assert "encoded 0 of 8 shard(s)" in result.stdout
     assert (encoded / "00000.tar").read_bytes() == before
+
+
+def test_the_unconditional_branch_is_zeros_for_sdxl_and_the_empty_prompt_for_sd(tiny_sd, tiny_sdxl, tmp_path):
+    """What diffusers' pipelines feed the guidance's unconditional branch: SDXL zero embeddings (unless its
+    model_index.json sets force_zeros_for_empty_prompt false), SD the encoding of ""."""
+    from addpipe.train.config import ModelConfig
+    from addpipe.train.models import encode_prompts, load_teacher, unconditional
+
+    sdxl = load_teacher(ModelConfig(teacher=str(tiny_sdxl)))
+    zeros = unconditional(sdxl, "cpu")
+    assert sdxl.zero_unconditional and zeros.hidden_states.abs().sum() == 0 and zeros.pooled.abs().sum() == 0
+    assert zeros.hidden_states.shape == encode_prompts(sdxl, [""], "cpu").hidden_states.shape
+    assert encode_prompts(sdxl, [""], "cpu").hidden_states.abs().sum() > 0  # so zeros are a real difference
+
+    sd = load_teacher(ModelConfig(teacher=str(tiny_sd)))
+    assert not sd.zero_unconditional
+    torch.testing.assert_close(unconditional(sd, "cpu").hidden_states, encode_prompts(sd, [""], "cpu").hidden_states)
+
+    opted_out = shutil.copytree(tiny_sdxl, tmp_path / "sdxl")
+    index = json.loads((opted_out / "model_index.json").read_text())
+    (opted_out / "model_index.json").write_text(json.dumps(index | {"force_zeros_for_empty_prompt": False}))
+    assert not load_teacher(ModelConfig(teacher=str(opted_out))).zero_unconditional

@@ -18,6 +18,17 @@ def lin_et_al_zero_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def test_sampling_uses_evenly_spaced_subsets_of_the_trained_timesteps():
+    from addpipe.train.schedule import trained_subset
+
+    trained = [999, 749, 499, 249]
+    assert trained_subset(trained, 4) == trained and trained_subset(trained, 2) == [999, 499]
+    assert trained_subset(trained, 1) == [999] and trained_subset([999, 500], 2) == [999, 500]
+    for steps in (3, 0, 5, 8):  # {999, 666, 333} was never trained: no subset
+        with pytest.raises(ValueError, match=r"samples with \[1, 2, 4\] step"):
+            trained_subset(trained, steps)
+
+
 def test_student_timesteps_match_the_paper():
     assert student_timesteps(4) == [999, 749, 499, 249]
     assert student_timesteps(1) == [999]

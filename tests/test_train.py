@@ -299,17 +299,27 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, dig
     assert not (tmp_path / "student").exists()
 
 
-def test_sample_cli_is_deterministic(tiny_sd, tiny_dino, digit_shards, tmp_path):
+def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    """Custom student.timesteps are what sampling uses (from the exported metadata), a step count with no subset of
+    them is refused unless asked for, and a seed gives the same image."""
     run = tmp_path / "run"
-    cli("train", "-c", str(TINY_CONFIG), *tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=1))
+    cli("train", "-c", str(TINY_CONFIG), *tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=1,
+                                                         **{"student.timesteps": "[999,600,300]"}))
+    assert json.loads((run / "student" / "addpipe_student.json").read_text())["timesteps"] == [999, 600, 300]
     outputs = []
     for seed, name in [(0, "a.png"), (0, "b.png"), (1, "c.png")]:
-        cli("sample", "--student", str(run / "student"), "--prompt", "a red fox in snow", "--steps", "2",
-            "--seed", str(seed), "--out", str(tmp_path / name))
+        done = cli("sample", "--student", str(run / "student"), "--prompt", "a red fox in snow", "--steps", "3",
+                   "--seed", str(seed), "--out", str(tmp_path / name))
+        assert "timesteps [999, 600, 300]" in done.stdout
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
-    bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "9", check=False)
-    assert bad.returncode == 2 and "steps must be between 1 and 4" in bad.stderr
+    for steps in ("2", "9", "0"):
+        bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", steps, check=False)
+        assert bad.returncode == 2 and "trained on timesteps [999, 600, 300]: it samples with [1, 3] step(s)" in bad.stderr
+        assert "--untrained-steps" in bad.stderr and "Traceback" not in bad.stderr
+    asked = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2", "--untrained-steps",
+                "--out", str(tmp_path / "d.png"))
+    assert "timesteps [999, 499]" in asked.stdout
 
 
 def test_bad_inputs_are_clear_errors(tiny_sd, tiny_dino, digit_shards, tmp_path):

@@ -90,6 +90,10 @@ class TeacherComponents:
     scheduler_config: dict[str, Any]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    zero_unconditional: bool = False
+    """The unconditional (guidance) branch is all-zero embeddings, not the encoding of "": what diffusers' SDXL
+    pipeline does for an empty negative prompt (model_index.json's force_zeros_for_empty_prompt, default true),
+    and so what an SDXL teacher's guidance was used with."""
 
     @property
     def pooled_dim(self) -> int:
@@ -146,7 +150,18 @@ def load_teacher(model_config, dtype: torch.dtype = torch.float32, with_unet: bo
     for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
         module.requires_grad_(False)
         module.eval()
-    return TeacherComponents(architecture, unet, vae, text_encoders, tokenizers, scheduler_config, name)
+    return TeacherComponents(architecture, unet, vae, text_encoders, tokenizers, scheduler_config, name,
+                             zero_unconditional=architecture == "sdxl" and forces_zeros(name, revision))
+
+
+def forces_zeros(name: str, revision: Optional[str]) -> bool:
+    """model_index.json's force_zeros_for_empty_prompt; true where the file does not say (SDXL's default)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return bool(DiffusionPipeline.load_config(name, revision=revision).get("force_zeros_for_empty_prompt", True))
+    except (OSError, ValueError):  # a directory without model_index.json (components assembled by hand)
+        return True
 
 
 def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -214,6 +229,15 @@ def _encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torc
             hidden_parts.append(output.last_hidden_state)
             pooled = output.pooler_output
     return TextConditioning(torch.cat(hidden_parts, dim=-1), pooled)
+
+
+def unconditional(teacher: TeacherComponents, device: torch.device | str) -> TextConditioning:
+    """The teacher's unconditional branch for classifier-free guidance: zeros for SDXL (see zero_unconditional),
+    the encoding of the empty prompt for SD."""
+    empty = encode_prompts(teacher, [""], device)
+    if teacher.zero_unconditional:
+        return TextConditioning(torch.zeros_like(empty.hidden_states), torch.zeros_like(empty.pooled))
+    return empty
 
 
 def sdxl_time_ids(original_sizes: torch.Tensor, crops: torch.Tensor, target_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from addpipe.train.models import TeacherComponents, encode_prompts, sdxl_time_ids, vae_decode
-from addpipe.train.schedule import NoiseSchedule, predicted_x0, schedule_from_config, student_timesteps
+from addpipe.train.schedule import NoiseSchedule, predicted_x0, schedule_from_config, student_timesteps, trained_subset
 
 STUDENT_INFO = "addpipe_student.json"
 
@@ -86,8 +86,13 @@ def load_student(directory: str, device: torch.device) -> tuple[TeacherComponent
     return components, schedule.to(device), info
 
 
-def sample_timesteps(info: dict, steps: int) -> list[int]:
-    trained = info["timesteps"]
-    if not 1 <= steps <= len(trained):
-        raise ValueError(f"steps must be between 1 and {len(trained)} (the student was trained on timesteps {trained})")
+def sample_timesteps(info: dict, steps: int, untrained: bool = False) -> list[int]:
+    """The timesteps an exported student samples `steps` steps on, from its metadata (addpipe_student.json): a
+    subset of those it was trained on. `untrained`: a count with no such subset gets the evenly spaced trailing
+    timesteps instead (which the student never saw), by the user's explicit choice."""
+    try:
+        return trained_subset(info["timesteps"], steps)
+    except ValueError as error:
+        if not untrained:
+            raise ValueError(f"{error}; pass --untrained-steps to sample on timesteps it was not trained on") from None
     return student_timesteps(steps, info["num_train_timesteps"])

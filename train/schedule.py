@@ -80,6 +80,17 @@ def student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[i
     return [num_train_timesteps - 1 - (i * num_train_timesteps) // num_steps for i in range(num_steps)]
 
 
+def trained_subset(trained: list[int], steps: int) -> list[int]:
+    """The timesteps a student runs `steps` steps on: every (N/steps)-th of the N it was trained on, so that only
+    trained timesteps are used ({999, 499} of {999, 749, 499, 249} for 2 steps). A count that does not divide N
+    has no such subset: ValueError naming the counts that do."""
+    counts = [k for k in range(1, len(trained) + 1) if len(trained) % k == 0]
+    if steps not in counts:
+        raise ValueError(f"the student was trained on timesteps {list(trained)}: it samples with {counts} step(s) "
+                         f"(evenly spaced subsets of them), not {steps}")
+    return list(trained)[:: len(trained) // steps]
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return alpha * x0 + sigma * noise
 

@@ -21,12 +21,12 @@ from addpipe.train.data import Batch
 from addpipe.train.discriminator import build_discriminator
 from addpipe.train.export import export_student
 from addpipe.train.methods.base import Method, Phase
-from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher, make_student, sdxl_time_ids, vae_decode,
-                                  vae_encode)
+from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher, make_student, sdxl_time_ids, unconditional,
+                                  vae_decode, vae_encode)
 from addpipe.train.report import report
 from addpipe.train.sampling import generate, sample_trajectory, save_grid, vae_downsample_factor
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
-                                    schedule_from_config, student_timesteps, warmup_factor)
+                                    schedule_from_config, student_timesteps, trained_subset, warmup_factor)
 
 
 @dataclass
@@ -103,7 +103,7 @@ class ADD(Method):
         self.heads = self.discriminator.trainable
 
         with torch.no_grad():
-            self.empty = encode_prompts(self.teacher, [""], device)
+            self.empty = unconditional(self.teacher, device)
             self.negative = encode_prompts(self.teacher, [config.distill.nfsd_negative_prompt], device)
         latent_size = config.data.resolution // vae_downsample_factor(self.teacher)
         self.latent_shape = (self.teacher.vae.config.latent_channels, latent_size, latent_size)
@@ -292,9 +292,9 @@ class ADD(Method):
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def sample_grid(self, path: Path, step: int) -> Optional[Path]:
-        """Rows: 1, 2 and 4 steps (those the student supports); columns: the configured prompts."""
+        """Rows: 1, 2 and 4 steps, those with a subset of the trained timesteps; columns: the configured prompts."""
         prompts = list(self.config.log.sample_prompts)
-        step_counts = [k for k in (1, 2, 4) if k <= len(self.timesteps)]
+        step_counts = [k for k in (1, 2, 4) if k <= len(self.timesteps) and len(self.timesteps) % k == 0]
         module = self.student.module
         was_training = module.training
         module.eval()
@@ -302,7 +302,7 @@ class ADD(Method):
         for count in step_counts:
             with autocast(self.device, self.dtype):
                 rows.append(generate(module, self.teacher, self.student_schedule, prompts,
-                                     student_timesteps(count, self.student_schedule.num_train_timesteps),
+                                     trained_subset(self.timesteps, count),
                                      seed=self.config.seed, resolution=self.config.data.resolution, device=self.device))
         module.train(was_training)
         if not distributed.is_main():
