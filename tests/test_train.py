@@ -135,7 +135,8 @@ def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, 
 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
-        **{"engine.zero": 0, "student.backward_simulation": 0.5, "data.batch_size": 6})))
+        **{"engine.zero": 0, "student.backward_simulation": 0.5, "data.batch_size": 6,
+           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})))  # not the teacher's
     inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 3, 0])
@@ -297,6 +298,53 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, dig
         trainer.run()
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
     assert not (tmp_path / "student").exists()
+
+
+def test_an_epsilon_teacher_gives_an_epsilon_student_whose_first_step_is_the_teachers_x0(tiny_sd, tiny_dino,
+                                                                                        digit_shards, tmp_path):
+    """By default the student keeps the teacher's parameterisation and betas (SDXL-Turbo: epsilon, trailing, no
+    rescale), so at initialisation its one step from pure noise at 999 is the teacher's own x0 there; the exported
+    scheduler is that schedule. A v student on a zero-terminal-SNR schedule (the old default) is not: its x0 at 999
+    is minus its output."""
+    from diffusers import DDPMScheduler, LCMScheduler
+
+    from addpipe.train.loop import Trainer
+    from addpipe.train.models import encode_prompts
+    from addpipe.train.sampling import sample_latents
+
+    teacher_scheduler = DDPMScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    alpha_bar = teacher_scheduler.alphas_cumprod[999].item()
+    assert teacher_scheduler.config.prediction_type == "epsilon" and 0 < alpha_bar < 0.01  # small, not zero
+
+    def one_step(**extra):
+        trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards,
+                                                                        tmp_path / str(len(extra)), steps=1, **extra)))
+        method = trainer.method
+        cond = encode_prompts(method.teacher, ["a handwritten seven in red"], "cpu").unet_kwargs(None)
+        noise = torch.randn((1, *method.latent_shape), generator=torch.Generator().manual_seed(3))
+        x0 = sample_latents(method.student.module, method.student_schedule, cond, noise, [999])
+        with torch.no_grad():
+            eps = method.teacher.unet(noise, torch.tensor([999]), **cond, return_dict=False)[0]
+        return trainer, x0, (noise - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5
+
+    trainer, student_x0, teacher_x0 = one_step()
+    method = trainer.method
+    assert (method.student_prediction, method.student_zero_snr) == ("epsilon", False)
+    torch.testing.assert_close(method.student_schedule.alphas[999] ** 2, torch.tensor(alpha_bar), rtol=1e-5, atol=0)
+    torch.testing.assert_close(student_x0, teacher_x0, rtol=1e-4, atol=1e-4)
+    trainer.run()
+    exported = LCMScheduler.from_pretrained(tmp_path / "0" / "student", subfolder="scheduler")
+    assert exported.config.prediction_type == "epsilon" and not exported.config.rescale_betas_zero_snr
+    assert exported.config.timestep_spacing == "trailing"
+    torch.testing.assert_close(exported.alphas_cumprod, teacher_scheduler.alphas_cumprod)
+    info = json.loads((tmp_path / "0" / "student" / "addpipe_student.json").read_text())
+    assert (info["prediction_type"], info["zero_terminal_snr"]) == ("epsilon", False)
+
+    _, v_x0, teacher_x0 = one_step(**{"student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})
+    assert (v_x0 - teacher_x0).abs().mean() > 0.5 * teacher_x0.abs().mean()
+
+    with pytest.raises(ValueError, match="epsilon has no x0 where alpha = 0.*v_prediction"):
+        one_step(**{"student.zero_terminal_snr": "true"})
 
 
 def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino, digit_shards, tmp_path):

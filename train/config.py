@@ -7,7 +7,7 @@ that lists valid keys, so keep them short and specific.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 DEFAULT_NEGATIVE_PROMPT = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, low-resolution"
@@ -40,10 +40,15 @@ class StudentConfig:
     """N, the number of student timesteps; tau_i = T-1 - floor(i*T/N), e.g. {999, 749, 499, 249} for N=4."""
     timesteps: tuple[int, ...] = ()
     """Explicit student timesteps (descending, first = T-1) instead of the evenly spaced default."""
-    prediction_type: Literal["v_prediction", "sample"] = "v_prediction"
-    """What the student's output means; both stay finite at zero terminal SNR (epsilon does not)."""
-    zero_terminal_snr: bool = True
-    """Rescale the student's schedule so alpha at T-1 is 0 (Lin et al. 2023): training then starts from pure noise."""
+    prediction_type: Literal["auto", "epsilon", "v_prediction", "sample"] = "auto"
+    """What the student's output means. auto: the teacher's own (its scheduler config), so the copy the student
+    starts as already predicts well at every timestep, the initialisation the paper calls crucial; an epsilon
+    teacher gives an epsilon student, as SDXL-Turbo ships. Another type makes the copy learn a new output first."""
+    zero_terminal_snr: Union[Literal["auto"], bool] = "auto"
+    """Rescale the student's betas so alpha at T-1 is exactly 0 (Lin et al. 2024). auto: as the teacher's scheduler
+    config says (rescale_betas_zero_snr); SD 1.5/2.1 and SDXL were not trained for it, and on their own betas
+    alpha at 999 is small but not zero (SDXL-Turbo keeps them). true is for a teacher trained at zero terminal SNR,
+    or a deliberate change of schedule, and needs a v- or x0-prediction student (epsilon has no x0 at alpha = 0)."""
     timestep_weights: tuple[float, ...] = ()
     """Relative probability of training at each student timestep (one per timestep, largest first); default uniform
     as in the paper. Weighting the first (pure-noise) timestep up trains the one-step sampler more often."""

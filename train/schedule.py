@@ -68,6 +68,20 @@ def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str |
     return NoiseSchedule(alphas.float(), sigmas.float(), prediction)
 
 
+def student_parameterisation(student_config, teacher_scheduler: dict) -> tuple[str, bool]:
+    """(prediction type, zero terminal SNR) of the student: the teacher's own where the config says auto."""
+    teacher_prediction = teacher_scheduler.get("prediction_type", "epsilon")
+    teacher_zero_snr = bool(teacher_scheduler.get("rescale_betas_zero_snr", False))
+    prediction = teacher_prediction if student_config.prediction_type == "auto" else student_config.prediction_type
+    zero_snr = teacher_zero_snr if student_config.zero_terminal_snr == "auto" else bool(student_config.zero_terminal_snr)
+    if zero_snr and prediction == "epsilon":
+        where = " (the teacher's: student.prediction_type is auto)" if student_config.prediction_type == "auto" else ""
+        raise ValueError(f"student.zero_terminal_snr true with an epsilon-prediction student{where}: epsilon has no x0 "
+                         "where alpha = 0; set student.prediction_type to v_prediction or sample, or keep the teacher's "
+                         "schedule (zero_terminal_snr: auto)")
+    return prediction, zero_snr
+
+
 def pipeline_schedule(config) -> NoiseSchedule:
     """The schedule a pipeline was trained with, as its own scheduler config says (rescale_betas_zero_snr included)."""
     return schedule_from_config(config, bool(config.get("rescale_betas_zero_snr", False)))

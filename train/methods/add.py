@@ -26,7 +26,8 @@ from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher
 from addpipe.train.report import report
 from addpipe.train.sampling import generate, sample_trajectory, save_grid, vae_downsample_factor
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
-                                    schedule_from_config, student_timesteps, trained_subset, warmup_factor)
+                                    schedule_from_config, student_parameterisation, student_timesteps, trained_subset,
+                                    warmup_factor)
 
 
 @dataclass
@@ -80,8 +81,9 @@ class ADD(Method):
         if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.t_max].item() == 0.0:
             raise ValueError(f"distill.t_max={config.distill.t_max} is pure noise for this zero-terminal-SNR teacher, where "
                              "NFSD's target x0 - (sigma/alpha) g is infinite: lower distill.t_max or use another weighting")
+        self.student_prediction, self.student_zero_snr = student_parameterisation(config.student, scheduler_config)
         self.student_schedule = schedule_from_config(
-            scheduler_config, config.student.zero_terminal_snr, config.student.prediction_type).to(device)
+            scheduler_config, self.student_zero_snr, self.student_prediction).to(device)
         num_train = self.student_schedule.num_train_timesteps
         self.timesteps = list(config.student.timesteps) or student_timesteps(config.student.num_timesteps, num_train)
         if self.timesteps[0] != num_train - 1:
@@ -311,7 +313,7 @@ class ADD(Method):
 
     def export(self, out_dir: Path) -> Path:
         return export_student(self.student.full_state_dict(), self.student.module.config, self.teacher, out_dir,
-                              self.config.student.prediction_type, self.config.student.zero_terminal_snr, self.timesteps)
+                              self.student_prediction, self.student_zero_snr, self.timesteps)
 
     @staticmethod
     def describe_plan(config) -> dict[str, str]:
