@@ -23,7 +23,7 @@ def test_generator_loss_sign_rewards_higher_fake_logits():
 
 
 def test_r1_is_gradient_norm_wrt_head_input_features():
-    """Hand-built head D(f) = sum_tokens (w . f_token)^2 / 2: dD/df = (w . f) w per token."""
+    """Hand-built head D(f)_t = (w . f_t)^2 / 2: dD/df = (w . f) w per token; R1 = (257 / N) / 2 * E||grad||^2."""
     torch.manual_seed(0)
     w = torch.randn(5, requires_grad=True)
     features = torch.randn(3, 5, 7, requires_grad=True)  # (B, C, N)
@@ -34,18 +34,34 @@ def test_r1_is_gradient_norm_wrt_head_input_features():
     r1 = losses.r1_penalty([head(features)], [features])
     projection = torch.einsum("c,bcn->bn", w, features).detach()
     gradient = projection[:, None, :] * w.detach()[None, :, None]
-    expected = gradient.pow(2).flatten(1).sum(1).mean()
+    expected = gradient.pow(2).flatten(1).sum(1).mean() * (257 / 7) / 2
     assert r1.item() == pytest.approx(expected.item(), rel=1e-5)
     # the penalty is differentiable w.r.t. the head parameters (its graph is kept)
     (grad_w,) = torch.autograd.grad(r1, w)
     assert torch.isfinite(grad_w).all() and grad_w.abs().sum() > 0
 
 
+def test_r1_means_the_same_at_any_token_count_and_is_stylegan_r1_in_the_papers_setting():
+    """A per-token linear head D_t = w . f_t has dD/df_t = w at every token: StyleGAN2-ADA's R1 (gamma/2 times the
+    squared norm of the gradient of the summed logits) is N ||w||^2 / 2, growing with the N tokens. Ours is
+    257 ||w||^2 / 2 at every N: equal to StyleGAN2-ADA's at the paper's 257 tokens (DINOv2 ViT-S/14, 224^2)."""
+    w = torch.tensor([0.5, -1.0, 2.0])
+    values = {}
+    for tokens in (17, 65, 257, 1025):
+        features = torch.randn(4, 3, tokens, requires_grad=True)
+        values[tokens] = losses.r1_penalty([torch.einsum("c,bcn->bn", w, features)], [features]).item()
+        stylegan = tokens * w.pow(2).sum().item() / 2
+        if tokens == 257:
+            assert values[tokens] == pytest.approx(stylegan, rel=1e-6)
+    for value in values.values():
+        assert value == pytest.approx(257 * w.pow(2).sum().item() / 2, rel=1e-6)
+
+
 def test_r1_sums_over_heads():
     f1, f2 = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
-    both = losses.r1_penalty([f1.sum(1) * 2, f2.sum(1) * 3], [f1, f2])
-    # d/df of 2*sum_c f = 2 per element: 3*4 elements * 4 = 48; for 3: 12 * 9 = 108
-    assert both.item() == pytest.approx(48 + 108)
+    both = losses.r1_penalty([f1.sum(1) * 2, f2.sum(1) * 3], [f1, f2], reference_tokens=4)
+    # d/df of 2*sum_c f = 2 per element: 3*4 elements * 4 = 48; for 3: 12 * 9 = 108; halved (gamma/2)
+    assert both.item() == pytest.approx((48 + 108) / 2)
 
 
 def test_distillation_weights_match_formulas():

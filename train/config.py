@@ -98,7 +98,10 @@ class DiscriminatorConfig:
     terminal SNR), as the paper does. False gives those samples, real and fake alike, a zero c_img, in case asking the
     student to match an image it never saw pulls it toward an average; on the demo it did not help (add_sweep.md)."""
     r1_gamma: float = 1e-5
-    """Weight of R1: squared gradient norm of each head's output w.r.t. that head's input features."""
+    """Weight of R1 (the paper's 1e-5): gamma/2 times the squared gradient norm of each head's summed token logits
+    w.r.t. that head's input features, per head scaled by 257/tokens, so 1e-5 is StyleGAN2-ADA's convention in
+    the paper's setting (DINOv2 ViT-S/14 at 224^2) and means the same strength per token at any input size
+    (train/losses.py r1_penalty)."""
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 and not self.layers:

@@ -26,14 +26,27 @@ def discriminator_hinge_loss(
     return {"real": real, "fake": fake}
 
 
-def r1_penalty(head_outputs: Sequence[torch.Tensor], head_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """R1 = sum_k E_batch ||d D_k / d F_k||^2: the gradient of each head's output w.r.t. its own input
-    features (not the pixels, not the parameters). `head_inputs[k]` must require grad and be the
-    tensor head k consumed; the graph is kept so the penalty itself can be differentiated."""
+PAPER_TOKENS = 257
+"""Tokens a head sees in the paper's setting: DINOv2 ViT-S/14 at 224^2, 16x16 patches plus the CLS token."""
+
+
+def r1_penalty(head_outputs: Sequence[torch.Tensor], head_inputs: Sequence[torch.Tensor],
+               reference_tokens: int = PAPER_TOKENS) -> torch.Tensor:
+    """R1 = sum_k (reference_tokens / L_k) * E_batch[ ||d(sum_t D_k,t) / dF_k||^2 ] / 2, the gradient of each head's
+    token logits w.r.t. its own input features F_k (not the pixels, not the parameters).
+
+    The convention: StyleGAN2-ADA's R1 (the reference implementation by the paper's authors; StyleGAN-T's code has
+    no R1) differentiates the sum of the logits and weights the squared norm by gamma/2. Summed over L tokens, that
+    norm grows with L (each token's features feed about one token's logit), so the same gamma would mean another
+    strength at another feature-network input size; the factor reference_tokens / L_k makes it a per-token
+    average scaled to the paper's 257 tokens. So gamma = 1e-5 is StyleGAN2-ADA's penalty exactly in the paper's
+    setting and the same per-token strength at any other. `head_outputs[k]` is (B, L_k); `head_inputs[k]` must
+    require grad and be the tensor head k consumed; the graph is kept so the penalty can be differentiated."""
     total = head_outputs[0].new_zeros(())
     for output, features in zip(head_outputs, head_inputs):
         (gradient,) = torch.autograd.grad(output.sum(), features, create_graph=True)
-        total = total + gradient.pow(2).flatten(1).sum(1).mean()
+        tokens = output.shape[1] if output.ndim > 1 else 1
+        total = total + gradient.pow(2).flatten(1).sum(1).mean() * (reference_tokens / tokens) / 2
     return total
 
 
