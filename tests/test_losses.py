@@ -64,6 +64,27 @@ def test_r1_sums_over_heads():
     assert both.item() == pytest.approx((48 + 108) / 2)
 
 
+def test_distillation_loss_weighs_a_per_element_error_the_same_in_pixel_and_latent_space():
+    """lambda must mean the same in both spaces: an error of 0.1 in every element costs 0.01 whether it is spread
+    over 3x512x512 decoded pixels or 4x64x64 latents (a sum would differ by 786,432 / 16,384 = 48x)."""
+    weight = torch.tensor([1.0, 2.0])
+    for shape in ((2, 3, 512, 512), (2, 4, 64, 64)):
+        student = torch.zeros(shape)
+        loss = losses.distillation_loss(student, student + 0.1, weight)
+        assert loss.item() == pytest.approx(0.01 * 1.5, rel=1e-4)
+
+
+def test_nfsd_in_pixel_space_caps_the_teacher_timestep_where_its_target_stays_decodable():
+    from addpipe.train.config import DistillConfig
+
+    assert DistillConfig(weighting="nfsd", space="pixel").teacher_t_range() == (20, 500)
+    assert DistillConfig(weighting="nfsd", space="latent").teacher_t_range() == (20, 980)
+    assert DistillConfig(weighting="exponential", space="pixel").teacher_t_range() == (20, 980)
+    assert DistillConfig(weighting="nfsd", space="pixel", nfsd_pixel_t_max=700).teacher_t_range() == (20, 700)
+    with pytest.raises(ValueError, match="nfsd_pixel_t_max"):
+        DistillConfig(weighting="nfsd", space="pixel", t_min=600)
+
+
 def test_distillation_weights_match_formulas():
     alpha, sigma = torch.tensor([0.9, 0.5, 0.1]), torch.tensor([0.4359, 0.8660, 0.9950])
     torch.testing.assert_close(losses.distillation_weight("exponential", alpha, sigma), alpha)

@@ -255,10 +255,12 @@ def test_zero_terminal_snr_v_teacher_distils_at_its_last_timestep(weighting, tin
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert all(math.isfinite(line["loss/distillation"]) for line in lines)
-    # NFSD's target has sigma/alpha in it: refused up front with the reason, not a NaN a hundred steps in
+    # NFSD's target has sigma/alpha in it: refused up front with the reason, not a NaN a hundred steps in (in latent
+    # space; in pixel space its timesteps are capped at distill.nfsd_pixel_t_max anyway)
     with pytest.raises(ValueError, match="t_max=999 is pure noise"):
         Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(teacher, tiny_dino, digit_shards, tmp_path / "nfsd", steps=1,
-                                                              **{"distill.t_max": 999, "distill.weighting": "nfsd"})))
+                                                              **{"distill.t_max": 999, "distill.weighting": "nfsd",
+                                                                 "distill.space": "latent"})))
 
 
 def test_tiny_pipeline_options_reach_the_saved_models(tmp_path):

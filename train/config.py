@@ -115,9 +115,11 @@ class DistillConfig:
     weighting: Literal["exponential", "sds", "nfsd"] = "nfsd"
     """c(t): exponential = alpha_t; sds = alpha_t/(2 sigma_t) * sigma_t^2; nfsd = noise-free score distillation with the SDS weight."""
     space: Literal["latent", "pixel"] = "pixel"
-    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable)."""
+    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable). Either way
+    the squared error is averaged over the elements of each sample (3x512x512 pixels or 4x64x64 latents alike), so
+    lambda weighs the same per-element error in both spaces and at every resolution."""
     weight: float = 2.5
-    """lambda: L = L_adv + lambda * L_distill."""
+    """lambda: L = L_adv + lambda * L_distill, L_distill a per-element mean (see `space`)."""
     teacher_guidance: float = 7.5
     """Classifier-free guidance scale of the teacher target (1 = no guidance)."""
     t_min: int = 20
@@ -128,6 +130,10 @@ class DistillConfig:
     """NFSD's negative prompt for the domain term at large t."""
     nfsd_t_threshold: int = 200
     """NFSD uses the unconditional prediction alone below this t, minus the negative-prompt one above it."""
+    nfsd_pixel_t_max: int = 500
+    """NFSD in pixel space: the largest teacher timestep. Its target x_hat - (sigma/alpha) g is formed in latent space
+    and decoded; on SD/SDXL's betas sigma/alpha is 13 at t = 980, which puts the decoded latent far outside anything
+    the VAE decoder has seen, and 1.6 at t = 500, where it stays near real latents. Latent space needs no cap."""
     adversarial: bool = True
     """Include the adversarial loss (turn off for the distillation-only ablation)."""
     distillation: bool = True
@@ -136,8 +142,16 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.t_min < self.t_max:
             raise ValueError(f"need 0 <= distill.t_min < distill.t_max, got {self.t_min}, {self.t_max}")
+        if self.t_min >= self.teacher_t_range()[1]:
+            raise ValueError(f"distill.t_min={self.t_min} leaves no teacher timestep below distill.nfsd_pixel_t_max="
+                             f"{self.nfsd_pixel_t_max} (NFSD in pixel space)")
         if not (self.adversarial or self.distillation):
             raise ValueError("at least one of distill.adversarial and distill.distillation must be on")
+
+    def teacher_t_range(self) -> tuple[int, int]:
+        """[t_min, t_max] of the teacher's re-noising timestep: t_max capped for NFSD in pixel space."""
+        capped = self.weighting == "nfsd" and self.space == "pixel"
+        return self.t_min, min(self.t_max, self.nfsd_pixel_t_max) if capped else self.t_max
 
 
 @dataclass

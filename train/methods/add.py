@@ -78,7 +78,7 @@ class ADD(Method):
         if config.distill.t_max >= self.teacher_schedule.num_train_timesteps:
             raise ValueError(f"distill.t_max={config.distill.t_max} is past the teacher's last timestep "
                              f"{self.teacher_schedule.num_train_timesteps - 1}")
-        if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.t_max].item() == 0.0:
+        if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.teacher_t_range()[1]].item() == 0.0:
             raise ValueError(f"distill.t_max={config.distill.t_max} is pure noise for this zero-terminal-SNR teacher, where "
                              "NFSD's target x0 - (sigma/alpha) g is infinite: lower distill.t_max or use another weighting")
         self.student_prediction, self.student_zero_snr = student_parameterisation(config.student, scheduler_config)
@@ -138,7 +138,7 @@ class ADD(Method):
     def begin_step(self, batch: Batch, step: int) -> StepState:
         inputs = self.prepare(batch)
         noise = draw_training_noise(self.config.seed, step, inputs.streams, self.latent_shape, len(self.timesteps),
-                                    self.config.distill.t_min, self.config.distill.t_max, self.config.student.timestep_weights)
+                                    *self.config.distill.teacher_t_range(), self.config.student.timestep_weights)
         report("data/precomputed_batches", self.precomputed_batches)
         return StepState(self.blind_image_condition(self.simulate(inputs, noise), noise), noise)
 
