@@ -95,7 +95,8 @@ def tensor_digest(tensors):
 def resharding(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
     """The uninterrupted run, and each first half once (copied for every test that resumes it)."""
     root = tmp_path_factory.mktemp("resharding")
-    common = {**COMMON, "optim.ema_decay": 0.9, "checkpoint.every": 2, "engine.zero": 3}
+    # the EMA by half-life: its images are counted from the step and the global batch, the same on 1 or 2 ranks
+    common = {**COMMON, "optim.ema_decay": 0, "optim.ema_halflife_kimg": 0.02, "checkpoint.every": 2, "engine.zero": 3}
 
     def overrides(run, steps, backend, processes):
         return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps, **common, **layout(processes),

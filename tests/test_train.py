@@ -109,7 +109,8 @@ def test_image_condition_is_zeroed_where_the_student_saw_only_noise(tiny_sd, tin
 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
-        **{"engine.zero": 0, "data.batch_size": 6, "discriminator.image_condition_pure_noise": "false"})))
+        **{"engine.zero": 0, "data.batch_size": 6, "discriminator.image_condition_pure_noise": "false",
+           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})))
     inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 0, 1])

@@ -59,8 +59,9 @@ class Trainer:
         self.method = method_class(config.method)(config, self.device, self.dtype)
         self.models = self.method.build(self.backend)
         self.phases = self.method.phases()
-        decay = config.optim.ema_decay
-        self.ema = EMA(self.models[self.method.ema_model].local_tensors(), decay) if decay > 0 else None
+        optim = config.optim
+        self.ema = (EMA(self.models[self.method.ema_model].master_tensors(), optim.ema_decay,
+                        optim.ema_halflife_kimg * 1000, optim.ema_rampup) if optim.ema_enabled else None)
 
         self.step = 0
         self.last_checkpoint: Optional[Path] = None
@@ -120,11 +121,15 @@ class Trainer:
         return self.method.sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", self.step)
 
     def export(self) -> Path:
+        """run_dir/student; with the EMA on, the other set of weights beside it (student_raw or student_ema)."""
         out = self.run_dir / "student"
-        use_ema = self.ema is not None and self.config.checkpoint.export_ema
-        tensors = self.models[self.method.ema_model].local_tensors()
-        with self.ema.applied(tensors) if use_ema else torch.no_grad():
+        if self.ema is None:
             return self.method.export(out)
+        tensors = self.models[self.method.ema_model].local_tensors()
+        with self.ema.applied(tensors):
+            self.method.export(out if self.config.checkpoint.export_ema else self.run_dir / "student_ema")
+        self.method.export(self.run_dir / "student_raw" if self.config.checkpoint.export_ema else out)
+        return out
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], int]:
         """The method's phases on the next batch, each stepping its model. Returns the loss terms and how many
@@ -140,11 +145,12 @@ class Trainer:
                 model.backward(found[phase.total])
                 model.step()
             terms.update(found)
-        if self.ema is not None:
-            self.ema.update(self.models[self.method.ema_model].local_tensors())
+        images = self.config.data.batch_size * distributed.world_size()
+        if self.ema is not None:  # images counted from the step, so a resume on any number of ranks agrees
+            self.ema.update(self.models[self.method.ema_model].master_tensors(), self.step * images, images)
         self.step += 1
         check_finite(self.step, terms, self.device, self.last_checkpoint)
-        return terms, self.config.data.batch_size * distributed.world_size()
+        return terms, images
 
     def run(self) -> Path:
         config = self.config

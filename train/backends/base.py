@@ -60,6 +60,11 @@ class Trained(ABC):
         """The parameter storage this rank owns, in `module.parameters()` order: its shard where the backend
         shards, the whole parameter where it replicates. The EMA lives on these, partitioned like the model."""
 
+    def master_tensors(self) -> list[torch.Tensor]:
+        """The optimizer's fp32 master weights laid out like `local_tensors` (what the EMA averages): the parameters
+        themselves where they are the masters (fp32 training, FSDP2's fp32 shards)."""
+        return self.local_tensors()
+
     @abstractmethod
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Collective: every parameter and buffer whole, on CPU, on rank 0 (None on the others)."""

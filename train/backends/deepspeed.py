@@ -123,6 +123,23 @@ class DeepSpeedTrained(Trained):
     def local_tensors(self) -> list[torch.Tensor]:
         return [p.ds_tensor if is_partitioned(p) else p.data for p in self.module.parameters()]
 
+    def master_tensors(self) -> list[torch.Tensor]:
+        """In bf16/fp16, ZeRO-3 keeps each rank's fp32 master partition apart from its half-precision ds_tensor:
+        the EMA averages those. ZeRO 0-2 partition the masters across ranks while every rank holds the whole
+        parameter, so gathering them would cost an all-reduce of the model every step: there the EMA follows
+        the parameters (in bf16 each one's rounding error is below the average's own resolution of a step)."""
+        local = self.local_tensors()
+        if self.stage != 3 or not (self.engine.bfloat16_enabled() or self.engine.fp16_enabled()):
+            return local
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        masters = []
+        for parameter, storage in zip(self.module.parameters(), local):
+            master = safe_get_local_fp32_param(parameter) if parameter.requires_grad else None
+            masters.append(master.view(storage.shape) if master is not None and master.numel() == storage.numel()
+                           else storage)
+        return masters
+
     @contextlib.contextmanager
     def full_parameters(self) -> Iterator[None]:
         with gathered(list(self.module.parameters())):
