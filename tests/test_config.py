@@ -16,7 +16,10 @@ def test_shipped_configs_load_with_paper_constants(name):
     # the teacher's parameterisation (an epsilon SD/SDXL teacher gives an epsilon student on its own betas)
     assert config.student.prediction_type == "auto" and config.student.zero_terminal_snr == "auto"
     if name != "tiny":
-        assert config.discriminator.feature_network.startswith("facebook/dinov2")
+        assert config.discriminator.feature_network == "facebook/dinov2-small" and config.discriminator.num_heads == 5
+        # the paper's conditioning networks: c_img from DINOv2 ViT-L, c_text from CLIP ViT-g-14
+        assert config.discriminator.image_encoder == "facebook/dinov2-large"
+        assert config.discriminator.text_encoder == "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
         assert config.distill.weighting == "nfsd"
         assert config.discriminator.r1_gamma == 1e-5
         assert config.student.backward_simulation == 0.0 and config.discriminator.text_embedding == "pooled"

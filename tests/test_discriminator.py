@@ -68,3 +68,59 @@ def test_local_batch_norm_normalises_each_group_separately():
         torch.testing.assert_close(group.mean(dim=(0, 2)), torch.zeros(3), atol=1e-5, rtol=0)
         torch.testing.assert_close(group.var(dim=(0, 2), unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
     assert norm.group_count(6) == 3 and norm.group_count(5) == 5
+
+
+def test_c_text_can_come_from_a_separate_clip_text_encoder(tiny_sd, tiny_sdxl, tiny_dino, digit_shards, tmp_path):
+    """discriminator.text_encoder (the paper: CLIP ViT-g-14) gives c_text as that model's projected embedding of
+    each caption, and sizes the heads' condition to it; a missing directory is named."""
+    import shutil
+
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    from addpipe.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.loop import Trainer
+    from addpipe.train.models import ModelLoadError
+    from conftest import TINY_CONFIG, tiny_overrides
+
+    encoder = tmp_path / "clip_text"  # a CLIP text model with projection and its tokenizer in one directory
+    shutil.copytree(tiny_sdxl / "text_encoder_2", encoder)
+    for file in (tiny_sdxl / "tokenizer_2").iterdir():
+        shutil.copy(file, encoder / file.name)
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+        tiny_sd, tiny_dino, digit_shards, tmp_path / "run", steps=1,
+        **{"engine.zero": 0, "discriminator.text_encoder": str(encoder)})))
+    batch = next(trainer.data)
+    inputs = trainer.method.prepare(batch)
+    model, tokenizer = CLIPTextModelWithProjection.from_pretrained(encoder), CLIPTokenizer.from_pretrained(encoder)
+    ids = tokenizer(batch.captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).text_embeds
+    torch.testing.assert_close(trainer.method.text_condition(inputs), expected)
+    assert expected.shape[1] == model.config.projection_dim
+    assert not torch.allclose(expected, inputs.conditioning.pooled)  # not the teacher's own pooled embedding
+    trainer.run()  # the heads take the new width through a whole step
+    assert (tmp_path / "run" / "student").is_dir()
+
+    # a whole CLIP model's directory (as laion/CLIP-ViT-g-14 is): the text tower and its projection, whose width
+    # sits at the top of the config
+    from transformers import CLIPConfig, CLIPModel
+
+    from addpipe.train.models import TextEmbedder
+
+    text = model.config.to_dict() | {"projection_dim": 512}  # text_config's own default, not the model's
+    clip = CLIPModel(CLIPConfig(text_config=text, projection_dim=24,
+                                vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 16}))
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    embedder = TextEmbedder(str(tmp_path / "clip"), "cpu")
+    with torch.no_grad():  # CLIP's text features: the projection of the text tower's pooled (EOS) output
+        features = clip.text_projection(clip.text_model(ids).pooler_output)
+    assert embedder.dim == 24 and torch.allclose(embedder(batch.captions), features, atol=1e-5)
+
+    with pytest.raises(ModelLoadError, match="no_such_clip"):
+        Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
+            tiny_sd, tiny_dino, digit_shards, tmp_path / "bad", steps=1,
+            **{"discriminator.text_encoder": str(tmp_path / "no_such_clip")})))

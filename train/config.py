@@ -89,6 +89,11 @@ class DiscriminatorConfig:
     """Group size of the heads' local batch norm; without normalisation the heads did not learn (DESIGN §1)."""
     text_conditioning: bool = True
     """Project the text embedding into the heads' output."""
+    text_encoder: Optional[str] = None
+    """Hub id or local directory of a CLIP text model with projection (transformers CLIPTextModelWithProjection and
+    its tokenizer) whose projected embedding of the caption is c_text. The paper uses CLIP ViT-g-14
+    (laion/CLIP-ViT-g-14-laion2B-s12B-b42K); unset, c_text comes from the teacher's own text encoders
+    (`text_embedding`)."""
     text_embedding: Literal["pooled", "mean"] = "pooled"
     """The text condition: the pooled embedding (CLIP's EOS token, as the paper), or the mean of the hidden states the UNet cross-attends to (for text encoders whose EOS token carries little content)."""
     image_conditioning: bool = True

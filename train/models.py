@@ -231,6 +231,36 @@ def _encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torc
     return TextConditioning(torch.cat(hidden_parts, dim=-1), pooled)
 
 
+class TextEmbedder:
+    """A frozen CLIP text model with projection: captions -> its projected (pooled) embedding, the discriminator's
+    c_text when `discriminator.text_encoder` names one."""
+
+    def __init__(self, name: str, device: torch.device | str, dtype: torch.dtype = torch.float32):
+        from transformers import CLIPTextConfig
+
+        self.tokenizer = load_pretrained(CLIPTokenizer, name)
+        check_tokenizer(self.tokenizer, name)
+        # A whole CLIP model's repository (laion's ViT-g-14 is one) keeps the projection width at the top of its
+        # config, outside text_config, whose own default (512) would not fit the projection's weights.
+        config = load_pretrained(CLIPTextConfig, name)
+        top, _ = CLIPTextConfig.get_config_dict(str(Path(os.path.expanduser(name))) if looks_local(name) else name)
+        if top.get("model_type") == "clip" and "projection_dim" in top:
+            config.projection_dim = top["projection_dim"]
+        self.model = load_pretrained(CLIPTextModelWithProjection, name, config=config, torch_dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        self.device = device
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        return self.model(ids).text_embeds.float()
+
+
 def unconditional(teacher: TeacherComponents, device: torch.device | str) -> TextConditioning:
     """The teacher's unconditional branch for classifier-free guidance: zeros for SDXL (see zero_unconditional),
     the encoding of the empty prompt for SD."""

@@ -21,8 +21,8 @@ from addpipe.train.data import Batch
 from addpipe.train.discriminator import build_discriminator
 from addpipe.train.export import export_student
 from addpipe.train.methods.base import Method, Phase
-from addpipe.train.models import (TextConditioning, encode_prompts, load_teacher, make_student, sdxl_time_ids, unconditional,
-                                  vae_decode, vae_encode)
+from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, sdxl_time_ids,
+                                  unconditional, vae_decode, vae_encode)
 from addpipe.train.report import report
 from addpipe.train.sampling import generate, sample_trajectory, save_grid, vae_downsample_factor
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
@@ -42,6 +42,7 @@ class StepInputs:
     time_ids: Optional[torch.Tensor]
     image_embedding: torch.Tensor
     streams: list[int]
+    text_embedding: Optional[torch.Tensor] = None  # c_text from discriminator.text_encoder, when it names one
     sources: Optional[torch.Tensor] = None
     source_embedding: Optional[torch.Tensor] = None
 
@@ -89,8 +90,11 @@ class ADD(Method):
         if self.timesteps[0] != num_train - 1:
             raise ValueError(f"the first student timestep must be {num_train - 1} (pure noise), got {self.timesteps}")
 
-        discriminator = build_discriminator(
-            config.discriminator, self.teacher.text_embedding_dim(config.discriminator.text_embedding), dtype=torch.float32)
+        self.text_embedder = (TextEmbedder(config.discriminator.text_encoder, device)
+                              if config.discriminator.text_encoder and config.discriminator.text_conditioning else None)
+        text_dim = (self.text_embedder.dim if self.text_embedder is not None
+                    else self.teacher.text_embedding_dim(config.discriminator.text_embedding))
+        discriminator = build_discriminator(config.discriminator, text_dim, dtype=torch.float32)
         discriminator.to(device)
         heads = list(discriminator.heads.parameters())
 
@@ -157,9 +161,12 @@ class ADD(Method):
         if self.teacher.architecture == "sdxl":
             time_ids = sdxl_time_ids(batch.original_sizes, batch.crops, self.config.data.resolution).to(self.device)
         image_embedding = self.discriminator.module.image_embedding(pixels)
-        return StepInputs(latents, pixels, conditioning, time_ids, image_embedding, batch.streams)
+        text_embedding = self.text_embedder(batch.captions) if self.text_embedder is not None else None
+        return StepInputs(latents, pixels, conditioning, time_ids, image_embedding, batch.streams, text_embedding)
 
     def text_condition(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.text_embedding is not None:
+            return inputs.text_embedding
         return inputs.conditioning.discriminator_embedding(self.config.discriminator.text_embedding)
 
     @torch.no_grad()
@@ -322,5 +329,8 @@ class ADD(Method):
             phases += f", discriminator (heads) every {config.optim.discriminator_interval} step(s)"
         return {"method": "add: Adversarial Diffusion Distillation", "phases": phases,
                 "student": f"trainable: a copy of {config.model.student_init or 'the teacher UNet'}",
-                "discriminator": f"trainable heads ({config.discriminator.num_heads}) on frozen {config.discriminator.feature_network}",
+                "discriminator": (f"trainable heads ({config.discriminator.num_heads}) on frozen "
+                                  f"{config.discriminator.feature_network}; c_img from "
+                                  f"{config.discriminator.image_encoder or config.discriminator.feature_network}; c_text from "
+                                  f"{config.discriminator.text_encoder or 'the teacher (' + config.discriminator.text_embedding + ')'}"),
                 "teacher": f"frozen: {config.model.teacher} (UNet, VAE, text encoders)"}
