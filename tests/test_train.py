@@ -282,25 +282,30 @@ def test_tiny_pipeline_options_reach_the_saved_models(tmp_path):
         build_tiny_pipeline(tmp_path / "e", "sd", prediction_type="epsilon", zero_terminal_snr=True)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd, tiny_dino, digit_shards, tmp_path):
+@pytest.mark.parametrize("log_every, poisoned_step", [(1, 3), (5, 2)])
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(log_every, poisoned_step, tiny_sd, tiny_dino, digit_shards,
+                                                         tmp_path):
+    """The check runs at every log flush and before every checkpoint (no host synchronisation per step): with a log
+    window of 5 the NaN of the 3rd step is found before the 4th step's checkpoint, which is never written."""
     from addpipe.train.loop import Trainer
     from addpipe.train.report import NonFiniteLossError
 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, steps=6,
-                                                                    **{"checkpoint.every": 2})))
+                                                                    **{"checkpoint.every": 2, "log.every": log_every})))
     prepare = trainer.method.prepare
 
-    def poisoned(batch):  # a corrupted batch at step 3 makes every loss NaN
+    def poisoned(batch):  # a corrupted batch makes every loss NaN
         inputs = prepare(batch)
-        if trainer.step == 3:
+        if trainer.step == poisoned_step:
             inputs.latents.fill_(float("nan"))
         return inputs
 
     trainer.method.prepare = poisoned
-    with pytest.raises(NonFiniteLossError, match=r"step 4 .*step_00000002"):  # the 4th step, counted as metrics are
+    # the step counted from 1, as metrics are
+    with pytest.raises(NonFiniteLossError, match=rf"step {poisoned_step + 1} \(.*loss/distillation=nan.*step_00000002"):
         trainer.run()
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
-    assert not (tmp_path / "student").exists()
+    assert not (tmp_path / "checkpoints/step_00000004").exists() and not (tmp_path / "student").exists()
 
 
 def test_an_epsilon_teacher_gives_an_epsilon_student_whose_first_step_is_the_teachers_x0(tiny_sd, tiny_dino,

@@ -18,14 +18,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from addpipe.config import differences, to_dict, to_yaml
-from addpipe.devices import resolve_precision
+from addpipe.devices import allow_tf32, resolve_precision, synchronize
 from addpipe.train import checkpoint, distributed, rundir
 from addpipe.train.backends import Trained, build_backend
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import TrainingData
 from addpipe.train.ema import EMA
 from addpipe.train.methods import method_class
-from addpipe.train.report import Reporter, check_finite, report, use
+from addpipe.train.report import FiniteGuard, Reporter, report, use
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class Trainer:
         self.config = config
         self.device = distributed.initialize(config.engine)
         self.dtype = resolve_precision(config.engine.precision, self.device)
+        allow_tf32(self.device)
         self.run_dir = Path(config.run_dir)
         # One trainer per run directory, checked before anything is loaded or written; held until the process ends.
         self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
@@ -90,6 +91,7 @@ class Trainer:
         if distributed.is_main():  # only now: a refused start or resume leaves the recorded config as it was
             rundir.write_config(self.run_dir, to_yaml(config))
         self.reporter = Reporter(self.run_dir, config.log.tensorboard, start_step=self.step)
+        self.finite = FiniteGuard()
         if state.get("reporter") is not None and distributed.is_main():  # the summed accumulator, once
             self.reporter.load_state_dict(state["reporter"])
 
@@ -107,6 +109,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def save(self) -> Path:
+        self.finite.check(self.device, self.last_checkpoint)  # a NaN never reaches a checkpoint
         state = {"step": self.step, "backend": self.backend.name, "world_size": distributed.world_size(),
                  "method": self.method.name, "data": self.data.state_dict(), "reporter": self.reporter.global_state(self.device),
                  "schedules": {name: model.schedule_state() for name, model in self.models.items()},
@@ -149,7 +152,7 @@ class Trainer:
         if self.ema is not None:  # images counted from the step, so a resume on any number of ranks agrees
             self.ema.update(self.models[self.method.ema_model].master_tensors(), self.step * images, images)
         self.step += 1
-        check_finite(self.step, terms, self.device, self.last_checkpoint)
+        self.finite.add(self.step, terms)
         return terms, images
 
     def run(self) -> Path:
@@ -157,18 +160,22 @@ class Trainer:
         use(self.reporter)
         progress = tqdm(total=config.steps, initial=self.step, desc=self.method.name.upper(), dynamic_ncols=True,
                         disable=not (distributed.is_main() and config.log.progress))
+        window_started, window_images = time.perf_counter(), 0
         try:
             while self.step < config.steps:
-                started = time.perf_counter()
                 terms, images = self.train_step()
-                elapsed = time.perf_counter() - started
+                window_images += images
                 for name, value in terms.items():
                     report(name, value)
                 for name, model in self.models.items():
                     report(f"lr/{name}", model.learning_rate())
-                report("perf/images_per_second", images / elapsed)
                 report("data/skipped_samples", self.data.skipped)
                 if self.step % config.log.every == 0 or self.step == config.steps:
+                    self.finite.check(self.device, self.last_checkpoint)
+                    synchronize(self.device)  # the window's throughput: what the device has really finished
+                    now = time.perf_counter()
+                    report("perf/images_per_second", window_images / (now - window_started))
+                    window_started, window_images = now, 0
                     means = self.reporter.flush(self.step, self.device)
                     progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")})
                 progress.update(1)

@@ -1,7 +1,9 @@
 """Observability: one `report(name, value)` API feeding metrics.jsonl and TensorBoard, and the NaN stop.
 
 Values are accumulated between flushes and averaged over steps and over ranks (every rank flushes at
-the same steps, so the all-reduce lines up). A run that continues from step N first cuts metrics.jsonl
+the same steps, so the all-reduce lines up). A tensor is accumulated where it lives, so a training step waits for
+the device only at a flush (one host synchronisation per log window, not one per value per step); the NaN stop
+is checked the same way, at every flush and before every checkpoint. A run that continues from step N first cuts metrics.jsonl
 (and TensorBoard, by its purge step) back to step N, since what was logged after the checkpoint is about
 to be logged again; the accumulator itself is part of the checkpoint, so a log window that spans the
 interruption averages exactly the steps it would have without it.
@@ -47,7 +49,7 @@ def trim_metrics(path: Path, last_step: int) -> int:
 class Reporter:
     def __init__(self, run_dir: Path, tensorboard: bool = True, start_step: int = 0):
         """`start_step`: the step this run continues from (0 for a new run); what was logged after it is dropped."""
-        self.sums: dict[str, float] = defaultdict(float)
+        self.sums: dict[str, float | torch.Tensor] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.main = distributed.is_main()
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -63,18 +65,19 @@ class Reporter:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def report(self, name: str, value: float | torch.Tensor) -> None:
-        if isinstance(value, torch.Tensor):
-            value = float(value.detach().float().item())
-        self.sums[name] += float(value)
+        # a tensor stays on its device (float64, as Python's floats): no host synchronisation until the flush
+        self.sums[name] = self.sums[name] + (value.detach().double() if isinstance(value, torch.Tensor) else float(value))
         self.counts[name] += 1
 
     def flush(self, step: int, device: torch.device) -> dict[str, float]:
         """Average what was reported since the last flush over steps and ranks; write it on rank 0."""
         names = sorted(self.sums)
-        packed = torch.tensor([[self.sums[n], self.counts[n]] for n in names] or [[0.0, 0.0]],
-                              dtype=torch.float64, device=device)
+        packed = torch.stack([torch.stack([torch.as_tensor(self.sums[n], dtype=torch.float64, device=device).reshape(()),
+                                           torch.tensor(float(self.counts[n]), dtype=torch.float64, device=device)])
+                              for n in names]) if names else torch.zeros((1, 2), dtype=torch.float64, device=device)
         distributed.all_reduce_sum(packed)
-        means = {n: packed[i, 0].item() / max(packed[i, 1].item(), 1.0) for i, n in enumerate(names)}
+        rows = packed.tolist()  # the window's one host synchronisation
+        means = {n: rows[i][0] / max(rows[i][1], 1.0) for i, n in enumerate(names)}
         self.sums.clear()
         self.counts.clear()
         if self.main and means:
@@ -95,7 +98,7 @@ class Reporter:
 
     def state_dict(self) -> dict:
         """What was reported since the last flush, on this rank (saved in its checkpoint)."""
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        return {"sums": {n: float(v) for n, v in self.sums.items()}, "counts": dict(self.counts)}
 
     def global_state(self, device: torch.device) -> dict:
         """Collective: the accumulator summed over all ranks. A checkpoint keeps this (rank 0 loads it back), so a
@@ -128,10 +131,34 @@ def report(name: str, value: float | torch.Tensor) -> None:
         _current.report(name, value)
 
 
-def check_finite(step: int, terms: dict[str, torch.Tensor], device: torch.device, last_checkpoint: Optional[Path]) -> None:
-    """Stop every rank together when any rank sees a NaN/Inf loss term. `step` counts from 1, as metrics do."""
-    bad = [name for name, value in terms.items() if not math.isfinite(float(value.detach().float().item()))]
-    if distributed.any_rank(bool(bad), device):
+class FiniteGuard:
+    """The NaN stop without a host synchronisation per step: each step's loss terms are kept on the device and
+    checked together (`check`, collective) at every log flush and before every checkpoint, so a non-finite loss
+    stops all ranks within one log window and never reaches a checkpoint. The error names the first step (counted
+    from 1, as metrics are) and term that went non-finite on any rank."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, list[str], torch.Tensor]] = []
+
+    def add(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        names = sorted(terms)
+        if names:
+            self.pending.append((step, names, torch.stack([terms[n].detach().float().reshape(()) for n in names])))
+
+    def check(self, device: torch.device, last_checkpoint: Optional[Path]) -> None:
+        found: Optional[tuple[int, str]] = None
+        if self.pending:
+            finite = torch.stack([torch.isfinite(values).all() for _, _, values in self.pending]).tolist()
+            for (step, names, values), ok in zip(self.pending, finite):
+                if not ok:
+                    shown = [f"{n}={v:.4g}" for n, v in zip(names, values.tolist()) if not math.isfinite(v)]
+                    found = (step, ", ".join(shown))
+                    break
+        self.pending.clear()
+        if not distributed.any_rank(found is not None, device):
+            return
+        seen = [f for f in distributed.all_gather_objects(found) if f is not None]
+        step = min(f[0] for f in seen)
+        names = (found[1] if found is not None and found[0] == step else "") or "on another rank"
         where = f"; last good checkpoint: {last_checkpoint}" if last_checkpoint else "; no checkpoint was written yet"
-        names = ", ".join(f"{n}={float(terms[n].detach()):.4g}" for n in bad) or "on another rank"
         raise NonFiniteLossError(f"non-finite loss at step {step} ({names}); stopping{where}")

@@ -177,16 +177,20 @@ class ADD(Method):
         share = self.config.student.backward_simulation
         if share <= 0 or len(self.timesteps) == 1:
             return inputs
-        index = noise.student_index.to(self.device)
-        chosen = (index > 0) & (noise.simulate.to(self.device) < share)
+        # The choice is made on the CPU, where the step's noise is drawn: deciding on the device would make the
+        # host wait for it every step.
+        index = noise.student_index
+        chosen = (index > 0) & (noise.simulate < share)
         # A sharded student gathers parameters in every forward, collectively, so every rank must run the same
         # number of them: there each rank runs all N-1 steps on its whole batch; elsewhere (and alone) only what
         # the chosen rows need.
         fixed = self.student.shards_parameters and distributed.world_size() > 1
         if not fixed and not bool(chosen.any()):
             return inputs
-        run = torch.arange(index.shape[0], device=self.device) if fixed else chosen.nonzero().squeeze(1)
-        depth = len(self.timesteps) - 1 if fixed else int(index[run].max())
+        run_cpu = torch.arange(index.shape[0]) if fixed else chosen.nonzero().squeeze(1)
+        depth = len(self.timesteps) - 1 if fixed else int(index[run_cpu].max())
+        run = run_cpu.to(self.device)
+        index = index.to(self.device)
         start_noise = noise.simulation_noise.to(self.device)[run]
         time_ids = None if inputs.time_ids is None else inputs.time_ids[run]
         with autocast(self.device, self.dtype):
@@ -194,11 +198,11 @@ class ADD(Method):
                                            inputs.conditioning.select(run).unet_kwargs(time_ids), start_noise[:, 0],
                                            self.timesteps[:depth], lambda step: start_noise[:, step + 1])
         reached = torch.stack(trajectory)[(index[run] - 1).clamp(min=0), torch.arange(run.shape[0], device=self.device)]
-        keep = chosen[run]
-        rows, reached = run[keep], reached[keep]
+        keep = chosen[run_cpu].nonzero().squeeze(1)  # positions in `run` of the chosen rows (all of them unless fixed)
+        rows, reached = run_cpu[keep].to(self.device), reached[keep.to(self.device)]
         sources, embedding = inputs.sources.clone(), inputs.source_embedding.clone()
         sources[rows] = reached.to(sources.dtype)
-        if rows.numel() and self.config.discriminator.image_conditioning:
+        if keep.numel() and self.config.discriminator.image_conditioning:
             with autocast(self.device, self.dtype):
                 pixels = vae_decode(self.teacher, reached).clamp(-1.0, 1.0)
             embedding[rows] = self.discriminator.module.image_embedding(pixels).to(embedding.dtype)
