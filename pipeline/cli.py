@@ -42,7 +42,12 @@ def train(
     offload: Optional[str] = typer.Option(None, "--offload", help="Offload optimizer state: none, cpu or nvme"),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Shortcut for run_dir=..."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint in run_dir"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config with its documentation and exit"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config with its documentation, the plan "
+                                 "and the memory per rank, and exit"),
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="--dry-run: plan memory for this many ranks "
+                                             "[default: WORLD_SIZE, else 1]"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="--dry-run: say whether the plan fits a GPU "
+                                               "of this many GiB"),
 ) -> None:
     """Train an ADD student (one process, or several under torchrun / the deepspeed launcher)."""
     from addpipe.config import load, to_yaml
@@ -61,11 +66,21 @@ def train(
     if dry_run:
         from addpipe.train.plan import describe_plan
 
+        from addpipe.train.memory import plan_memory
+        from addpipe.train.models import ModelLoadError
+
         try:
             plan = describe_plan(cfg)
         except ValueError as error:  # an unknown method
             raise UserError(str(error)) from error
-        typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan)
+        ranks = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        if ranks < 1:
+            raise UserError(f"--world-size must be at least 1, got {ranks}")
+        try:
+            memory = plan_memory(cfg, ranks).describe(gpu_memory)
+        except (OSError, ValueError, ModelLoadError) as error:  # model configs not reachable (a hub id offline): the rest still helps
+            memory = f"# memory plan: not available: {str(error).strip().splitlines()[0]}\n"
+        typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan + memory)
         return
     from addpipe.train.loop import train as run_training
 

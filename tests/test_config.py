@@ -76,6 +76,8 @@ def test_cli_dry_run_prints_documented_config():
     assert result.returncode == 0, result.stderr
     assert "student_lr: 2.0e-06" in result.stdout and "zero: 3" in result.stdout
     assert "# Peak AdamW learning rate of the student." in result.stdout
+    # hub ids with the hub unreachable: the memory plan says why it is missing, the rest is printed
+    assert "# memory plan: not available:" in result.stdout and "stabilityai/stable-diffusion-xl-base-1.0" in result.stdout
 
 
 def test_cli_unknown_key_exits_with_message():

@@ -1,0 +1,96 @@
+"""The memory plan of `addpipe train --dry-run`: states from exact parameter counts by hand-written formulas, and
+the SDXL-scale plan against the peak memory measured on an H100 (benchmarks/RESULTS.md, 2026-11-23)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from addpipe.config import load
+from addpipe.train.config import TrainConfig
+from addpipe.train.memory import GIB, plan_memory
+from conftest import REPO, TINY_CONFIG, tiny_overrides
+
+
+def lines(plan):
+    return {line.name.split(" (")[0]: line for line in plan.lines}
+
+
+@pytest.mark.parametrize("backend, zero, world", [("deepspeed", 2, 1), ("deepspeed", 3, 4), ("fsdp2", 0, 2)])
+def test_states_per_rank_follow_the_parameter_counts(backend, zero, world, tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from addpipe.train.discriminator import build_discriminator
+
+    config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, **{
+        "engine.backend": backend, "engine.zero": max(zero, 0), "optim.ema_decay": 0.99}))
+    plan = plan_memory(config, world)  # bf16, as on a GPU
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    p = sum(t.numel() for t in unet.parameters())
+    student, teacher = lines(plan)["student UNet"], lines(plan)["teacher UNet"]
+    assert student.params == teacher.params == p and teacher.weights == 2 * p
+    if backend == "fsdp2":  # fp32 shards are the masters: weights, gradients, two moments, EMA, all sharded
+        assert (student.weights, student.gradients, student.optimizer, student.ema) == (4 * p / world, 4 * p / world,
+                                                                                       8 * p / world, 4 * p / world)
+    elif zero == 2:  # bf16 weights and gradients whole, fp32 gradient partition, master + moments partitioned
+        assert (student.weights, student.gradients, student.optimizer, student.ema) == (2 * p, 2 * p + 4 * p / world,
+                                                                                       12 * p / world, 4 * p)
+    else:  # ZeRO-3: everything partitioned
+        assert (student.weights, student.gradients, student.optimizer, student.ema) == (2 * p / world, 2 * p / world,
+                                                                                       12 * p / world, 4 * p / world)
+    text_dim = 32  # the tiny teacher's text width: heads counted as build_discriminator builds them
+    heads = build_discriminator(config.discriminator, text_dim).heads
+    assert lines(plan)["discriminator heads"].params == sum(t.numel() for t in heads.parameters())
+    assert plan.activations > 0 and plan.total == pytest.approx(sum(l.total for l in plan.lines) + plan.activations)
+
+
+def sdxl_configs(directory):
+    """SDXL base 1.0's published architecture as config files only (the plan needs no weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, Dinov2Config
+
+    spec = importlib.util.spec_from_file_location("sdxl_gpu", REPO / "benchmarks" / "sdxl_gpu.py")
+    sdxl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sdxl)
+    with torch.device("meta"):
+        UNet2DConditionModel(**sdxl.SDXL_UNET).save_config(directory / "unet")
+        AutoencoderKL(**sdxl.SDXL_VAE).save_config(directory / "vae")
+    CLIPTextConfig(**sdxl.CLIP_L).save_pretrained(directory / "text_encoder")
+    CLIPTextConfig(**sdxl.CLIP_BIGG).save_pretrained(directory / "text_encoder_2")
+    (directory / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
+    Dinov2Config(**sdxl.DINOV2_SMALL).save_pretrained(directory / "dinov2")
+    return directory
+
+
+def test_the_sdxl_plan_is_within_15_percent_of_the_peaks_measured_on_an_h100(tmp_path):
+    """configs/sdxl_add.yaml as the 2026-11-23 H100 run trained it (one rank, bf16, ZeRO-3, checkpointing, the
+    DINOv2-small architecture for c_img and the teacher's pooled c_text). Measured peak allocated: batch 4 66.8 GiB,
+    batch 1 63.2 GiB, batch 4 with the optimizer on the CPU 33.4 GiB; batch 8 and ZeRO-2 at batch 4 ran out of
+    memory, which the plan must say too."""
+    teacher = sdxl_configs(tmp_path)
+
+    def plan(batch, *extra):
+        return plan_memory(load(TrainConfig, REPO / "configs/sdxl_add.yaml", [
+            f"model.teacher={teacher}", "model.vae=null", f"discriminator.feature_network={teacher / 'dinov2'}",
+            "discriminator.image_encoder=null", "discriminator.text_encoder=null", f"data.batch_size={batch}", *extra]), 1)
+
+    four = plan(4)
+    assert lines(four)["student UNet"].params == pytest.approx(2.567e9, rel=1e-3)
+    for planned, measured in [(four, 66.8), (plan(1), 63.2), (plan(4, "engine.offload_optimizer=cpu"), 33.4)]:
+        assert planned.total / GIB == pytest.approx(measured, rel=0.15), planned.describe(80)
+        assert planned.fits(80)
+    assert not plan(8).fits(80) and not plan(4, "engine.zero=2").fits(80)
+    assert "does NOT fit 80 GiB" in plan(8).describe(80)
+
+
+def test_dry_run_prints_the_memory_plan(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "train", "-c", str(TINY_CONFIG), "--dry-run",
+                             "--world-size", "2", "--gpu-memory", "1",
+                             *tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "# memory per rank (2 rank(s), bfloat16; MiB)" in result.stdout and "student UNet (trained)" in result.stdout
+    assert "fits 1 GiB" in result.stdout and "activations" in result.stdout
