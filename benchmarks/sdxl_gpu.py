@@ -1,7 +1,11 @@
 """The ADD training step at SDXL scale on one GPU: images/s, peak GPU memory and MFU per precision and batch size.
 
-    python benchmarks/sdxl_gpu.py --out sdxl_gpu [--runs bf16:4 bf16:1 bf16:4:z2 bf16:4:offload] [--steps 8]
-    python benchmarks/sdxl_gpu.py --out /tmp/check --scale tiny --runs fp32:2   # the same code on CPU, in seconds
+    python benchmarks/sdxl_gpu.py --out sdxl_gpu [--runs bf16:4 bf16:4:z2:expandable ...] [--steps 5]
+    python benchmarks/sdxl_gpu.py --out /tmp/check --scale tiny --runs fp32:2 fp32:2:nockpt   # the same code on CPU
+
+The default runs, in this order (each its own process; the whole list is meant to finish in under 8 minutes on
+one H100/H200): today's ZeRO-3 with checkpointing at batch 4; ZeRO-2 with expandable segments; unsharded (FSDP2
+on one rank, nothing resharded); the same without activation checkpointing; and at batch 8.
 
 No weights can be downloaded here, so it builds SDXL base 1.0's published architecture with random weights (UNet
 2.6B parameters, CLIP ViT-L and OpenCLIP bigG text encoders, the 4-level VAE; DINOv2-small for the discriminator),
@@ -10,13 +14,17 @@ configs/sdxl_add.yaml (512^2, ZeRO-3, gradient checkpointing, NFSD with guidance
 depend on the weights' values. Each run is its own process, so one that runs out of memory leaves the next
 unaffected. Writes sdxl_gpu.json and sdxl_gpu.md under --out; copy the table into benchmarks/RESULTS.md.
 
-MFU counts the FLOPs of one full training step (both UNets, the VAE, text encoders, DINOv2, the heads and R1's
-double backward) with torch's FLOP formulas and divides by the step time and the GPU's dense bf16 peak.
+MFU counts the model FLOPs of one training step with torch's FLOP formulas (both UNets, the VAE decoder, DINOv2,
+the heads and R1's double backward) and divides them by the step time and the GPU's dense bf16 peak. Model FLOPs
+leave out what a run may or may not spend: the recomputation of gradient checkpointing (a checkpointed block's
+second forward is not counted, so the count is the same with and without it) and data preparation (the VAE
+encoding of the batch, the text encoders and the image condition, which precomputed latents remove).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -123,11 +131,21 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class FlopCount:
-    """Total FLOPs of the matmuls, convolutions and attention run inside the block, by torch's own formulas.
-    torch's FlopCounterMode cannot be used here: its per-module hooks break R1's autograd.grad on leaf features."""
+    """Model FLOPs of the matmuls, convolutions and attention run inside the block, by torch's own formulas.
+    torch's FlopCounterMode cannot be used here: its per-module hooks break R1's autograd.grad on leaf features.
+    `paused()` leaves work out; `model_flops(trainer)` leaves out data preparation and checkpoint recomputation."""
 
     def __init__(self) -> None:
         self.total = 0
+        self.paused_depth = 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.paused_depth += 1
+        try:
+            yield
+        finally:
+            self.paused_depth -= 1
 
     def __enter__(self) -> "FlopCount":
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -140,7 +158,7 @@ class FlopCount:
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
                 formula = flop_registry.get(func._overloadpacket)
-                if formula is not None:
+                if formula is not None and not counter.paused_depth:
                     counter.total += formula(*args, **kwargs, out_val=out)
                 return out
 
@@ -151,6 +169,43 @@ class FlopCount:
     def __exit__(self, *exc) -> None:
         self.mode.__exit__(*exc)
 
+    @contextlib.contextmanager
+    def model_flops(self, trainer):
+        """Inside: the trainer's data preparation is not counted, nor a checkpointed block's recomputation (non-
+        reentrant checkpointing calls the block's function again in the backward: its second call is paused)."""
+        method = trainer.method
+        prepare = method.prepare
+
+        def prepared(batch):
+            with self.paused():
+                return prepare(batch)
+
+        hooked = [m for model in trainer.models.values() for m in model.module.modules()
+                  if getattr(m, "_gradient_checkpointing_func", None) is not None]
+        hooked += [m for m in method.teacher.vae.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None]
+        originals = {id(m): m._gradient_checkpointing_func for m in hooked}
+
+        def once(original):
+            def checkpointed(function, *args, **kwargs):
+                calls = [0]
+
+                def counted_once(*a, **k):
+                    calls[0] += 1
+                    with self.paused() if calls[0] > 1 else contextlib.nullcontext():
+                        return function(*a, **k)
+                return original(counted_once, *args, **kwargs)
+            return checkpointed
+
+        method.prepare = prepared
+        for module in hooked:
+            module._gradient_checkpointing_func = once(originals[id(module)])
+        try:
+            yield self
+        finally:
+            method.prepare = prepare
+            for module in hooked:
+                module._gradient_checkpointing_func = originals[id(module)]
+
 
 def measure(spec: dict) -> dict:
     """One configuration in this process: build the trainer, time steps, count one step's FLOPs."""
@@ -160,12 +215,17 @@ def measure(spec: dict) -> dict:
 
     overrides = [
         f"run_dir={spec['work']}/run-{spec['label']}", f"model.teacher={spec['teacher']}", "model.vae=null",
+        # c_img and c_text from the built networks (no ViT-L/ViT-g weights here): data preparation either way
         f"discriminator.feature_network={spec['dino']}", f"discriminator.image_encoder={spec['dino']}",
+        "discriminator.text_encoder=null",
         f"data.shards={spec['shards']}", f"data.resolution={spec['resolution']}", f"data.batch_size={spec['batch']}",
         f"data.num_workers={min(2, spec['batch'])}", f"engine.precision={spec['precision']}",
         f"engine.zero={spec['zero']}", f"engine.backend={spec.get('backend', 'deepspeed')}",
         f"engine.offload_{'param' if spec.get('backend') == 'fsdp2' else 'optimizer'}={spec['offload']}", f"checkpoint.every={10**9}",
         "log.progress=false", "log.tensorboard=false", "log.sample_every=0", "optim.warmup_steps=0",
+        f"model.gradient_checkpointing={str(spec.get('checkpointing', True)).lower()}",
+        f"engine.reshard_after_forward={str(spec.get('reshard', True)).lower()}",
+        f"log.every={spec['warmup'] + spec['steps'] + 1}",  # no flush inside the timed steps
     ]
     if spec["scale"] == "tiny":
         overrides += ["discriminator.input_size=32", "discriminator.num_heads=2", "data.num_workers=0"]
@@ -183,12 +243,15 @@ def measure(spec: dict) -> dict:
         sync()
         times.append(time.perf_counter() - started)
     step_s = statistics.median(times[spec["warmup"]:])
-    with FlopCount() as counter:
+    with FlopCount() as counter, counter.model_flops(trainer):
         trainer.train_step()
     flops = counter.total
     peak = peak_flops(trainer.device)
     result = {
         **{k: spec[k] for k in ("label", "precision", "batch", "zero", "offload", "resolution", "steps", "warmup")},
+        "backend": spec.get("backend", "deepspeed"),
+        "checkpointing": spec.get("checkpointing", True), "reshard": spec.get("reshard", True),
+        "expandable_segments": spec.get("expandable", False),
         "setup_s": round(setup_s, 1), "step_s": step_s, "step_s_all": times,
         "images_per_second": spec["batch"] / step_s, "tflop_per_step": flops / 1e12,
         "mfu": flops / step_s / peak if peak else None,
@@ -214,7 +277,7 @@ def child(spec_json: str) -> None:
 
 def table(machine: str, results: list[dict]) -> str:
     lines = [f"Machine: {machine}", "",
-             "| run | precision | batch | ZeRO | optimizer | images/s | step (s) | peak allocated (GiB) | TFLOP/step | MFU "
+             "| run | precision | batch | ZeRO / FSDP2 | optimizer | images/s | step (s) | peak allocated (GiB) | TFLOP/step | MFU "
              "| vs first run |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     base = next((r for r in results if "error" not in r), None)
@@ -227,7 +290,8 @@ def table(machine: str, results: list[dict]) -> str:
         memory = f"{r['peak_allocated_gib']:.1f}" if "peak_allocated_gib" in r else "n/a"
         ratio = r["images_per_second"] / base["images_per_second"]
         where = "CPU" if r["offload"] != "none" else "GPU"
-        lines.append(f"| {r['label']} | {r['precision']} | {r['batch']} | {r['zero']} | {where} | {r['images_per_second']:.2f} | "
+        sharding = "FSDP2" if r.get("backend") == "fsdp2" else r["zero"]
+        lines.append(f"| {r['label']} | {r['precision']} | {r['batch']} | {sharding} | {where} | {r['images_per_second']:.2f} | "
                      f"{r['step_s']:.3f} | {memory} | {r['tflop_per_step']:.1f} | {mfu} | {ratio:.2f}x |")
     return "\n".join(lines) + "\n"
 
@@ -236,12 +300,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=None, help="where models and shards go (default: OUT/work)")
-    parser.add_argument("--runs", nargs="+", default=["bf16:4", "bf16:1", "bf16:4:z2", "bf16:4:offload"],
-                        help="PRECISION:BATCH[:zSTAGE][:offload][:fsdp2] (default DeepSpeed ZeRO-3, optimizer on the GPU), measured "
+    parser.add_argument("--runs", nargs="+", default=["bf16:4", "bf16:4:z2:expandable", "bf16:4:fsdp2:noreshard",
+                                                      "bf16:4:fsdp2:noreshard:nockpt", "bf16:8:fsdp2:noreshard:nockpt"],
+                        help="PRECISION:BATCH[:zSTAGE][:offload][:fsdp2][:noreshard][:nockpt][:expandable] (default DeepSpeed "
+                             "ZeRO-3 with gradient checkpointing, optimizer on the GPU; noreshard: FSDP2 keeps gathered "
+                             "parameters, unsharded on one GPU; expandable: PYTORCH_CUDA_ALLOC_CONF=expandable_segments), measured "
                              "in this order, each in its own process")
     parser.add_argument("--scale", choices=["sdxl", "tiny"], default="sdxl")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -267,14 +334,18 @@ def main() -> None:
         offload = "cpu" if "offload" in options else "none"
         backend = "fsdp2" if "fsdp2" in options else "deepspeed"
         label = (f"{precision}-b{batch}-fsdp2" if backend == "fsdp2" else f"{precision}-b{batch}-zero{zero}") + (
-            "-offload" if offload != "none" else "")
+            "-offload" if offload != "none" else "") + "".join(f"-{o}" for o in options if o in ("noreshard", "nockpt", "expandable"))
         spec = {"label": label, "precision": precision, "batch": int(batch), "scale": args.scale,
-                "zero": zero, "offload": offload, "backend": backend,
+                "zero": zero, "offload": offload, "backend": backend, "checkpointing": "nockpt" not in options,
+                "reshard": "noreshard" not in options, "expandable": "expandable" in options,
                 "teacher": str(teacher), "dino": str(dino), "shards": str(shards), "resolution": resolution,
                 "work": str(work), "steps": args.steps, "warmup": args.warmup,
                 "result": str(out / f"run-{label}.json")}
         print(f"== {label}", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--child", json.dumps(spec)])
+        env = dict(os.environ)
+        if spec["expandable"]:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--child", json.dumps(spec)], env=env)
         path = Path(spec["result"])
         result = json.loads(path.read_text()) if path.is_file() else {
             **{k: spec[k] for k in ("label", "precision", "batch", "zero", "offload")},

@@ -55,26 +55,28 @@ def test_ema_settings_are_checked():
 
 
 def test_a_run_with_an_ema_exports_both_weights(tiny_sd, tiny_dino, digit_shards, tmp_path):
-    """student/ holds the EMA (here after 3 steps of a 0.5 half-life ramp), student_raw/ the trained weights; with
+    """student/ holds the EMA (here after 3 steps of a 4-image half-life), student_raw/ the trained weights; with
     checkpoint.export_ema=false the other way round (student/ raw, student_ema/ the EMA)."""
     from safetensors.torch import load_file
 
     from addpipe.config import load
     from addpipe.train.config import TrainConfig
-    from addpipe.train.loop import train
+    from addpipe.train.loop import Trainer
     from conftest import TINY_CONFIG, tiny_overrides
 
     def weights(directory):
         return load_file(str(next((directory / "unet").glob("*.safetensors"))))
 
     settings = {"optim.ema_decay": 0, "optim.ema_halflife_kimg": 0.004, "optim.ema_rampup": 0}
-    train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path / "a", steps=3,
-                                                        **settings)))
+    trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path / "a",
+                                                                    steps=3, **settings)))
+    trainer.run()
     ema, raw = weights(tmp_path / "a" / "student"), weights(tmp_path / "a" / "student_raw")
     differ = [key for key in raw if not torch.equal(raw[key], ema[key])]
     assert differ and json.loads((tmp_path / "a" / "student_raw" / "addpipe_student.json").read_text())["timesteps"]
-    train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path / "b", steps=3,
-                                                        **settings, **{"checkpoint.export_ema": "false"})))
-    for key in raw:  # the same run: the same two sets of weights under the other names
+    trainer.config.checkpoint.export_ema = False
+    trainer.run_dir = tmp_path / "b"
+    trainer.export()
+    for key in raw:  # the same weights under the other names
         assert torch.equal(weights(tmp_path / "b" / "student")[key], raw[key])
         assert torch.equal(weights(tmp_path / "b" / "student_ema")[key], ema[key])

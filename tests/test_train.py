@@ -358,24 +358,34 @@ def test_an_epsilon_teacher_gives_an_epsilon_student_whose_first_step_is_the_tea
 def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino, digit_shards, tmp_path):
     """Custom student.timesteps are what sampling uses (from the exported metadata), a step count with no subset of
     them is refused unless asked for, and a seed gives the same image."""
+    from typer.testing import CliRunner
+
+    from addpipe.pipeline.cli import app
+    from addpipe.train.loop import train
+
     run = tmp_path / "run"
-    cli("train", "-c", str(TINY_CONFIG), *tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=1,
-                                                         **{"student.timesteps": "[999,600,300]"}))
+    train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=1,
+                                                        **{"student.timesteps": "[999,600,300]"})))
     assert json.loads((run / "student" / "addpipe_student.json").read_text())["timesteps"] == [999, 600, 300]
     outputs = []
-    for seed, name in [(0, "a.png"), (0, "b.png"), (1, "c.png")]:
-        done = cli("sample", "--student", str(run / "student"), "--prompt", "a red fox in snow", "--steps", "3",
-                   "--seed", str(seed), "--out", str(tmp_path / name))
-        assert "timesteps [999, 600, 300]" in done.stdout
+    for seed, name in [(0, "a.png"), (0, "b.png"), (1, "c.png")]:  # in this process: the command, not its start-up
+        done = CliRunner().invoke(app, ["sample", "--student", str(run / "student"), "--prompt", "a red fox in snow",
+                                        "--steps", "3", "--seed", str(seed), "--out", str(tmp_path / name)])
+        assert done.exit_code == 0 and "timesteps [999, 600, 300]" in done.output, done.output
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
-    for steps in ("2", "9", "0"):
-        bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", steps, check=False)
-        assert bad.returncode == 2 and "trained on timesteps [999, 600, 300]: it samples with [1, 3] step(s)" in bad.stderr
-        assert "--untrained-steps" in bad.stderr and "Traceback" not in bad.stderr
-    asked = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2", "--untrained-steps",
-                "--out", str(tmp_path / "d.png"))
-    assert "timesteps [999, 499]" in asked.stdout
+    bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2", check=False)
+    assert bad.returncode == 2 and "trained on timesteps [999, 600, 300]: it samples with [1, 3] step(s)" in bad.stderr
+    assert "--untrained-steps" in bad.stderr and "Traceback" not in bad.stderr
+    from addpipe.train.sampling import sample_timesteps
+
+    info = json.loads((run / "student" / "addpipe_student.json").read_text())
+    for steps in (9, 0):
+        with pytest.raises(ValueError, match=r"it samples with \[1, 3\] step"):
+            sample_timesteps(info, steps)
+    asked = CliRunner().invoke(app, ["sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2",
+                                     "--untrained-steps", "--out", str(tmp_path / "d.png")])
+    assert asked.exit_code == 0 and "timesteps [999, 499]" in asked.output
 
 
 def test_bad_inputs_are_clear_errors(tiny_sd, tiny_dino, digit_shards, tmp_path):
