@@ -8,7 +8,7 @@ from addpipe.train.config import TrainConfig
 from conftest import REPO
 
 
-@pytest.mark.parametrize("name", ["sd15_add", "sd21_add", "sdxl_add", "tiny"])
+@pytest.mark.parametrize("name", ["sd15_add", "sd21_add", "sdxl_add", "sdxl_add_1gpu", "tiny"])
 def test_shipped_configs_load_with_paper_constants(name):
     config = load(TrainConfig, REPO / "configs" / f"{name}.yaml")
     assert config.distill.weight == 2.5

@@ -97,8 +97,12 @@ def trained_state(name: str, params: int, engine, dtype: torch.dtype, world: int
         # the shards are the fp32 masters; one gathered block in the compute dtype at a time (not counted here:
         # a block of an SDXL UNet is a few hundred MB)
         line.weights, line.gradients, line.optimizer = 4 * params * share, 4 * params * share, 8 * params * share
+        if sharded and not engine.reshard_after_forward:  # the gathered compute copy stays from forward to backward
+            line.weights += b * params
+            line.note = f"gathered {str(dtype).replace('torch.', '')} copy kept (reshard_after_forward false)"
         if sharded and engine.offload_param == "cpu":
-            line.weights = line.gradients = line.optimizer = 0.0
+            line.weights = 0.0 if engine.reshard_after_forward else b * params
+            line.gradients = line.optimizer = 0.0
             line.note = "shards, gradients, optimizer on the CPU"
         line.ema = 4 * params * share if ema else 0.0
         return line
