@@ -66,6 +66,8 @@ def train(
     if dry_run:
         from addpipe.train.plan import describe_plan
 
+        from torch import device as torch_device
+
         from addpipe.train.memory import plan_memory
         from addpipe.train.models import ModelLoadError
 
@@ -77,7 +79,17 @@ def train(
         if ranks < 1:
             raise UserError(f"--world-size must be at least 1, got {ranks}")
         try:
-            memory = plan_memory(cfg, ranks).describe(gpu_memory)
+            note = ""
+            if cfg.model.gradient_checkpointing == "auto":
+                from addpipe.train.memory import decide_checkpointing
+
+                if gpu_memory:
+                    cfg.model.gradient_checkpointing, why = decide_checkpointing(cfg, torch_device("cuda"), ranks, gpu_memory)
+                    note = f"# model.gradient_checkpointing auto: {why}\n"
+                else:
+                    cfg.model.gradient_checkpointing = True
+                    note = "# model.gradient_checkpointing auto: planned with it on; --gpu-memory decides\n"
+            memory = note + plan_memory(cfg, ranks).describe(gpu_memory)
         except (OSError, ValueError, ModelLoadError) as error:  # model configs not reachable (a hub id offline): the rest still helps
             memory = f"# memory plan: not available: {str(error).strip().splitlines()[0]}\n"
         typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan + memory)

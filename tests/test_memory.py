@@ -73,7 +73,8 @@ def test_the_sdxl_plan_is_within_15_percent_of_the_peaks_measured_on_an_h100(tmp
     def plan(batch, *extra):
         return plan_memory(load(TrainConfig, REPO / "configs/sdxl_add.yaml", [
             f"model.teacher={teacher}", "model.vae=null", f"discriminator.feature_network={teacher / 'dinov2'}",
-            "discriminator.image_encoder=null", "discriminator.text_encoder=null", f"data.batch_size={batch}", *extra]), 1)
+            "discriminator.image_encoder=null", "discriminator.text_encoder=null", f"data.batch_size={batch}",
+            "model.gradient_checkpointing=true", *extra]), 1)
 
     four = plan(4)
     assert lines(four)["student UNet"].params == pytest.approx(2.567e9, rel=1e-3)
@@ -95,3 +96,19 @@ def test_dry_run_prints_the_memory_plan(tiny_sd, tiny_dino, digit_shards, tmp_pa
     assert result.exit_code == 0, result.output[-2000:]
     assert "# memory per rank (2 rank(s), bfloat16; MiB)" in result.stdout and "student UNet (trained)" in result.stdout
     assert "fits 1 GiB" in result.stdout and "activations" in result.stdout
+
+
+def test_auto_checkpointing_is_off_where_the_plan_without_it_fits(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from addpipe.train.memory import decide_checkpointing
+
+    config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path,
+                                                           **{"model.gradient_checkpointing": "auto"}))
+    without = plan_memory(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path)), 1)
+    need = without.total / GIB / 0.85  # the smallest GPU the plan without checkpointing fits
+    assert decide_checkpointing(config, torch.device("cuda"), 1, need * 1.01)[0] is False
+    on, why = decide_checkpointing(config, torch.device("cuda"), 1, need * 0.99)
+    assert on is True and why.startswith("on: without it the plan takes")
+    assert decide_checkpointing(config, torch.device("cpu"), 1) == (False, "off: no GPU memory to save")
+    config.model.teacher = str(tmp_path / "no_such_teacher")
+    on, why = decide_checkpointing(config, torch.device("cuda"), 1, 80.0)
+    assert on is True and "no memory plan" in why and "no_such_teacher" in why

@@ -28,8 +28,10 @@ class ModelConfig:
     """Hub id or directory of a replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); default: the teacher's."""
     student_init: Optional[str] = None
     """Directory or hub id of a UNet to start the student from; default: a copy of the teacher's UNet."""
-    gradient_checkpointing: bool = False
-    """Recompute student activations in backward to save memory."""
+    gradient_checkpointing: Union[Literal["auto"], bool] = False
+    """Recompute the student's (and the VAE decoder's) activations in the backward to save memory, at the cost of a
+    second forward. auto: on a GPU, off when the memory plan without it fits the GPU (see `--dry-run`), on
+    otherwise; off on a CPU."""
     frozen_placement: Literal["replicate", "partition"] = "replicate"
     """Frozen teacher UNet: a full copy per rank, or partitioned across ranks by a ZeRO-3 inference engine (needs engine.zero=3)."""
 

@@ -56,6 +56,12 @@ class Trainer:
         distributed.barrier()
         torch.manual_seed(config.seed)  # identical initialisation of new parameters on every rank
 
+        if config.model.gradient_checkpointing == "auto":  # decided once, from the memory plan, before any model
+            from addpipe.train.memory import decide_checkpointing
+
+            config.model.gradient_checkpointing, why = decide_checkpointing(config, self.device, distributed.world_size())
+            if distributed.is_main():
+                logger.info("model.gradient_checkpointing auto: %s", why)
         self.backend = build_backend(config, self.device, self.dtype)
         self.method = method_class(config.method)(config, self.device, self.dtype)
         self.models = self.method.build(self.backend)

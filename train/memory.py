@@ -242,7 +242,7 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = resolution // factor
     counter = SavedBytes()
-    checkpointing = config.model.gradient_checkpointing
+    checkpointing = config.model.gradient_checkpointing is True
     if checkpointing:
         student.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
@@ -269,3 +269,24 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
                 dino(pixel_values=resized, output_hidden_states=True)
     how = "gradient checkpointing: block inputs + the largest block" if checkpointing else "no checkpointing"
     return counter.total, f"generator phase at batch {batch}, {resolution}px; {how}; estimated"
+
+
+def decide_checkpointing(config, device: torch.device, world_size: int, gpu_gib: Optional[float] = None) -> tuple[bool, str]:
+    """`model.gradient_checkpointing: auto` made concrete: (on?, why). On a GPU, off when the plan without it fits
+    the GPU's memory (`gpu_gib`, default the device's), on otherwise, or when no plan can be made."""
+    import copy
+
+    if device.type != "cuda" and gpu_gib is None:
+        return False, "off: no GPU memory to save"
+    if gpu_gib is None:
+        gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    without = copy.deepcopy(config)
+    without.model.gradient_checkpointing = False
+    try:
+        plan = plan_memory(without, world_size)
+    except Exception as error:  # a config the plan cannot read: the safe choice, and why
+        return True, f"on: no memory plan ({str(error).strip().splitlines()[0]})"
+    share = plan.total / GIB / gpu_gib
+    if plan.fits(gpu_gib):
+        return False, f"off: without it the plan takes {plan.total / GIB:.1f} of {gpu_gib:.0f} GiB ({share:.0%})"
+    return True, f"on: without it the plan takes {plan.total / GIB:.1f} of {gpu_gib:.0f} GiB ({share:.0%})"

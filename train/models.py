@@ -174,7 +174,7 @@ def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = 
             student = student.to(dtype)
     student.requires_grad_(True)
     student.train()
-    if model_config.gradient_checkpointing:
+    if model_config.gradient_checkpointing is True:  # "auto" is decided by the trainer before this
         student.enable_gradient_checkpointing()
     return student
 

@@ -70,7 +70,7 @@ class ADD(Method):
             module.to(device)
         if device.type == "cuda":  # the frozen VAE's convolutions run faster in channels-last on tensor cores
             self.teacher.vae.to(memory_format=torch.channels_last)
-        if config.model.gradient_checkpointing:
+        if config.model.gradient_checkpointing is True:
             # The student's x0 is decoded with gradients (pixel-space losses): at 512^2 and up the VAE decoder's
             # activations outweigh the student's own, so it recomputes them too.
             self.teacher.vae.enable_gradient_checkpointing()
