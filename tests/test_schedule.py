@@ -70,8 +70,9 @@ def test_x0_at_pure_noise_is_finite_and_equals_minus_v():
     x0 = predicted_x0(v, x_t, alpha, sigma, "v_prediction")
     assert torch.isfinite(x0).all()
     torch.testing.assert_close(x0, -v)
-    with pytest.raises(ValueError):
-        predicted_x0(v, x_t, alpha, sigma, "epsilon")
+    # epsilon has no x0 there (it divides by alpha = 0), which is why no epsilon schedule may have zero terminal SNR:
+    # schedule_from_config refuses it (the test above), so predicted_x0 need not read alpha back on every call
+    assert not torch.isfinite(predicted_x0(v, x_t, alpha, sigma, "epsilon")).all()
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
