@@ -1,4 +1,4 @@
-"""Output shards in the shard contract (DESIGN §2): the kept samples of download shard i go to shard i.
+"""Output shards in the shard contract (addpipe/shards.py): the kept samples of download shard i go to shard i.
 
 Images are copied byte for byte (img2dataset already encoded them); each sample's json is
 img2dataset's metadata plus every score. The shard's parquet lists every input row of the shard with its

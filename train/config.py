@@ -1,4 +1,4 @@
-"""The training stage's config tree. Defaults are the ADD paper's constants (DESIGN §1).
+"""The training stage's config tree. Defaults are the ADD paper's constants (docs/method.md).
 
 Each field's docstring is read back by `addpipe.config` for `--dry-run` and for the error
 that lists valid keys, so keep them short and specific.
@@ -88,7 +88,7 @@ class DiscriminatorConfig:
     kernel_size: int = 9
     """Kernel of the heads' 1-D convolutions over the token sequence."""
     virtual_batch_size: int = 8
-    """Group size of the heads' local batch norm; without normalisation the heads did not learn (DESIGN §1)."""
+    """Group size of the heads' local batch norm; without normalisation the heads did not learn (docs/method.md)."""
     text_conditioning: bool = True
     """Project the text embedding into the heads' output."""
     text_encoder: Optional[str] = None

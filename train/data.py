@@ -1,4 +1,4 @@
-"""Training data: WebDataset shards (DESIGN §2's contract) read as deterministic, resumable streams.
+"""Training data: WebDataset shards (the shard contract of addpipe/shards.py) read as deterministic, resumable streams.
 
 The data is cut into `world_size * streams_per_rank` streams. Each epoch shuffles the shard list with
 a seed and deals the shards to the streams round-robin; a stream reads its shards in order and wraps

@@ -1,6 +1,6 @@
 """The ADD discriminator: a frozen DINOv2 ViT and trainable 1-D convolutional heads on its tokens.
 
-StyleGAN-T's design (DESIGN §1): a head per selected transformer layer, each a 1x1 conv block and a
+StyleGAN-T's design (docs/method.md): a head per selected transformer layer, each a 1x1 conv block and a
 residual block with a wide kernel over the token sequence, normalised by a "local" batch norm over
 small virtual groups (without normalisation the heads did not learn), ending in projection
 conditioning: per-token features are projected and dotted with an affine map of the condition

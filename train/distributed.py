@@ -22,7 +22,7 @@ def _free_port() -> int:
 def prepare_environment() -> None:
     """Fill in what a plain `python -m addpipe...` lacks; torchrun and deepspeed set these themselves.
 
-    DeepSpeed needs RANK/WORLD_SIZE/MASTER_ADDR even for one process (DESIGN §4), compiles its native
+    DeepSpeed needs RANK/WORLD_SIZE/MASTER_ADDR even for one process (docs/engineering.md), compiles its native
     ops on first use (cached here across runs), and must be told it is on the CPU when no GPU exists.
     """
     if "RANK" not in os.environ:

@@ -1,4 +1,4 @@
-"""ADD's losses as pure functions of tensors (DESIGN §1). Nothing here calls backward or touches an optimizer.
+"""ADD's losses as pure functions of tensors (docs/method.md). Nothing here calls backward or touches an optimizer.
 
 Conventions: a discriminator returns one logit tensor per head, shaped (batch, tokens); a head's score
 is the mean over its tokens, and the heads' terms are summed (StyleGAN-T's multi-scale sum).

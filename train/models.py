@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-# diffusers must be imported before deepspeed.zero.Init ever runs (DESIGN §4).
+# diffusers must be imported before deepspeed.zero.Init ever runs (docs/engineering.md).
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -165,7 +165,7 @@ def forces_zeros(name: str, revision: Optional[str]) -> bool:
 
 
 def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The student starts as a trainable copy of the teacher's UNet (initialisation is crucial, DESIGN §1)."""
+    """The student starts as a trainable copy of the teacher's UNet (initialisation is crucial, docs/method.md)."""
     if model_config.student_init:
         student = load_pretrained(UNet2DConditionModel, model_config.student_init, torch_dtype=dtype)
     else:

@@ -1,4 +1,4 @@
-"""Few-step sampling of an ADD student (DESIGN §1.5): predict x0, re-noise to the next smaller timestep
+"""Few-step sampling of an ADD student (docs/method.md, sampling): predict x0, re-noise to the next smaller timestep
 with fresh noise, repeat; never classifier-free guidance. Used by the trainer's sample grids,
 `addpipe sample` and the evaluation stage alike."""
 

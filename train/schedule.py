@@ -1,6 +1,6 @@
 """Noise schedules and parameterisations: alpha/sigma tables, student timesteps, x0 from a network output.
 
-Forward process (DESIGN §1): x_t = alpha_t * x_0 + sigma_t * eps, with alpha_t = sqrt(alphabar_t) and
+Forward process (docs/method.md): x_t = alpha_t * x_0 + sigma_t * eps, with alpha_t = sqrt(alphabar_t) and
 sigma_t = sqrt(1 - alphabar_t) taken from a diffusers scheduler's config. The student's table is
 rescaled to zero terminal SNR, so alpha at T-1 is exactly 0: the student starts from pure noise, and
 its output must be a v- or x0-prediction, which stays finite there.

@@ -9,7 +9,7 @@
   moments are assembled whole (DeepSpeed's tensor-fragment API) and each rank writes the ones it owns
   (parameter i belongs to rank i mod world size). Loading puts every value back through the same API.
 
-Measured pitfalls (DESIGN): DeepSpeed's default gradient_clipping is 1.0 (always stated here); a client
+Measured pitfalls (docs/engineering.md): DeepSpeed's default gradient_clipping is 1.0 (always stated here); a client
 optimizer with offload needs zero_force_ds_cpu_optimizer false; ZeRO-3's process-wide F.linear replacement
 breaks autocast on CUDA (memory_efficient_linear off).
 """
@@ -50,7 +50,7 @@ def deepspeed_config(stage: int, micro_batch: int, gradient_clipping: float, dty
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
-        # DeepSpeed silently clips at 1.0 unless told (DESIGN §4): always state it.
+        # DeepSpeed silently clips at 1.0 unless told (docs/engineering.md): always state it.
         "gradient_clipping": gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
