@@ -99,3 +99,17 @@ def test_the_unconditional_branch_is_zeros_for_sdxl_and_the_empty_prompt_for_sd(
     index = json.loads((opted_out / "model_index.json").read_text())
     (opted_out / "model_index.json").write_text(json.dumps(index | {"force_zeros_for_empty_prompt": False}))
     assert not load_teacher(ModelConfig(teacher=str(opted_out))).zero_unconditional
+
+
+def test_a_two_token_tokenizer_is_refused_saying_why(tmp_path):
+    """Offline with no cache, CLIPTokenizer.from_pretrained(<hub id>) returns 2 tokens instead of failing."""
+    from addpipe.train.models import ModelLoadError, check_tokenizer
+
+    class Hollow:
+        def __len__(self):
+            return 2
+
+    with pytest.raises(ModelLoadError, match="laion/CLIP-ViT-g-14.*2 tokens; the hub is unreachable"):
+        check_tokenizer(Hollow(), "laion/CLIP-ViT-g-14-laion2B-s12B-b42K")
+    with pytest.raises(ModelLoadError, match="vocab.json/merges.txt are missing"):
+        check_tokenizer(Hollow(), str(tmp_path))

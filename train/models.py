@@ -73,9 +73,9 @@ def detect_architecture(teacher: str, revision: Optional[str] = None) -> str:
 def check_tokenizer(tokenizer, where: str) -> None:
     # Offline with no cache, CLIPTokenizer.from_pretrained can silently return a 2-token vocabulary.
     if len(tokenizer) < MIN_TOKENIZER_VOCAB:
-        raise ModelLoadError(
-            f"tokenizer from {where} has only {len(tokenizer)} tokens; its vocab.json/merges.txt are missing"
-        )
+        why = ("the hub is unreachable and nothing is cached (HF_HUB_OFFLINE=1?): pass a local directory"
+               if not looks_local(where) else "its vocab.json/merges.txt are missing")
+        raise ModelLoadError(f"tokenizer from {where} has only {len(tokenizer)} tokens; {why}")
 
 
 @dataclass
