@@ -66,8 +66,6 @@ def train(
     if dry_run:
         from addpipe.train.plan import describe_plan
 
-        from torch import device as torch_device
-
         from addpipe.train.memory import plan_memory
         from addpipe.train.models import ModelLoadError
 
@@ -84,7 +82,7 @@ def train(
                 from addpipe.train.memory import decide_checkpointing
 
                 if gpu_memory:
-                    cfg.model.gradient_checkpointing, why = decide_checkpointing(cfg, torch_device("cuda"), ranks, gpu_memory)
+                    cfg.model.gradient_checkpointing, why = decide_checkpointing(cfg, ranks, gpu_memory)
                     note = f"# model.gradient_checkpointing auto: {why}\n"
                 else:
                     cfg.model.gradient_checkpointing = True

@@ -99,16 +99,16 @@ def test_dry_run_prints_the_memory_plan(tiny_sd, tiny_dino, digit_shards, tmp_pa
 
 
 def test_auto_checkpointing_is_off_where_the_plan_without_it_fits(tiny_sd, tiny_dino, digit_shards, tmp_path):
-    from addpipe.train.memory import decide_checkpointing
+    from addpipe.train.memory import decide_checkpointing, gpu_memory_gib
 
     config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path,
                                                            **{"model.gradient_checkpointing": "auto"}))
     without = plan_memory(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path)), 1)
     need = without.total / GIB / 0.85  # the smallest GPU the plan without checkpointing fits
-    assert decide_checkpointing(config, torch.device("cuda"), 1, need * 1.01)[0] is False
-    on, why = decide_checkpointing(config, torch.device("cuda"), 1, need * 0.99)
+    assert decide_checkpointing(config, 1, need * 1.01)[0] is False
+    on, why = decide_checkpointing(config, 1, need * 0.99)
     assert on is True and why.startswith("on: without it the plan takes")
-    assert decide_checkpointing(config, torch.device("cpu"), 1) == (False, "off: no GPU memory to save")
+    assert decide_checkpointing(config, 1, gpu_memory_gib(torch.device("cpu"))) == (False, "off: no GPU memory to save")
     config.model.teacher = str(tmp_path / "no_such_teacher")
-    on, why = decide_checkpointing(config, torch.device("cuda"), 1, 80.0)
+    on, why = decide_checkpointing(config, 1, 80.0)
     assert on is True and "no memory plan" in why and "no_such_teacher" in why

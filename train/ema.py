@@ -57,13 +57,6 @@ class EMA:
                 for tensor, saved in zip(tensors, backup):
                     tensor.copy_(saved)
 
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "halflife_images": self.halflife_images, "rampup": self.rampup,
-                "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.load_shadow(state["shadow"])
-
     def load_shadow(self, shadow: list[torch.Tensor]) -> None:
         """Tensors laid out like this rank's parameter storage (a checkpoint reshards them to it)."""
         if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):

@@ -57,9 +57,10 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical initialisation of new parameters on every rank
 
         if config.model.gradient_checkpointing == "auto":  # decided once, from the memory plan, before any model
-            from addpipe.train.memory import decide_checkpointing
+            from addpipe.train.memory import decide_checkpointing, gpu_memory_gib
 
-            config.model.gradient_checkpointing, why = decide_checkpointing(config, self.device, distributed.world_size())
+            config.model.gradient_checkpointing, why = decide_checkpointing(config, distributed.world_size(),
+                                                                            gpu_memory_gib(self.device))
             if distributed.is_main():
                 logger.info("model.gradient_checkpointing auto: %s", why)
         self.backend = build_backend(config, self.device, self.dtype)

@@ -26,10 +26,6 @@ HEADROOM = 0.85
 the caching allocator's fragmentation take the rest (the SDXL run on an H100 reserved 76 GiB for 67 allocated)."""
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
 @dataclass
 class Line:
     name: str
@@ -89,7 +85,7 @@ def count(module: nn.Module, trainable_only: bool = False) -> int:
 def trained_state(name: str, params: int, engine, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> Line:
     """Weights, gradients, optimizer state (AdamW: fp32 master where the weights are not fp32, two fp32 moments)
     and EMA of one trained model on one rank. `sharded`: the backend shards this model."""
-    b = _bytes(dtype)
+    b = dtype.itemsize
     master = 4 if b != 4 else 0  # bf16 weights need an fp32 master copy; fp32 weights are their own
     line = Line(name, params)
     if engine.backend == "fsdp2":
@@ -177,11 +173,11 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
                               Dinov2Model)
 
     from addpipe.train.discriminator import Discriminator, evenly_spaced_layers
-    from addpipe.train.models import detect_architecture
+    from addpipe.train.models import clip_text_config, detect_architecture
 
     engine, model, disc = config.engine, config.model, config.discriminator
     dtype = dtype or (torch.float32 if engine.precision == "fp32" else torch.bfloat16)
-    b = _bytes(dtype)
+    b = dtype.itemsize
     world = world_size
     architecture = model.architecture if model.architecture != "auto" else detect_architecture(model.teacher, model.revision)
     ema = config.optim.ema_enabled
@@ -218,9 +214,8 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
         image_dim = image_config.hidden_size
     text_dim = text_dims["pooled"] if disc.text_embedding == "pooled" else int(unet_config["cross_attention_dim"])
     if disc.text_encoder:
-        clip_config = CLIPTextConfig.from_pretrained(disc.text_encoder)
-        top, _ = CLIPTextConfig.get_config_dict(disc.text_encoder)
-        text_dim = top.get("projection_dim", clip_config.projection_dim) if top.get("model_type") == "clip" else clip_config.projection_dim
+        clip_config = clip_text_config(disc.text_encoder)
+        text_dim = clip_config.projection_dim
         frozen_disc += count(_meta(lambda: CLIPTextModelWithProjection(clip_config)))
     plan.lines.append(Line("discriminator networks (frozen)", frozen_disc, weights=4 * frozen_disc, note="fp32"))
     layers = list(disc.layers) or evenly_spaced_layers(dino_config.num_hidden_layers, disc.num_heads)
@@ -271,15 +266,18 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
     return counter.total, f"generator phase at batch {batch}, {resolution}px; {how}; estimated"
 
 
-def decide_checkpointing(config, device: torch.device, world_size: int, gpu_gib: Optional[float] = None) -> tuple[bool, str]:
-    """`model.gradient_checkpointing: auto` made concrete: (on?, why). On a GPU, off when the plan without it fits
-    the GPU's memory (`gpu_gib`, default the device's), on otherwise, or when no plan can be made."""
+def gpu_memory_gib(device: torch.device) -> Optional[float]:
+    """The GPU's memory in GiB; None on a CPU."""
+    return torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+
+
+def decide_checkpointing(config, world_size: int, gpu_gib: Optional[float]) -> tuple[bool, str]:
+    """`model.gradient_checkpointing: auto` made concrete: (on?, why). With a GPU of `gpu_gib` GiB, off when the
+    plan without it fits, on otherwise or when no plan can be made; without a GPU (None), off."""
     import copy
 
-    if device.type != "cuda" and gpu_gib is None:
-        return False, "off: no GPU memory to save"
     if gpu_gib is None:
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
+        return False, "off: no GPU memory to save"
     without = copy.deepcopy(config)
     without.model.gradient_checkpointing = False
     try:

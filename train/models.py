@@ -231,22 +231,28 @@ def _encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torc
     return TextConditioning(torch.cat(hidden_parts, dim=-1), pooled)
 
 
+def clip_text_config(name: str):
+    """The CLIPTextConfig of a CLIP text model with projection, or of a whole CLIP model's repository (laion's
+    ViT-g-14 is one), which keeps the projection width at the top of its config, outside text_config, whose own
+    default (512) would not fit the projection's weights."""
+    from transformers import CLIPTextConfig
+
+    config = load_pretrained(CLIPTextConfig, name)
+    top, _ = CLIPTextConfig.get_config_dict(str(Path(os.path.expanduser(name))) if looks_local(name) else name)
+    if top.get("model_type") == "clip" and "projection_dim" in top:
+        config.projection_dim = top["projection_dim"]
+    return config
+
+
 class TextEmbedder:
     """A frozen CLIP text model with projection: captions -> its projected (pooled) embedding, the discriminator's
     c_text when `discriminator.text_encoder` names one."""
 
     def __init__(self, name: str, device: torch.device | str, dtype: torch.dtype = torch.float32):
-        from transformers import CLIPTextConfig
-
         self.tokenizer = load_pretrained(CLIPTokenizer, name)
         check_tokenizer(self.tokenizer, name)
-        # A whole CLIP model's repository (laion's ViT-g-14 is one) keeps the projection width at the top of its
-        # config, outside text_config, whose own default (512) would not fit the projection's weights.
-        config = load_pretrained(CLIPTextConfig, name)
-        top, _ = CLIPTextConfig.get_config_dict(str(Path(os.path.expanduser(name))) if looks_local(name) else name)
-        if top.get("model_type") == "clip" and "projection_dim" in top:
-            config.projection_dim = top["projection_dim"]
-        self.model = load_pretrained(CLIPTextModelWithProjection, name, config=config, torch_dtype=dtype).to(device).eval()
+        self.model = load_pretrained(CLIPTextModelWithProjection, name, config=clip_text_config(name),
+                                     torch_dtype=dtype).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
 
