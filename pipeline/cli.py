@@ -49,7 +49,10 @@ def train(
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="--dry-run: say whether the plan fits a GPU "
                                                "of this many GiB"),
 ) -> None:
-    """Train an ADD student (one process, or several under torchrun / the deepspeed launcher)."""
+    """Train an ADD student: one process, or several under torchrun, the deepspeed launcher or srun.
+
+    SIGUSR1 or SIGTERM: every rank finishes its step, a checkpoint is written and the command exits with status 75
+    (slurm/train.sbatch requeues the job on it; --resume continues)."""
     from addpipe.config import load, to_yaml
     from addpipe.train.config import TrainConfig
 
@@ -93,8 +96,14 @@ def train(
         typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan + memory)
         return
     from addpipe.train.loop import train as run_training
+    from addpipe.train.preemption import REQUEUE_EXIT, Preempted
 
-    student = run_training(cfg, resume=resume)
+    try:
+        student = run_training(cfg, resume=resume)
+    except Preempted as stopped:
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(str(stopped), err=True)
+        raise typer.Exit(REQUEUE_EXIT)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"student exported to {student}")
 
@@ -273,6 +282,81 @@ def prep_encode(
     counts = encode_shards(cfg, shards, batch_size=batch_size, device=device, storage=storage)
     typer.echo(f"encoded {counts['encoded_shards']} of {counts['shards']} shard(s) ({counts['samples']} samples, "
                f"{counts['skipped']} unreadable left as they were) at resolution {cfg.data.resolution}")
+
+
+slurm_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                        help="Render and submit the SLURM batch scripts (slurm/*.sbatch) for an allocation.")
+app.add_typer(slurm_app, name="slurm")
+_NODES = typer.Option(1, "--nodes", help="Nodes")
+_GPUS = typer.Option(0, "--gpus-per-node", help="GPUs per node, one training task each; 0: a CPU partition")
+_TIME = typer.Option(None, "--time", help="Time limit (HH:MM:SS, D-HH:MM:SS) [default: the script's]")
+_PARTITION = typer.Option(None, "--partition", "-p", help="Partition [default: the cluster's]")
+_ACCOUNT = typer.Option(None, "--account", "-A", help="Account to charge")
+_CPUS = typer.Option(None, "--cpus-per-task", help="CPUs per task [default: the script's, or the node's share per GPU]")
+_LOGS = typer.Option(Path("logs"), "--log-dir", help="Logs and the rendered scripts (created)")
+_SBATCH = typer.Option(None, "--sbatch", help="A further sbatch option, verbatim (repeatable), e.g. --sbatch=--qos=high")
+_SLURM_DRY = typer.Option(False, "--dry-run", help="Print the rendered script(s) and the sbatch command(s); submit nothing")
+
+
+def _slurm_errors(run):
+    from addpipe.slurm.submit import SlurmError
+
+    try:
+        return run()
+    except SlurmError as error:
+        raise UserError(str(error)) from None
+
+
+@slurm_app.command("train", context_settings={"help_option_names": ["-h", "--help"], "allow_extra_args": True,
+                                               "ignore_unknown_options": True})
+def slurm_train(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config"),
+    nodes: int = _NODES, gpus_per_node: int = _GPUS,
+    tasks_per_node: Optional[int] = typer.Option(None, "--tasks-per-node", help="Without GPUs: training tasks per node [1]"),
+    cpus_per_task: Optional[int] = _CPUS, time: Optional[str] = _TIME, partition: Optional[str] = _PARTITION,
+    account: Optional[str] = _ACCOUNT,
+    signal_before: Optional[int] = typer.Option(None, "--signal-before", help="Seconds before the time limit to "
+                                                "checkpoint and requeue [600, or a quarter of a short limit]"),
+    log_dir: Path = _LOGS, sbatch: Optional[List[str]] = _SBATCH, dry_run: bool = _SLURM_DRY,
+) -> None:
+    """Submit `addpipe train` as one SLURM job: srun starts one task per GPU on every node; on the time limit or a
+    preemption the run checkpoints, the job requeues itself and resumes. Arguments after the options go to
+    `addpipe train` (e.g. --zero 3 data.shards=...)."""
+    from addpipe.slurm.submit import Allocation, submit_train
+
+    allocation = Allocation(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
+                            cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
+                            signal_before=signal_before, log_dir=log_dir, extra=list(sbatch or []))
+    script, job = _slurm_errors(lambda: submit_train(config, list(ctx.args), allocation, dry_run))
+    if dry_run:
+        typer.echo(script + "\n# submit with:\n" + job)
+    else:
+        typer.echo(f"submitted job {job}; log: {log_dir / f'addpipe-train-{job}.out'}")
+
+
+@slurm_app.command("prep", context_settings={"help_option_names": ["-h", "--help"]})
+def slurm_prep(
+    urls: str = typer.Option(..., "--urls", help="URL table"), out: Path = typer.Option(..., "--out", help="Output directory"),
+    tasks: int = typer.Option(4, "--tasks", help="Embed array tasks"),
+    config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET,
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", help="GPUs per embed task; 0: CPU"),
+    cpus_per_task: Optional[int] = _CPUS, time: Optional[str] = _TIME, partition: Optional[str] = _PARTITION,
+    account: Optional[str] = _ACCOUNT, log_dir: Path = _LOGS, sbatch: Optional[List[str]] = _SBATCH,
+    dry_run: bool = _SLURM_DRY,
+) -> None:
+    """Submit the curation as three dependent jobs: download -> embed array -> merge. Resubmitting resumes."""
+    from addpipe.slurm.submit import Allocation, submit_prep
+
+    options = (["--config", str(Path(config).resolve())] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
+    allocation = Allocation(gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time, partition=partition,
+                            account=account, log_dir=log_dir, extra=list(sbatch or []))
+    scripts, jobs = _slurm_errors(lambda: submit_prep(urls, out, tasks, options, allocation, dry_run))
+    if dry_run:
+        for script, command in zip(scripts, jobs):
+            typer.echo(script + "\n# submit with:\n" + command + "\n")
+    else:
+        typer.echo(f"submitted download {jobs[0]} -> embed array {jobs[1]} ({tasks} tasks) -> merge {jobs[2]}; logs in {log_dir}")
 
 
 eval_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -265,6 +265,15 @@ class Batch:
     pooled_embeds: Optional[torch.Tensor] = None
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """SLURM signals every process of a job step, loader workers included: a worker that died of the SIGTERM
+    would take the trainer down before it could checkpoint (train/preemption.py). The trainer ends its workers."""
+    import signal
+
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
+
+
 class TrainingData:
     """This rank's micro-batches plus the stream positions needed to resume them."""
 
@@ -290,6 +299,7 @@ class TrainingData:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=config.num_workers,
             persistent_workers=config.num_workers > 0, prefetch_factor=2 if config.num_workers > 0 else None,
+            worker_init_fn=_leave_stop_signals_to_the_trainer if config.num_workers > 0 else None,
         )
         self._iterator: Optional[Iterator[dict[str, Any]]] = None
 

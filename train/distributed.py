@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,7 +28,7 @@ def prepare_environment() -> None:
     ops on first use (cached here across runs), and must be told it is on the CPU when no GPU exists.
     """
     if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.update(from_slurm(os.environ) or {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -34,6 +36,38 @@ def prepare_environment() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "addpipe" / "torch_extensions"))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[003-010,017],cpu1" -> "gpu003"): `scontrol show hostnames` where
+    it runs, else the list's own syntax."""
+    try:
+        found = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if found.returncode == 0 and found.stdout.split():
+            return found.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if head is None:
+        return nodelist
+    prefix, ranges = head.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def from_slurm(env) -> dict[str, str]:
+    """Rank, world size, local rank and rendezvous for a task that `srun` started without torchrun, or {} outside an
+    srun step. The batch script itself also sees SLURM_PROCID=0 and the job's task count, but it is no step of
+    tasks (it has no numeric SLURM_STEP_ID): a `python -m addpipe.pipeline train` run from it stays one process.
+    The rendezvous port is derived from the job id so that every task picks the same one without talking."""
+    if not env.get("SLURM_STEP_ID", "").isdigit() or "SLURM_PROCID" not in env:
+        return {}
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    found = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        found["MASTER_ADDR"] = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        found["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return found
 
 
 def launched_by_a_launcher() -> bool:

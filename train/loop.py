@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -19,7 +21,8 @@ from tqdm.auto import tqdm
 
 from addpipe.config import differences, to_dict, to_yaml
 from addpipe.devices import allow_tf32, resolve_precision, synchronize
-from addpipe.train import checkpoint, distributed, rundir
+from addpipe.train import checkpoint, distributed, logs, rundir
+from addpipe.train.preemption import Preempted, StopRequest
 from addpipe.train.backends import Trained, build_backend
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import TrainingData
@@ -47,6 +50,8 @@ def only_training(models: dict[str, Trained], name: str) -> Iterator[None]:
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
+        distributed.prepare_environment()
+        logs.configure(int(os.environ["RANK"]))
         self.device = distributed.initialize(config.engine)
         self.dtype = resolve_precision(config.engine.precision, self.device)
         allow_tf32(self.device)
@@ -78,7 +83,8 @@ class Trainer:
             found = checkpoint.load_latest(self.run_dir, self.models, self.method.ema_model if self.ema else None,
                                            self.device)
             if found is None:
-                logger.warning("--resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
+                if distributed.is_main():  # a requeued job's first start, or a rerun of a job that never saved
+                    logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
             else:
                 self.last_checkpoint, state, shadow = found
                 self.step = int(state["step"])
@@ -162,14 +168,21 @@ class Trainer:
         self.finite.add(self.step, terms)
         return terms, images
 
-    def run(self) -> Path:
+    def run(self, stop: Optional[StopRequest] = None) -> Path:
+        """Train to config.steps, save and export. `stop`: an installed StopRequest; when any rank has received its
+        signal, the run checkpoints at the end of the current step and raises Preempted."""
         config = self.config
         use(self.reporter)
+        progress_every_step = sys.stderr.isatty()
         progress = tqdm(total=config.steps, initial=self.step, desc=self.method.name.upper(), dynamic_ncols=True,
-                        disable=not (distributed.is_main() and config.log.progress))
+                        disable=not (distributed.is_main() and config.log.progress),
+                        # into a batch job's log file: a line every half minute, not one per step
+                        mininterval=0.1 if progress_every_step else 30)
         window_started, window_images = time.perf_counter(), 0
         try:
             while self.step < config.steps:
+                if stop is not None and stop.agreed():
+                    self.stop_here(stop)
                 terms, images = self.train_step()
                 window_images += images
                 for name, value in terms.items():
@@ -184,19 +197,31 @@ class Trainer:
                     report("perf/images_per_second", window_images / (now - window_started))
                     window_started, window_images = now, 0
                     means = self.reporter.flush(self.step, self.device)
-                    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")})
+                    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
+                                         refresh=progress_every_step)
                 progress.update(1)
                 if config.log.sample_every and self.step % config.log.sample_every == 0:
                     self.sample_grid()
                 if self.step % config.checkpoint.every == 0 and self.step < config.steps:
                     self.save()
-            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"{self.step:08d}"):
+            if stop is not None and stop.agreed() and not self.saved_at_this_step():
+                self.stop_here(stop)  # the last step ran, its checkpoint not yet written: the requeued job writes it
+            if not self.saved_at_this_step():
                 self.save()
             self.sample_grid()
             return self.export()
         finally:
             progress.close()
             self.close()
+
+    def saved_at_this_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.step:08d}")
+
+    def stop_here(self, stop: StopRequest) -> None:
+        """Collective: checkpoint this step boundary (unless just done) and end the run as Preempted."""
+        if not self.saved_at_this_step():
+            self.save()
+        raise Preempted(stop.name, self.step, self.last_checkpoint)
 
     def close(self) -> None:
         """Flush the logs and give the run directory back (a process that dies gives it back anyway)."""
@@ -208,9 +233,11 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Run (or continue) a training run; returns the exported student directory."""
+    """Run (or continue) a training run; returns the exported student directory. SIGUSR1 or SIGTERM end it early
+    with a checkpoint, as Preempted (train/preemption.py)."""
     try:
-        return Trainer(config, resume=resume).run()
+        with StopRequest() as stop:  # installed before the models load: a signal during start-up still counts
+            return Trainer(config, resume=resume).run(stop)
     except OSError as error:
         if rundir.is_write_error(error):  # a full or read-only disk under a sample grid or the export
             raise rundir.RunDirError(rundir.describe_write_error(Path(error.filename or config.run_dir), error)) from None

@@ -1,0 +1,176 @@
+"""`addpipe slurm train|prep`: render this folder's batch scripts for an allocation and submit them with sbatch.
+
+The scripts here run as they are (`sbatch slurm/train.sbatch ...`, their #SBATCH lines are defaults); rendering
+replaces those lines with the allocation asked for, bakes in the Python that rendered them (the cluster's nodes
+share the file system, so the same virtual environment runs there) and the working directory, and keeps the
+rendered script beside its logs, so that what ran can be read afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+TEMPLATES = Path(__file__).resolve().parent
+# SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+class SlurmError(RuntimeError):
+    """A submission that cannot be made as asked (printed without a traceback)."""
+
+
+def seconds(limit: str) -> int:
+    """A SLURM time limit in seconds."""
+    found = TIME.match(limit.strip())
+    if not found:
+        raise SlurmError(f"--time {limit!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS, ...)")
+    days, first, second, third = found.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        total = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
+    elif third is not None:  # HH:MM:SS
+        total = int(first) * 3600 + int(second) * 60 + int(third)
+    elif second is not None:  # MM:SS
+        total = int(first) * 60 + int(second)
+    else:  # MM
+        total = int(first) * 60
+    if total <= 0:
+        raise SlurmError(f"--time {limit!r} must be longer than zero")
+    return total
+
+
+def signal_lead(limit_seconds: int, asked: Optional[int]) -> int:
+    """Seconds before the time limit at which SIGUSR1 asks for a checkpoint: 10 minutes, or a quarter of a short
+    job (at least 60 s: SLURM checks the limits about once a minute)."""
+    if asked is not None:
+        if not 0 < asked < limit_seconds:
+            raise SlurmError(f"--signal-before {asked} s must be between 0 and the time limit ({limit_seconds} s)")
+        return asked
+    return min(600, max(60, limit_seconds // 4))
+
+
+@dataclass
+class Allocation:
+    """What to ask SLURM for; None leaves the template's default."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    time: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    job_name: Optional[str] = None
+    signal_before: Optional[int] = None
+    log_dir: Path = Path("logs")
+    extra: list[str] = field(default_factory=list)
+    """Further sbatch options, verbatim (e.g. --qos=high, --constraint=a100)."""
+
+    def check(self) -> None:
+        if self.nodes < 1:
+            raise SlurmError(f"--nodes must be at least 1, got {self.nodes}")
+        if self.gpus_per_node < 0:
+            raise SlurmError(f"--gpus-per-node must be 0 (a CPU partition) or more, got {self.gpus_per_node}")
+        for name in ("tasks_per_node", "cpus_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SlurmError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.time is not None:
+            seconds(self.time)
+
+
+def directives(template: str, allocation: Allocation, array: Optional[str] = None, gpus: bool = True,
+               requeue_signal: bool = False) -> list[str]:
+    """The #SBATCH lines: the template's, with the allocation's values in place of its defaults."""
+    found = {}
+    for line in template.splitlines():
+        match = re.match(r"#SBATCH\s+--([\w-]+)(?:=(.*))?$", line.strip())
+        if match:
+            found[match.group(1)] = match.group(2)
+    found["nodes"] = str(allocation.nodes)
+    found["output"] = str(allocation.log_dir.resolve() / Path(found.get("output") or "%x-%j.out").name)
+    if gpus and allocation.gpus_per_node:
+        found["gpus-per-node"] = str(allocation.gpus_per_node)
+        if "ntasks-per-node" in found:  # one task per GPU
+            found["ntasks-per-node"] = str(allocation.gpus_per_node)
+    elif allocation.tasks_per_node and "ntasks-per-node" in found:
+        found["ntasks-per-node"] = str(allocation.tasks_per_node)
+    for key, value in (("cpus-per-task", allocation.cpus_per_task), ("time", allocation.time),
+                       ("partition", allocation.partition), ("account", allocation.account),
+                       ("job-name", allocation.job_name), ("array", array)):
+        if value is not None:
+            found[key] = str(value)
+    if requeue_signal:
+        limit = seconds(found.get("time") or "48:00:00")
+        found["signal"] = f"B:USR1@{signal_lead(limit, allocation.signal_before)}"
+    lines = [f"#SBATCH --{key}" + ("" if value is None else f"={value}") for key, value in found.items()]
+    return lines + [f"#SBATCH {option}" for option in allocation.extra]
+
+
+def render(name: str, allocation: Allocation, array: Optional[str] = None, gpus: bool = True,
+           requeue_signal: bool = False) -> str:
+    """Template `name` with the allocation's #SBATCH lines, this Python and this working directory."""
+    template = (TEMPLATES / name).read_text()
+    head, body = [], []
+    for line in template.splitlines():
+        (body if body or not (line.startswith("#") or not line.strip()) else head).append(line)
+    comments = [line for line in head if not line.startswith("#SBATCH")]
+    rendered = comments[:1] + [f"# rendered by `addpipe slurm` from slurm/{name} on {dt.datetime.now().isoformat(timespec='seconds')}"]
+    rendered += comments[1:] + directives(template, allocation, array, gpus, requeue_signal)
+    rendered += [f"#SBATCH --chdir={Path.cwd()}", f"export ADDPIPE_PYTHON=${{ADDPIPE_PYTHON:-{shlex.quote(sys.executable)}}}"]
+    return "\n".join(rendered + body) + "\n"
+
+
+def sbatch(script: str, name: str, args: list[str], allocation: Allocation, dependency: Optional[str] = None,
+           dry_run: bool = False) -> str:
+    """Write the rendered script beside the logs and submit it; the job id (or the command, on a dry run)."""
+    command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dependency}"] if dependency else [])
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = allocation.log_dir / f"{Path(name).stem}-{stamp}.sbatch"
+    if dry_run:
+        return shlex.join(command + [str(path), *args])
+    if shutil.which("sbatch") is None:
+        raise SlurmError("sbatch not found: submit from a SLURM login node (or pass --dry-run to see the script)")
+    allocation.log_dir.mkdir(parents=True, exist_ok=True)  # SLURM opens the output file before the script runs
+    path.write_text(script)
+    found = subprocess.run(command + [str(path), *args], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SlurmError(f"sbatch refused {path}: {found.stderr.strip() or found.stdout.strip()}")
+    return found.stdout.strip().split(";")[0]
+
+
+def submit_train(config: Path, overrides: list[str], allocation: Allocation, dry_run: bool = False) -> tuple[str, str]:
+    """-> (the rendered script, the job id or, on a dry run, the sbatch command)."""
+    allocation.check()
+    if not Path(config).is_file():
+        raise SlurmError(f"config not found: {config}")
+    script = render("train.sbatch", allocation, requeue_signal=True)
+    return script, sbatch(script, "train.sbatch", [str(Path(config).resolve()), *overrides], allocation, dry_run=dry_run)
+
+
+def submit_prep(urls: str, out: Path, tasks: int, options: list[str], allocation: Allocation,
+                dry_run: bool = False) -> tuple[list[str], list[str]]:
+    """download -> embed array of `tasks` -> merge, each after the one before succeeded.
+    -> (the three rendered scripts, their job ids or sbatch commands)."""
+    allocation.check()
+    allocation = dataclasses.replace(allocation, nodes=1)  # each stage's job (and array task) is one node
+    if Path(urls).exists():
+        urls = str(Path(urls).resolve())
+    if tasks < 1:
+        raise SlurmError(f"--tasks must be at least 1, got {tasks}")
+    out = Path(out).resolve()
+    download = render("prep_download.sbatch", allocation, gpus=False)
+    embed = render("prep_embed.sbatch", allocation, array=f"0-{tasks - 1}")
+    merge = render("prep_merge.sbatch", allocation, gpus=False)
+    ids = [sbatch(download, "prep_download.sbatch", [urls, str(out), *options], allocation, dry_run=dry_run)]
+    ids.append(sbatch(embed, "prep_embed.sbatch", [str(out), *options], allocation, None if dry_run else ids[0], dry_run))
+    ids.append(sbatch(merge, "prep_merge.sbatch", [str(out), *options], allocation, None if dry_run else ids[1], dry_run))
+    return [download, embed, merge], ids
