@@ -59,7 +59,11 @@ class DownloadConfig:
     samples_per_shard: int = 10000
     """Input rows per shard. Shard i of the output covers the same input rows as shard i of the download."""
     distributor: Literal["multiprocessing", "pyspark"] = "multiprocessing"
-    """img2dataset's distributor; pyspark runs on the active SparkSession (or a local one) and needs pyspark installed."""
+    """img2dataset's distributor; pyspark runs on download.spark_master, else on the active SparkSession (or a local
+    one), and needs pyspark installed."""
+    spark_master: Optional[str] = None
+    """With distributor=pyspark: the cluster to run on (spark://HOST:7077, yarn, local[8]); the session is started and
+    stopped around the download, and its executors run this Python. None: the active SparkSession, else a local one."""
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
     """URL schemes that may be fetched. Any other (file:, ftp:, data:, a relative path ...) is a failed row with the reason
     'scheme not allowed: <scheme>', never opened: img2dataset's urllib would read local files and decode data: URLs."""

@@ -8,10 +8,13 @@ multiprocessing distributor uses the spawn start method, so the caller must be a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sys
 from pathlib import Path
+from typing import Iterator
 
 from addpipe.dataprep.config import DownloadConfig
 
@@ -24,6 +27,32 @@ def shard_count(rows: int, config: DownloadConfig) -> int:
 
 def finished_shards(download_dir: Path) -> list[int]:
     return sorted(int(p.name.split("_")[0]) for p in Path(download_dir).glob("*_stats.json"))
+
+
+@contextlib.contextmanager
+def spark_session(config: DownloadConfig) -> Iterator[None]:
+    """With distributor=pyspark and spark_master set, a session on that cluster for the download's duration (img2dataset
+    takes the active session); its executors run this interpreter, so they import the same img2dataset."""
+    if config.distributor != "pyspark" or not config.spark_master:
+        yield
+        return
+    from pyspark.sql import SparkSession
+
+    if SparkSession.getActiveSession() is not None:
+        logger.info("download: using the active SparkSession, not download.spark_master=%s", config.spark_master)
+        yield
+        return
+    try:
+        spark = (SparkSession.builder.master(config.spark_master).appName("addpipe-download")
+                 .config("spark.pyspark.python", sys.executable).config("spark.pyspark.driver.python", sys.executable)
+                 .getOrCreate())
+    except Exception as error:  # py4j's errors carry a Java stack: the first line says what happened
+        raise RuntimeError(f"download.spark_master={config.spark_master}: no Spark session could be started: "
+                           f"{str(error).strip().splitlines()[0]}") from None
+    try:
+        yield
+    finally:
+        spark.stop()
 
 
 def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: DownloadConfig, download_dir: Path) -> list[int]:
@@ -42,34 +71,35 @@ def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: 
             ) from error
     from img2dataset import download as img2dataset_download
 
-    img2dataset_download(
-        url_list=str(urls_parquet),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=list(carried_columns),
-        output_folder=str(download_dir),
-        output_format="webdataset",
-        image_size=config.image_size,
-        resize_mode=config.resize_mode,
-        resize_only_if_bigger=config.resize_only_if_bigger,
-        min_image_size=config.min_image_size,
-        max_image_area=config.max_image_area,
-        max_aspect_ratio=config.max_aspect_ratio if config.max_aspect_ratio is not None else math.inf,
-        encode_format=config.encode_format,
-        encode_quality=config.encode_quality,
-        processes_count=config.processes,
-        thread_count=config.threads,
-        timeout=config.timeout,
-        retries=config.retries,
-        number_sample_per_shard=config.samples_per_shard,
-        user_agent_token=config.user_agent_token,
-        disallowed_header_directives=list(config.disallowed_header_directives),  # [] switches the check off
-        distributor=config.distributor,
-        incremental_mode="incremental",
-        compute_hash="sha256",
-        enable_wandb=False,
-    )
+    with spark_session(config):
+        img2dataset_download(
+            url_list=str(urls_parquet),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=list(carried_columns),
+            output_folder=str(download_dir),
+            output_format="webdataset",
+            image_size=config.image_size,
+            resize_mode=config.resize_mode,
+            resize_only_if_bigger=config.resize_only_if_bigger,
+            min_image_size=config.min_image_size,
+            max_image_area=config.max_image_area,
+            max_aspect_ratio=config.max_aspect_ratio if config.max_aspect_ratio is not None else math.inf,
+            encode_format=config.encode_format,
+            encode_quality=config.encode_quality,
+            processes_count=config.processes,
+            thread_count=config.threads,
+            timeout=config.timeout,
+            retries=config.retries,
+            number_sample_per_shard=config.samples_per_shard,
+            user_agent_token=config.user_agent_token,
+            disallowed_header_directives=list(config.disallowed_header_directives),  # [] switches the check off
+            distributor=config.distributor,
+            incremental_mode="incremental",
+            compute_hash="sha256",
+            enable_wandb=False,
+        )
     done = finished_shards(download_dir)
     if done != expected:
         raise RuntimeError(f"img2dataset finished {len(done)} of {len(expected)} shards in {download_dir}; rerun to retry the rest")

@@ -48,7 +48,7 @@ def _digest(payload: Any) -> str:
 
 def input_settings(config: PrepConfig) -> dict[str, Any]:
     download = to_dict(config.download)
-    for local_only in ("processes", "threads", "distributor"):  # how, not what, is downloaded
+    for local_only in ("processes", "threads", "distributor", "spark_master"):  # how, not what, is downloaded
         download.pop(local_only)
     urls = os.path.abspath(os.path.expanduser(config.input.urls)) if config.input.urls else ""
     return {"input": {**to_dict(config.input), "urls": urls}, "download": download}

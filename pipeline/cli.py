@@ -525,6 +525,10 @@ def eval_export(study: Path = _STUDY, db: Optional[str] = _DB,
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["train"]:  # catch SIGUSR1/SIGTERM from here on, before seconds of imports
+        from addpipe.train.preemption import STOP
+
+        STOP.__enter__()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:

@@ -57,3 +57,29 @@ def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **ext
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A two-node SLURM cluster on this machine (tests/slurm_cluster.py), shared by the session's cluster tests."""
+    from slurm_cluster import SlurmCluster, missing
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    """A Spark standalone master and two workers on 127.0.0.1 (tests/spark_cluster.py)."""
+    from spark_cluster import SparkCluster, missing
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    cluster = SparkCluster(tmp_path_factory.mktemp("spark")).start()
+    yield cluster
+    cluster.stop()

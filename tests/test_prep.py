@@ -362,6 +362,71 @@ def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated, 
         assert (out / "shards" / tar.name).read_bytes() == tar.read_bytes(), tar.name
 
 
+def _same_output(out: Path, reference: Path) -> None:
+    names = sorted(p.name for p in (reference / "shards").glob("*.tar"))
+    assert names and names == sorted(p.name for p in (out / "shards").glob("*.tar"))
+    for name in names:
+        assert (out / "shards" / name).read_bytes() == (reference / "shards" / name).read_bytes(), name
+    first, second = (json.loads((d / "report.json").read_text()) for d in (reference, out))
+    assert first["reasons"] == second["reasons"] and first["kept"] == second["kept"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_slurm_prep_with_a_requeued_embed_task_equals_a_local_run(curated, dedup_settings, slurm):
+    """`addpipe slurm prep` on the two-node cluster: download -> embed array of 2 -> merge, with array task 1
+    requeued (SIGTERM, then run again) after its first shard; the output equals the local `addpipe prep`'s."""
+    merge(curated, *dedup_settings)  # the reference: the local run's output with these settings
+    root, out = curated["root"], curated["root"] / "slurm-prep"
+    env = {**clean_env(), "SLURM_CONF": str(slurm.conf)}
+    result = subprocess.run(ADDPIPE + ["slurm", "prep", "--urls", str(root / "laion.parquet"), "--out", str(out),
+                                       "--tasks", "2", "--cpus-per-task", "1", "--log-dir", str(root / "slurm-logs"),
+                                       *curated["settings"], *dedup_settings, "--set", "embed.batch_size=2"],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    download, embed, merged = (result.stdout.split("submitted download ")[1].replace(" -> embed array ", " ")
+                               .replace(" -> merge ", " ").replace("(2 tasks)", "").split(";")[0].split())
+    task = f"{embed}_1"
+    deadline = time.monotonic() + 600
+    while not (out / "scores" / "00001.parquet").exists():  # task 1's first shard (ids 1, 3, 5, ...)
+        assert time.monotonic() < deadline and slurm.job_state(download) not in ("FAILED", "CANCELLED"), \
+            "\n".join(p.read_text()[-3000:] for p in (root / "slurm-logs").glob("*.out"))
+        time.sleep(0.05)
+    state = slurm.job_state(task)
+    slurm.run("scontrol", "requeue", task)
+    assert state == "RUNNING", f"task 1 was {state} when requeued: it must be cut off mid-way"
+    assert slurm.wait_job(merged, 900) == "COMPLETED", "\n".join(p.read_text()[-3000:] for p in (root / "slurm-logs").glob("*.out"))
+    assert int(slurm.job_field(task, "Restarts") or 0) >= 1
+    _same_output(out, curated["out"])
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_spark_download_equals_the_multiprocessing_download_shard_for_shard(curated, spark):
+    """download.distributor=pyspark against a standalone master with two workers."""
+    out = curated["root"] / "spark"
+    addpipe("prep", "download", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(out), *curated["settings"],
+            "--set", "download.distributor=pyspark", "--set", f"download.spark_master={spark.master}")
+    reference = curated["out"] / "download"
+    names = sorted(p.name for p in reference.glob("*.tar"))
+    assert names and names == sorted(p.name for p in (out / "download").glob("*.tar"))
+    for name in names:
+        with tarfile.open(reference / name) as a, tarfile.open(out / "download" / name) as b:
+            assert a.getnames() == b.getnames(), name
+            for member in a.getmembers():
+                assert a.extractfile(member).read() == b.extractfile(member.name).read(), (name, member.name)
+        columns = ["key", "url", "caption", "status", "error_message", "width", "height", "sha256"]
+        pd.testing.assert_frame_equal(pd.read_parquet((reference / name).with_suffix(".parquet"))[columns],
+                                      pd.read_parquet((out / "download" / name).with_suffix(".parquet"))[columns])
+    for stats in sorted(reference.glob("*_stats.json")):
+        a, b = json.loads(stats.read_text()), json.loads((out / "download" / stats.name).read_text())
+        assert {k: a[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")} == \
+               {k: b[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")}, stats.name
+    # Stage 1's table and its scheme refusals are addpipe's, around whichever distributor: the same rows either way
+    pd.testing.assert_frame_equal(pd.read_parquet(curated["out"] / "input" / "urls.parquet"),
+                                  pd.read_parquet(out / "input" / "urls.parquet"))
+
+
 def test_near_duplicates_blockwise_and_faiss_agree_with_a_brute_force_greedy_reference():
     rng = np.random.default_rng(0)
     base = rng.normal(size=(60, 16))

@@ -86,6 +86,36 @@ def test_kill_9_and_resume_logs_every_step_once_with_the_uninterrupted_averages(
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-7), (a["step"], term)
 
 
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_uninterrupted_run(request, tmp_path,
+                                                                                            signal_number):
+    """Outside SLURM too: the step in progress finishes, is logged and checkpointed; nothing after it runs."""
+    from addpipe.train.preemption import REQUEUE_EXIT
+
+    settings = {"steps": 8, "log.every": 1}
+    whole = tmp_path / "whole"
+    cli("train", "-c", str(TINY_CONFIG), *overrides(request, whole, **settings))
+    split = tmp_path / "split"
+    command = ADDPIPE + ["train", "-c", str(TINY_CONFIG), *overrides(request, split, **settings)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        wait_for(lambda: len(logged_steps(split)) >= 2 or process.poll() is not None, 300, "two logged steps")
+        process.send_signal(signal_number)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == REQUEUE_EXIT, stderr[-3000:]
+    step = logged_steps(split)[-1]
+    assert 2 <= step < 8 and (split / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert f"stopped by {signal.Signals(signal_number).name} at step {step}; checkpoint" in stderr
+    assert "Traceback" not in stderr
+    cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, split, **settings))
+    assert logged_steps(split) == list(range(1, 9))
+    a, b = unet_weights(split / "student"), unet_weights(whole / "student")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_changed_learning_rate_on_resume_is_used_and_recorded(request, tmp_path, caplog):
     from addpipe.train.loop import Trainer, train
 

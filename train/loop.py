@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from addpipe.config import differences, to_dict, to_yaml
 from addpipe.devices import allow_tf32, resolve_precision, synchronize
 from addpipe.train import checkpoint, distributed, logs, rundir
-from addpipe.train.preemption import Preempted, StopRequest
+from addpipe.train.preemption import STOP, Preempted, StopRequest
 from addpipe.train.backends import Trained, build_backend
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import TrainingData
@@ -236,7 +236,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) a training run; returns the exported student directory. SIGUSR1 or SIGTERM end it early
     with a checkpoint, as Preempted (train/preemption.py)."""
     try:
-        with StopRequest() as stop:  # installed before the models load: a signal during start-up still counts
+        with STOP as stop:  # installed before the models load: a signal during start-up still counts
             return Trainer(config, resume=resume).run(stop)
     except OSError as error:
         if rundir.is_write_error(error):  # a full or read-only disk under a sample grid or the export

@@ -1,6 +1,6 @@
 """Graceful stops: SIGUSR1 (the time limit is near) and SIGTERM (preemption, `scontrol requeue`, a plain `kill`).
 
-A signal only sets a flag; the loop reads it at the next step boundary, where every rank agrees (one small
+Both are caught from the first moment of `addpipe train` (before torch is imported). A signal only sets a flag; the loop reads it at the next step boundary, where every rank agrees (one small
 all-reduce on a CPU group, so no GPU sync), writes a complete checkpoint and ends with REQUEUE_EXIT. The batch
 script (slurm/train.sbatch) requeues the job on that status, and the requeued job resumes from the checkpoint.
 Because the handler never interrupts work, a signal that arrives during a checkpoint write lets the write finish;
@@ -14,11 +14,6 @@ import os
 import signal
 import threading
 from typing import Optional
-
-import torch
-import torch.distributed as dist
-
-from addpipe.train import distributed
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +35,7 @@ class StopRequest:
     """The signals' flag while installed (a context manager); `agreed()` is collective."""
 
     def __init__(self, signals=SIGNALS):
+        self.depth = 0
         self.signals = signals
         self.received: Optional[int] = None
         self.previous: dict[int, object] = {}
@@ -52,10 +48,13 @@ class StopRequest:
         if self.received is None:
             self.received = number
             # logging from a signal handler can deadlock on the handler's lock; a plain write cannot
-            os.write(2, f"addpipe: {signal.Signals(number).name} received on rank {distributed.rank()}: checkpointing "
+            os.write(2, f"addpipe: {signal.Signals(number).name} received on rank {os.environ.get('RANK', '0')}: checkpointing "
                         "at the end of this step, then stopping\n".encode())
 
     def __enter__(self) -> "StopRequest":
+        self.depth += 1
+        if self.depth > 1:  # installed already (by the command line, before its imports): keep what it caught
+            return self
         self.owner = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for number in self.signals:
@@ -63,6 +62,9 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.depth -= 1
+        if self.depth:
+            return
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous.clear()
@@ -74,7 +76,10 @@ class StopRequest:
     def agreed(self) -> bool:
         """Collective: True on every rank once any rank has received a signal. SLURM signals every task, but not
         at the same instant, and a rank alone on the signal would leave the others waiting in a collective."""
-        if not (dist.is_initialized() and distributed.world_size() > 1):
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.received is not None
         if self._group is None:  # a CPU group, so the check never waits on the GPU's queue
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
@@ -83,3 +88,8 @@ class StopRequest:
         if flag.item() and self.received is None:
             self.received = int(flag.item())
         return bool(flag.item())
+
+
+# One per process: `addpipe train` installs it before its heavy imports (a signal in the seconds of start-up would
+# otherwise kill the task with SIGUSR1's default action), and the training loop enters it again.
+STOP = StopRequest()

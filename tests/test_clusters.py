@@ -1,0 +1,134 @@
+"""Training on a real two-node SLURM cluster (tests/slurm_cluster.py): `addpipe slurm train` submits, srun starts
+one CPU rank per node without torchrun, and the run equals a two-rank torchrun run of the same config, also when
+it is preempted (`scontrol requeue`: SIGTERM), told its time is nearly up (SIGUSR1 to the batch script) or runs
+into a real time limit: each time every rank checkpoints at a step boundary, the job requeues and resumes, and
+metrics.jsonl holds every step once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIG, tiny_overrides
+from test_train import clean_env
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+STEPS = 30  # enough that a signal sent after step 2 (it takes seconds to reach the tasks) lands mid-run
+LONG_STEPS = 150  # about 2.5 min of steps: longer than the time-limit test's 2-minute limit
+ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
+BACKENDS = {"deepspeed": {"engine.backend": "deepspeed", "engine.zero": 3},
+            "fsdp2": {"engine.backend": "fsdp2"}}
+
+
+def settings(request, run: Path, backend: str, steps: int = STEPS) -> list[str]:
+    # one sample per rank per step: the two ranks' streams are the same whichever launcher starts them
+    return tiny_overrides(request.getfixturevalue("tiny_sd"), request.getfixturevalue("tiny_dino"),
+                          request.getfixturevalue("digit_shards"), run, steps=steps,
+                          **{"data.batch_size": 1, "data.num_workers": 1, **BACKENDS[backend]})
+
+
+def weights(run: Path) -> dict:
+    return load_file(str(next((run / "student" / "unet").glob("*.safetensors"))))
+
+
+def logged_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(request, tmp_path_factory):
+    """The same config, two ranks under torchrun on one machine, uninterrupted; per backend, built on first use."""
+    found: dict[str, Path] = {}
+
+    def get(backend: str) -> Path:
+        if backend not in found:
+            run = tmp_path_factory.mktemp(f"torchrun-{backend}") / "run"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                       "addpipe.pipeline", "train", "-c", str(TINY_CONFIG), *settings(request, run, backend)]
+            result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
+            assert result.returncode == 0, result.stderr[-4000:]
+            found[backend] = run
+        return found[backend]
+    return get
+
+
+def submit(slurm, tmp_path: Path, overrides: list[str], *options: str) -> tuple[str, Path]:
+    """`addpipe slurm train` on 2 nodes; -> (job id, its log)."""
+    logs = tmp_path / "logs"
+    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--log-dir",
+                                       str(logs), *options, *overrides],
+                            capture_output=True, text=True, env={**clean_env(), **{"SLURM_CONF": str(slurm.conf)}},
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split("submitted job ")[1].split(";")[0]
+    return job, logs / f"addpipe-train-{job}.out"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def finished(slurm, job: str, run: Path, log: Path, timeout: float = 600) -> str:
+    """Wait for the job to end for good (a requeued job passes through PENDING again); -> its log."""
+    state = slurm.wait_job(job, timeout)
+    text = log.read_text() if log.exists() else ""
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{text[-6000:]}"
+    return text
+
+
+def same_as_reference(run: Path, reference: Path) -> None:
+    assert logged_steps(run) == list(range(1, STEPS + 1))  # every step once, across the restarts
+    a, b = weights(run), weights(reference)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() == 0.0, key
+
+
+@pytest.mark.parametrize("backend, interrupt", [("deepspeed", "requeue"), ("fsdp2", "usr1")])
+def test_slurm_train_preempted_checkpoints_requeues_and_equals_torchrun(request, slurm, torchrun_reference, tmp_path,
+                                                                         backend, interrupt):
+    run = tmp_path / "run"
+    job, log = submit(slurm, tmp_path, settings(request, run, backend), "--time", "20:00")
+    wait_until(lambda: len(logged_steps(run)) >= 2, 300, "two logged steps")
+    if interrupt == "requeue":  # what preemption does: SIGTERM to every task, the job requeued by SLURM itself
+        slurm.run("scontrol", "requeue", job)
+    else:  # what --signal=B:USR1@600 does before the time limit: the batch script alone is signalled
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+    text = finished(slurm, job, run, log)
+    signal_name = "SIGTERM" if interrupt == "requeue" else "SIGUSR1"
+    stopped = [line for line in text.splitlines() if line.startswith(f"stopped by {signal_name} at step ")]
+    assert len(stopped) == 1, text[-4000:]
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert 2 <= step < STEPS and f"resumed from {run}/checkpoints/step_{step:08d} at step {step}" in text
+    assert "start 2," in text and "Traceback" not in text
+    if interrupt == "usr1":  # the trainer asked for it (SLURM requeued the SIGTERM'd job itself)
+        assert "=== checkpoint written: requeueing job" in text
+    same_as_reference(run, torchrun_reference(backend))
+
+
+def test_slurm_train_survives_its_time_limit_by_requeueing(request, slurm, tmp_path):
+    """A 2-minute limit, warned 60 s before (SLURM checks about once a minute, so the warning comes up to a minute
+    early), for a run that needs longer than that: each start ends in a checkpoint and a requeue, never in the
+    limit's kill, until the run completes with every step logged once."""
+    run = tmp_path / "run"
+    steps = LONG_STEPS
+    job, log = submit(slurm, tmp_path, settings(request, run, "fsdp2", steps=steps), "--time", "2:00",
+                      "--signal-before", "60")
+    text = finished(slurm, job, run, log, timeout=1200)
+    assert "#SBATCH --signal=B:USR1@60" in next(log.parent.glob("train-*.sbatch")).read_text()
+    assert "stopped by SIGUSR1" in text and "start 2," in text, text[-4000:]
+    assert "DUE TO TIME LIMIT" not in text and "Traceback" not in text, text[-4000:]
+    assert logged_steps(run) == list(range(1, steps + 1))
+    assert (run / "student" / "unet").is_dir()

@@ -1,0 +1,104 @@
+"""The SLURM glue that needs no cluster: ranks from SLURM's variables, time limits, and the rendered scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from addpipe.slurm.submit import Allocation, SlurmError, render, seconds, signal_lead
+from addpipe.train.distributed import first_host, from_slurm
+from conftest import TINY_CONFIG
+from test_train import clean_env
+
+ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
+
+
+def test_an_srun_task_takes_rank_world_and_rendezvous_from_slurm():
+    step = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[007-010]", "SLURM_JOB_ID": "123456"}
+    found = from_slurm(step)
+    assert found == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu007", "MASTER_PORT": "23456"}
+    # the step's own task count wins over the job's; a rendezvous the script exported is kept
+    assert from_slurm({**step, "SLURM_STEP_NUM_TASKS": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"}) == \
+        {"RANK": "5", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    # the batch script itself is no step of tasks: one process, whatever the job's task count
+    assert from_slurm({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) == {}
+    assert from_slurm({**step, "SLURM_STEP_ID": "batch"}) == {}
+
+
+@pytest.mark.parametrize("nodelist, first", [("node7", "node7"), ("a[03-05,9],b1", "a03"), ("x1,x2", "x1"),
+                                             ("gpu[12]", "gpu12")])
+def test_the_first_host_of_a_node_list(nodelist, first, monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # the list's own syntax, as where scontrol is missing
+    assert first_host(nodelist) == first
+
+
+@pytest.mark.parametrize("limit, expected", [("30", 1800), ("2:00", 120), ("48:00:00", 172800), ("1-12", 129600),
+                                             ("1-0:30", 88200), ("2-00:00:30", 172830)])
+def test_slurm_time_limits(limit, expected):
+    assert seconds(limit) == expected
+
+
+@pytest.mark.parametrize("limit", ["", "soon", "1:2:3:4", "0", "-5"])
+def test_bad_time_limits_are_refused(limit):
+    with pytest.raises(SlurmError, match="SLURM time|longer than zero"):
+        seconds(limit)
+
+
+def test_the_time_limit_warning_leaves_room_to_checkpoint():
+    assert signal_lead(172800, None) == 600  # ten minutes before a long limit
+    assert signal_lead(120, None) == 60 and signal_lead(3600, None) == 600 and signal_lead(1200, None) == 300
+    assert signal_lead(120, 30) == 30
+    with pytest.raises(SlurmError, match="between 0 and the time limit"):
+        signal_lead(120, 120)
+
+
+def test_rendering_replaces_the_templates_defaults(tmp_path):
+    gpu = render("train.sbatch", Allocation(nodes=4, gpus_per_node=8, time="48:00:00", partition="gpu",
+                                            log_dir=tmp_path, extra=["--qos=high"]), requeue_signal=True)
+    lines = [line for line in gpu.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --nodes=4" in lines and "#SBATCH --gpus-per-node=8" in lines and "#SBATCH --ntasks-per-node=8" in lines
+    assert "#SBATCH --partition=gpu" in lines and "#SBATCH --signal=B:USR1@600" in lines and "#SBATCH --qos=high" in lines
+    assert f"#SBATCH --output={tmp_path}/%x-%j.out" in lines and "#SBATCH --open-mode=append" in lines
+    assert sum(line.startswith("#SBATCH --nodes") for line in lines) == 1  # replaced, not added beside
+    assert f"ADDPIPE_PYTHON:-{sys.executable}" in gpu and "scontrol requeue" in gpu
+    cpu = render("train.sbatch", Allocation(nodes=2, tasks_per_node=3, time="10:00", log_dir=tmp_path), requeue_signal=True)
+    assert "#SBATCH --ntasks-per-node=3" in cpu and "#SBATCH --gpus-per-node" not in cpu and "#SBATCH --signal=B:USR1@150" in cpu
+    # the script bash runs is the template's body: it parses
+    path = tmp_path / "rendered.sbatch"
+    path.write_text(gpu)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_slurm_train_dry_run_prints_the_script_and_submits_nothing(tmp_path):
+    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--gpus-per-node",
+                                       "4", "--time", "1:00:00", "--log-dir", str(tmp_path / "logs"), "--dry-run",
+                                       "--zero", "3", "steps=10"],
+                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=4" in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].endswith(f"{TINY_CONFIG} --zero 3 steps=10")
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time", "soon"], "--time 'soon' is not a SLURM time"),
+    (["--nodes", "0"], "--nodes must be at least 1"),
+    (["--gpus-per-node", "-1"], "--gpus-per-node must be 0"),
+])
+def test_slurm_train_refuses_bad_allocations_clearly(tmp_path, args, message):
+    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *args, "--dry-run"],
+                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_slurm_commands_off_a_cluster_say_so(tmp_path):
+    env = {**clean_env(), "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent"}
+    missing = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(tmp_path / "nope.yaml"), "--dry-run"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "config not found" in missing.stderr
+    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG)], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "sbatch not found" in result.stderr, result.stderr
