@@ -18,19 +18,21 @@ class UserError(Exception):
     """Errors caused by input, printed without a traceback."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from addpipe.dataprep.prep import PrepError
-    from addpipe.dataprep.table import InputError
-    from addpipe.eval.study import StudyError
-    from addpipe.config import ConfigError
-    from addpipe.train.checkpoint import CheckpointError
-    from addpipe.shards import ShardError
-    from addpipe.train.models import ModelLoadError
-    from addpipe.train.report import NonFiniteLossError
-    from addpipe.train.rundir import RunDirError
+USER_ERRORS = (("addpipe.dataprep.prep", "PrepError"), ("addpipe.dataprep.table", "InputError"),
+               ("addpipe.eval.study", "StudyError"), ("addpipe.config", "ConfigError"),
+               ("addpipe.train.checkpoint", "CheckpointError"), ("addpipe.shards", "ShardError"),
+               ("addpipe.train.models", "ModelLoadError"), ("addpipe.train.report", "NonFiniteLossError"),
+               ("addpipe.train.rundir", "RunDirError"), ("addpipe.slurm.submit", "SlurmError"))
 
-    return (ConfigError, ShardError, ModelLoadError, UserError, PrepError, InputError, StudyError, CheckpointError,
-            NonFiniteLossError, RunDirError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes printed as `error: ...` without a traceback. Only modules already imported can have
+    raised one, so only those are looked at: importing the rest would cost seconds on every exit."""
+    found = [UserError]
+    for module, name in USER_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -533,7 +535,9 @@ def main() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         app()
-    except _user_errors() as error:
+    except Exception as error:
+        if not isinstance(error, _user_errors()):
+            raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
 

@@ -7,6 +7,7 @@ Everything runs as the current user out of one directory; `stop()` ends exactly 
 
 Settings that matter for the tests: `proctrack/linuxproc` and `task/none` (no cgroups in a container),
 `AuthInfo=cred_expire=` short, because a requeued job is held for that long before it may run again (120 s by
+default), `sched_interval=1` so that it then starts within a second (the main scheduling pass runs every 60 s by
 default), and `KillWait`, the grace between SIGTERM and SIGKILL that a preempted trainer has to checkpoint in.
 """
 
@@ -89,6 +90,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2

@@ -86,13 +86,16 @@ def test_kill_9_and_resume_logs_every_step_once_with_the_uninterrupted_averages(
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-7), (a["step"], term)
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signal_number, every, repeats", [
+    (signal.SIGTERM, 1000, 1),
+    (signal.SIGUSR1, 1, 3),  # a checkpoint written every step: the signals land in writes, and come again
+])
 def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_uninterrupted_run(request, tmp_path,
-                                                                                            signal_number):
+                                                                                            signal_number, every, repeats):
     """Outside SLURM too: the step in progress finishes, is logged and checkpointed; nothing after it runs."""
     from addpipe.train.preemption import REQUEUE_EXIT
 
-    settings = {"steps": 8, "log.every": 1}
+    settings = {"steps": 8, "log.every": 1, "checkpoint.every": every, "checkpoint.keep_last": 20}
     whole = tmp_path / "whole"
     cli("train", "-c", str(TINY_CONFIG), *overrides(request, whole, **settings))
     split = tmp_path / "split"
@@ -100,7 +103,9 @@ def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_unint
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     try:
         wait_for(lambda: len(logged_steps(split)) >= 2 or process.poll() is not None, 300, "two logged steps")
-        process.send_signal(signal_number)
+        for _ in range(repeats):
+            process.send_signal(signal_number)
+            time.sleep(0.05)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
@@ -108,6 +113,7 @@ def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_unint
     assert process.returncode == REQUEUE_EXIT, stderr[-3000:]
     step = logged_steps(split)[-1]
     assert 2 <= step < 8 and (split / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert not list((split / "checkpoints").glob(".*.tmp"))  # no write left half-done
     assert f"stopped by {signal.Signals(signal_number).name} at step {step}; checkpoint" in stderr
     assert "Traceback" not in stderr
     cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, split, **settings))

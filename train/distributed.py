@@ -100,6 +100,11 @@ def initialize(engine=None) -> torch.device:
     section (its process_group, and whether DeepSpeed should set the group up: it keeps its own handle on it)."""
     prepare_environment()
     die_with_launcher()
+    if torch.cuda.is_available():
+        # Where SLURM binds one GPU to each task (--gpus-per-task=1) every task sees one device, 0, whatever its
+        # local rank; DeepSpeed takes LOCAL_RANK as the device index, so it is made one here.
+        os.environ["LOCAL_RANK"] = str(local_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(local_rank())
     group = getattr(engine, "process_group", "auto")
     if group == "auto":
         group = "nccl" if torch.cuda.is_available() else "gloo"
@@ -111,7 +116,6 @@ def initialize(engine=None) -> torch.device:
         else:
             dist.init_process_group(backend=group)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
@@ -167,7 +171,7 @@ def broadcast(tensor: torch.Tensor, src: int) -> torch.Tensor:
     if not (dist.is_initialized() and world_size() > 1):
         return tensor
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        moved = tensor.to(torch.device("cuda", local_rank()))
+        moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         dist.broadcast(moved, src=src)
         tensor.copy_(moved.cpu())
         return tensor

@@ -205,7 +205,7 @@ class Trainer:
                 if self.step % config.checkpoint.every == 0 and self.step < config.steps:
                     self.save()
             if stop is not None and stop.agreed() and not self.saved_at_this_step():
-                self.stop_here(stop)  # the last step ran, its checkpoint not yet written: the requeued job writes it
+                self.stop_here(stop)  # caught in the last step: checkpoint now, the requeued job only exports
             if not self.saved_at_this_step():
                 self.save()
             self.sample_grid()
