@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -42,9 +43,11 @@ def spark_session(config: DownloadConfig) -> Iterator[None]:
         logger.info("download: using the active SparkSession, not download.spark_master=%s", config.spark_master)
         yield
         return
+    # The executors' Python is the driver's PYSPARK_PYTHON (else `python3` on their PATH, which lacks img2dataset
+    # in a virtual environment): this interpreter, unless the user chose one.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     try:
         spark = (SparkSession.builder.master(config.spark_master).appName("addpipe-download")
-                 .config("spark.pyspark.python", sys.executable).config("spark.pyspark.driver.python", sys.executable)
                  .getOrCreate())
     except Exception as error:  # py4j's errors carry a Java stack: the first line says what happened
         raise RuntimeError(f"download.spark_master={config.spark_master}: no Spark session could be started: "

@@ -111,6 +111,13 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         return process.pid
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started cluster behind
+            raise
+
+    def _start(self, timeout: float) -> "SlurmCluster":
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "state").mkdir(exist_ok=True)
         key = self.root / "munge.key"

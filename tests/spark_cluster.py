@@ -55,15 +55,23 @@ class SparkCluster:
                                                    stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
 
     def alive_workers(self) -> int:
+        """From the master's web UI; 0 while it is still coming up (refused, or not yet JSON)."""
+        import json
+
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.ui}/json/", timeout=2) as response:
-                import json
-
                 return int(json.load(response).get("aliveworkers", 0))
-        except OSError:
+        except (OSError, ValueError, AttributeError):
             return 0
 
     def start(self, timeout: float = 120) -> "SparkCluster":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started cluster behind
+            raise
+
+    def _start(self, timeout: float) -> "SparkCluster":
         self._spawn(["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(self.port),
                      "--webui-port", str(self.ui)], "master.log")
         for index in range(self.workers):
