@@ -34,7 +34,13 @@ def finished_shards(download_dir: Path) -> list[int]:
 def spark_session(config: DownloadConfig) -> Iterator[None]:
     """With distributor=pyspark and spark_master set, a session on that cluster for the download's duration (img2dataset
     takes the active session); its executors run this interpreter, so they import the same img2dataset."""
-    if config.distributor != "pyspark" or not config.spark_master:
+    if config.distributor != "pyspark":
+        yield
+        return
+    # The executors' Python is the driver's PYSPARK_PYTHON (else `python3` on their PATH, which lacks img2dataset
+    # in a virtual environment): this interpreter, unless the user chose one. Local sessions included.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if not config.spark_master:
         yield
         return
     from pyspark.sql import SparkSession
@@ -43,9 +49,6 @@ def spark_session(config: DownloadConfig) -> Iterator[None]:
         logger.info("download: using the active SparkSession, not download.spark_master=%s", config.spark_master)
         yield
         return
-    # The executors' Python is the driver's PYSPARK_PYTHON (else `python3` on their PATH, which lacks img2dataset
-    # in a virtual environment): this interpreter, unless the user chose one.
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     try:
         spark = (SparkSession.builder.master(config.spark_master).appName("addpipe-download")
                  .getOrCreate())

@@ -3,13 +3,14 @@
 The scripts here run as they are (`sbatch slurm/train.sbatch ...`, their #SBATCH lines are defaults); rendering
 replaces those lines with the allocation asked for, bakes in the Python that rendered them (the cluster's nodes
 share the file system, so the same virtual environment runs there) and the working directory, and keeps the
-rendered script beside its logs, so that what ran can be read afterwards.
+rendered script beside its logs as `<script>-<job id>.sbatch`, so that what ran can be read afterwards.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import re
 import shlex
 import shutil
@@ -133,18 +134,22 @@ def sbatch(script: str, name: str, args: list[str], allocation: Allocation, depe
            dry_run: bool = False) -> str:
     """Write the rendered script beside the logs and submit it; the job id (or the command, on a dry run)."""
     command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dependency}"] if dependency else [])
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = allocation.log_dir / f"{Path(name).stem}-{stamp}.sbatch"
+    stem = Path(name).stem
     if dry_run:
-        return shlex.join(command + [str(path), *args])
+        return shlex.join(command + [str(allocation.log_dir / f"{stem}-JOBID.sbatch"), *args])
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch not found: submit from a SLURM login node (or pass --dry-run to see the script)")
     allocation.log_dir.mkdir(parents=True, exist_ok=True)  # SLURM opens the output file before the script runs
+    # sbatch keeps its own copy of the script: once submitted, the file is named after the job, beside its log
+    path = allocation.log_dir / f".{stem}-{os.getpid()}-{dt.datetime.now():%Y%m%d%H%M%S%f}.sbatch"
     path.write_text(script)
     found = subprocess.run(command + [str(path), *args], capture_output=True, text=True)
     if found.returncode != 0:
-        raise SlurmError(f"sbatch refused {path}: {found.stderr.strip() or found.stdout.strip()}")
-    return found.stdout.strip().split(";")[0]
+        path.unlink()
+        raise SlurmError(f"sbatch refused {name}: {found.stderr.strip() or found.stdout.strip()}")
+    job = found.stdout.strip().split(";")[0]
+    path.replace(allocation.log_dir / f"{stem}-{job}.sbatch")
+    return job
 
 
 def submit_train(config: Path, overrides: list[str], allocation: Allocation, dry_run: bool = False) -> tuple[str, str]:
@@ -171,6 +176,8 @@ def submit_prep(urls: str, out: Path, tasks: int, options: list[str], allocation
     embed = render("prep_embed.sbatch", allocation, array=f"0-{tasks - 1}")
     merge = render("prep_merge.sbatch", allocation, gpus=False)
     ids = [sbatch(download, "prep_download.sbatch", [urls, str(out), *options], allocation, dry_run=dry_run)]
-    ids.append(sbatch(embed, "prep_embed.sbatch", [str(out), *options], allocation, None if dry_run else ids[0], dry_run))
-    ids.append(sbatch(merge, "prep_merge.sbatch", [str(out), *options], allocation, None if dry_run else ids[1], dry_run))
+    ids.append(sbatch(embed, "prep_embed.sbatch", [str(out), *options], allocation,
+                      "DOWNLOAD_JOB" if dry_run else ids[0], dry_run))
+    ids.append(sbatch(merge, "prep_merge.sbatch", [str(out), *options], allocation, "EMBED_JOB" if dry_run else ids[1],
+                      dry_run))
     return [download, embed, merge], ids

@@ -59,27 +59,26 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 
 
+def _cluster(module_name: str, tmp_path_factory):
+    """Start the cluster a tests/<module>.py describes, or skip saying which package is missing; stop it after."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    why = module.missing()
+    if why:
+        pytest.skip(why)
+    cluster = module.Cluster(tmp_path_factory.mktemp(module_name)).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A two-node SLURM cluster on this machine (tests/slurm_cluster.py), shared by the session's cluster tests."""
-    from slurm_cluster import SlurmCluster, missing
-
-    why = missing()
-    if why:
-        pytest.skip(why)
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
+    yield from _cluster("slurm_cluster", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     """A Spark standalone master and two workers on 127.0.0.1 (tests/spark_cluster.py)."""
-    from spark_cluster import SparkCluster, missing
-
-    why = missing()
-    if why:
-        pytest.skip(why)
-    cluster = SparkCluster(tmp_path_factory.mktemp("spark")).start()
-    yield cluster
-    cluster.stop()
+    yield from _cluster("spark_cluster", tmp_path_factory)

@@ -200,6 +200,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         self.pids.clear()
 
 
+Cluster = SlurmCluster
+
+
 if __name__ == "__main__":  # start one by hand; Ctrl-C stops it
     cluster = SlurmCluster(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/addpipe-slurm")).start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)

@@ -100,3 +100,6 @@ class SparkCluster:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self.processes.clear()
+
+
+Cluster = SparkCluster

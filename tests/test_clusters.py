@@ -130,7 +130,7 @@ def test_slurm_train_survives_its_time_limit_by_requeueing(request, slurm, tmp_p
     job, log = submit(slurm, tmp_path, settings(request, run, "fsdp2", steps=steps), "--time", "2:00",
                       "--signal-before", "30")
     text = finished(slurm, job, run, log, timeout=1200)
-    assert "#SBATCH --signal=B:USR1@30" in next(log.parent.glob("train-*.sbatch")).read_text()
+    assert "#SBATCH --signal=B:USR1@30" in (log.parent / f"train-{job}.sbatch").read_text()
     assert "stopped by SIGUSR1" in text and "start 2," in text, text[-4000:]
     assert "DUE TO TIME LIMIT" not in text and "Traceback" not in text, text[-4000:]
     assert logged_steps(run) == list(range(1, steps + 1))

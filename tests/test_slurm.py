@@ -81,6 +81,13 @@ def test_slurm_train_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=4" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].endswith(f"{TINY_CONFIG} --zero 3 steps=10")
     assert not (tmp_path / "logs").exists()
+    prep = subprocess.run(ADDPIPE + ["slurm", "prep", "--urls", "urls.parquet", "--out", str(tmp_path / "out"), "--tasks",
+                                     "3", "--dry-run", "--set", "embed.batch_size=4"],
+                          capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    assert prep.returncode == 0, prep.stderr
+    commands = [line for line in prep.stdout.splitlines() if line.startswith("sbatch ")]
+    assert len(commands) == 3 and "--dependency=afterok:DOWNLOAD_JOB" in commands[1] and "EMBED_JOB" in commands[2]
+    assert "#SBATCH --array=0-2" in prep.stdout and commands[1].endswith("--set embed.batch_size=4")
 
 
 @pytest.mark.parametrize("args, message", [

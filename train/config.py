@@ -36,6 +36,51 @@ class ModelConfig:
     """Frozen teacher UNet: a full copy per rank, or partitioned across ranks by a ZeRO-3 inference engine (needs engine.zero=3)."""
 
 
+ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# What LCM-LoRA (diffusers' train_lcm_distill_lora_sd(xl)) and DMD2's SDXL LoRA adapt besides attention
+CONVOLUTION_MODULES = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                       "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+@dataclass
+class StudentLoraConfig:
+    rank: int = 0
+    """LoRA rank of the student's adapters; 0: a full student (every UNet weight trained, a second UNet in memory)."""
+    alpha: Optional[float] = None
+    """LoRA alpha (the update is scaled by alpha / rank); default: the rank (scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: tuple[str, ...] = ATTENTION_MODULES
+    """Module names (suffixes) that get adapters: by default the attention projections."""
+    convolutions: bool = False
+    """Also adapt the rest of what LCM-LoRA and DMD2 adapt: the ResNet convolutions and shortcuts, down/upsamplers,
+    time-embedding projections, the transformer blocks' proj_in/proj_out and feed-forward layers."""
+    init: Literal["default", "gaussian"] = "default"
+    """Adapter initialisation (peft): default = Kaiming A and zero B, gaussian = normal A and zero B. Either way the
+    update starts at zero, so the student starts as the teacher (the initialisation the paper calls crucial)."""
+    export_fused: bool = True
+    """Also export the full pipeline with the adapters merged into the UNet (run_dir/student), besides the LoRA
+    (run_dir/student_lora)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"student.lora.rank must be 0 (no LoRA) or more, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise ValueError(f"student.lora.alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"student.lora.dropout is a probability in [0, 1), got {self.dropout}")
+        if self.rank and not self.modules():
+            raise ValueError("student.lora.target_modules is empty and student.lora.convolutions is off: nothing to adapt")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def modules(self) -> list[str]:
+        extra = [m for m in CONVOLUTION_MODULES if m not in self.target_modules] if self.convolutions else []
+        return list(self.target_modules) + extra
+
+
 @dataclass
 class StudentConfig:
     num_timesteps: int = 4
@@ -56,6 +101,8 @@ class StudentConfig:
     as in the paper. Weighting the first (pure-noise) timestep up trains the one-step sampler more often."""
     backward_simulation: float = 0.0
     """Share of samples at a later student timestep whose input is the student's own earlier output re-noised (what the few-step sampler feeds it) instead of a noised real image; 0 = the paper's ADD."""
+    lora: StudentLoraConfig = field(default_factory=StudentLoraConfig)
+    """A LoRA student: the teacher's UNet plus trainable adapters; the teacher is the same UNet with them off."""
 
     def __post_init__(self) -> None:
         if self.num_timesteps < 1:
@@ -327,5 +374,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
+        if self.student.lora.enabled and self.model.student_init:
+            raise ValueError("student.lora adapts the teacher's own UNet: model.student_init does not apply (unset it, "
+                             "or set student.lora.rank=0 for a full student initialised from it)")
         if self.model.frozen_placement == "partition" and self.engine.backend == "deepspeed" and self.engine.zero != 3:
             raise ValueError("model.frozen_placement=partition needs engine.zero=3 (or engine.backend=fsdp2)")

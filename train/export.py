@@ -54,3 +54,33 @@ def export_student(state: Optional[dict[str, torch.Tensor]], unet_config: Any, c
         (out_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2))
     distributed.barrier()
     return Path(out_dir)
+
+
+def export_lora_student(state: Optional[dict[str, torch.Tensor]], unet_config: Any, lora_config: Any,
+                        components: TeacherComponents, lora_dir: Path, fused_dir: Optional[Path], prediction_type: str,
+                        zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
+    """A LoRA student: `lora_dir` gets the adapters in diffusers' LoRA format (pytorch_lora_weights.safetensors, read
+    by `pipe.load_lora_weights`, with the adapter config as its metadata), the student's scheduler (`scheduler/`,
+    for the trained timesteps) and student_info.json naming the base model; `fused_dir`, when given, the full
+    pipeline with the adapters merged into the UNet. Returns the fused pipeline's directory, else the LoRA's."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from addpipe.train.lora import adapter_metadata, split_state
+
+    fused_state = None
+    if distributed.is_main():
+        lora, fused_state = split_state(state, unet_config, lora_config)
+        lora_dir = Path(lora_dir)
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        loader = StableDiffusionXLPipeline if components.architecture == "sdxl" else StableDiffusionPipeline
+        loader.save_lora_weights(lora_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(lora_config))
+        student_scheduler(components, prediction_type, zero_terminal_snr).save_pretrained(lora_dir / "scheduler")
+        info = {"architecture": components.architecture, "prediction_type": prediction_type,
+                "zero_terminal_snr": zero_terminal_snr, "timesteps": list(timesteps),
+                "num_train_timesteps": int(components.scheduler_config["num_train_timesteps"]),
+                "teacher": components.source, "base_model": components.source, "lora": adapter_metadata(lora_config)}
+        (lora_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2))
+    distributed.barrier()
+    if fused_dir is None:
+        return Path(lora_dir)
+    return export_student(fused_state, unet_config, components, fused_dir, prediction_type, zero_terminal_snr, timesteps)

@@ -57,8 +57,9 @@ class Trained(ABC):
 
     @abstractmethod
     def local_tensors(self) -> list[torch.Tensor]:
-        """The parameter storage this rank owns, in `module.parameters()` order: its shard where the backend
-        shards, the whole parameter where it replicates. The EMA lives on these, partitioned like the model."""
+        """The trainable parameters' storage this rank owns, in `module.parameters()` order: its shard where the
+        backend shards, the whole parameter where it replicates. The EMA lives on these, partitioned like the model
+        (a LoRA student's EMA covers its adapters, not the frozen base)."""
 
     def master_tensors(self) -> list[torch.Tensor]:
         """The optimizer's fp32 master weights laid out like `local_tensors` (what the EMA averages): the parameters

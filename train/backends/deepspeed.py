@@ -66,6 +66,13 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_tensor")
 
 
+def stored_in_parts(parameter: torch.Tensor) -> bool:
+    """Whether this rank keeps only its partition of the parameter. ZeRO-3 keeps parameters under
+    stage3_param_persistence_threshold whole on every rank ("persistent": biases, norms, LoRA adapters); their
+    ds_tensor is a partition the forward never reads, so an EMA applied there would not reach the export."""
+    return is_partitioned(parameter) and not getattr(parameter, "ds_persist", False)
+
+
 @contextlib.contextmanager
 def gathered(parameters: list[nn.Parameter], modifier_rank: Optional[int] = None) -> Iterator[None]:
     """ZeRO-3 parameters whole inside (a no-op for others); with modifier_rank, changes made there are kept."""
@@ -121,7 +128,7 @@ class DeepSpeedTrained(Trained):
             group.update(lr=rate, initial_lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
 
     def local_tensors(self) -> list[torch.Tensor]:
-        return [p.ds_tensor if is_partitioned(p) else p.data for p in self.module.parameters()]
+        return [p.ds_tensor if stored_in_parts(p) else p.data for _, p in self._named_trainable()]
 
     def master_tensors(self) -> list[torch.Tensor]:
         """In bf16/fp16, ZeRO-3 keeps each rank's fp32 master partition apart from its half-precision ds_tensor:
@@ -134,7 +141,7 @@ class DeepSpeedTrained(Trained):
         from deepspeed.utils import safe_get_local_fp32_param
 
         masters = []
-        for parameter, storage in zip(self.module.parameters(), local):
+        for (_, parameter), storage in zip(self._named_trainable(), local):
             master = safe_get_local_fp32_param(parameter) if parameter.requires_grad else None
             masters.append(master.view(storage.shape) if master is not None and master.numel() == storage.numel()
                            else storage)
@@ -179,7 +186,7 @@ class DeepSpeedTrained(Trained):
     @staticmethod
     def _whole(parameter: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
         """A ZeRO-3 partition (1/world of the flattened, padded parameter) made whole on every rank (collective)."""
-        if not is_partitioned(parameter):
+        if not stored_in_parts(parameter):
             return local.detach().float().cpu()
         import torch.distributed as dist
 
@@ -189,7 +196,7 @@ class DeepSpeedTrained(Trained):
 
     @staticmethod
     def _partition(parameter: nn.Parameter, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if not is_partitioned(parameter):
+        if not stored_in_parts(parameter):
             return whole.to(like.device, like.dtype).clone()
         size = like.numel()
         flat = torch.zeros(size * distributed.world_size(), dtype=whole.dtype)
@@ -199,14 +206,14 @@ class DeepSpeedTrained(Trained):
 
     def parameter_entries(self, prefix: str, tensors: list[torch.Tensor]) -> dict[str, Any]:
         entries = {}
-        for index, ((name, parameter), local) in enumerate(zip(self.module.named_parameters(), tensors)):
+        for index, ((name, parameter), local) in enumerate(zip(self._named_trainable(), tensors)):
             whole = self._whole(parameter, local)
             if owner(index) == distributed.rank():
                 entries[f"{prefix}.{name}"] = whole.clone()
         return entries
 
     def load_parameter_entries(self, prefix: str, load: Callable[[dict[str, Any]], dict[str, Any]]) -> list[torch.Tensor]:
-        named = list(self.module.named_parameters())
+        named = self._named_trainable()
         shapes = [tuple(getattr(p, "ds_shape", p.shape)) for _, p in named]
         template = {f"{prefix}.{name}": torch.empty(shape, dtype=torch.float32)
                     for index, ((name, _), shape) in enumerate(zip(named, shapes)) if owner(index) == distributed.rank()}

@@ -106,7 +106,7 @@ class FSDP2Trained(Trained):
             group.update(lr=rate, initial_lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
 
     def local_tensors(self) -> list[torch.Tensor]:
-        return [p.data.to_local() if is_dtensor(p) else p.data for p in self.module.parameters()]
+        return [p.data.to_local() if is_dtensor(p) else p.data for p in self.trainable]
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         full = {}
@@ -175,7 +175,7 @@ class FSDP2Trained(Trained):
 
     def parameter_entries(self, prefix: str, tensors: list[torch.Tensor]) -> dict[str, Any]:
         entries = {}
-        for index, ((name, parameter), local) in enumerate(zip(self.module.named_parameters(), tensors)):
+        for index, ((name, parameter), local) in enumerate(zip(zip(self.names, self.trainable), tensors)):
             if is_dtensor(parameter):
                 entries[f"{prefix}.{name}"] = self._like(parameter, local.detach())
             elif owner(index) == distributed.rank():
@@ -183,7 +183,7 @@ class FSDP2Trained(Trained):
         return entries
 
     def load_parameter_entries(self, prefix: str, load: Callable[[dict[str, Any]], dict[str, Any]]) -> list[torch.Tensor]:
-        named = list(self.module.named_parameters())
+        named = list(zip(self.names, self.trainable))
         buffers = [torch.empty_like(local, dtype=torch.float32) for local in self.local_tensors()]
         template = {}
         for index, ((name, parameter), buffer) in enumerate(zip(named, buffers)):

@@ -19,7 +19,8 @@ from addpipe.train import distributed, losses
 from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
 from addpipe.train.discriminator import build_discriminator
-from addpipe.train.export import export_student
+from addpipe.train.export import export_lora_student, export_student
+from addpipe.train.lora import AdaptersOff, add_adapters, describe as describe_lora
 from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, sdxl_time_ids,
                                   unconditional, vae_decode, vae_encode)
@@ -65,16 +66,29 @@ class ADD(Method):
     def build(self, backend: Backend) -> dict[str, Trained]:
         config, device, dtype = self.config, self.device, self.dtype
         self.teacher = load_teacher(config.model, dtype=dtype)
-        student = make_student(self.teacher, config.model)
+        lora = config.student.lora
+        if lora.enabled:  # one UNet: the teacher's, adapted; the backend below places it as the student
+            student = self.teacher.unet
+            trainable = add_adapters(student, lora)
+            for parameter in trainable:  # fp32 adapters over a bf16 base: the optimizer steps fp32 weights
+                parameter.data = parameter.data.float()
+            student.train()
+            if config.model.gradient_checkpointing is True:
+                student.enable_gradient_checkpointing()
+        else:
+            student = make_student(self.teacher, config.model)
+            trainable = [p for p in student.parameters() if p.requires_grad]
         for module in self.teacher.frozen_modules():
-            module.to(device)
+            if module is not student:
+                module.to(device)
         if device.type == "cuda":  # the frozen VAE's convolutions run faster in channels-last on tensor cores
             self.teacher.vae.to(memory_format=torch.channels_last)
         if config.model.gradient_checkpointing is True:
             # The student's x0 is decoded with gradients (pixel-space losses): at 512^2 and up the VAE decoder's
             # activations outweigh the student's own, so it recomputes them too.
             self.teacher.vae.enable_gradient_checkpointing()
-        self.teacher_unet = backend.place_frozen(self.teacher.unet, shard=config.model.frozen_placement == "partition")
+        if not lora.enabled:
+            self.teacher_unet = backend.place_frozen(self.teacher.unet, shard=config.model.frozen_placement == "partition")
 
         scheduler_config = self.teacher.scheduler_config
         self.teacher_schedule = pipeline_schedule(scheduler_config).to(device)
@@ -102,13 +116,15 @@ class ADD(Method):
 
         optim = config.optim
         schedule = lambda step: warmup_factor(step, optim.warmup_steps)  # noqa: E731 - a function of the step
-        self.student = backend.wrap("student", student, [p for p in student.parameters() if p.requires_grad],
+        self.student = backend.wrap("student", student, trainable,
                                     OptimizerSettings(optim.student_lr, optim.student_betas, optim.weight_decay, schedule,
                                                       optim.gradient_clipping), shard=True)
         self.discriminator = backend.wrap("discriminator", discriminator, heads,
                                           OptimizerSettings(optim.discriminator_lr, optim.discriminator_betas,
                                                             optim.weight_decay, schedule, optim.gradient_clipping), shard=False)
         self.heads = self.discriminator.trainable
+        if lora.enabled:  # the teacher is the wrapped student's module with the adapters off
+            self.teacher_unet = AdaptersOff(self.student.module)
 
         with torch.no_grad():
             self.empty = unconditional(self.teacher, device)
@@ -325,8 +341,16 @@ class ADD(Method):
         return save_grid(torch.cat(rows).float().cpu(), path, len(rows))
 
     def export(self, out_dir: Path) -> Path:
-        return export_student(self.student.full_state_dict(), self.student.module.config, self.teacher, out_dir,
-                              self.student_prediction, self.student_zero_snr, self.timesteps)
+        """The student as a diffusers pipeline in `out_dir`; a LoRA student also (or, with export_fused off, only)
+        as a diffusers LoRA in `<out_dir>_lora` (student -> student_lora, student_raw -> student_lora_raw)."""
+        state = self.student.full_state_dict()
+        parameterisation = (self.student_prediction, self.student_zero_snr, self.timesteps)
+        lora = self.config.student.lora
+        if not lora.enabled:
+            return export_student(state, self.student.module.config, self.teacher, out_dir, *parameterisation)
+        lora_dir = Path(out_dir).with_name(Path(out_dir).name.replace("student", "student_lora", 1))
+        return export_lora_student(state, self.student.module.config, lora, self.teacher, lora_dir,
+                                   out_dir if lora.export_fused else None, *parameterisation)
 
     @staticmethod
     def describe_plan(config) -> dict[str, str]:
@@ -334,7 +358,8 @@ class ADD(Method):
         if config.distill.adversarial:
             phases += f", discriminator (heads) every {config.optim.discriminator_interval} step(s)"
         return {"method": "add: Adversarial Diffusion Distillation", "phases": phases,
-                "student": f"trainable: a copy of {config.model.student_init or 'the teacher UNet'}",
+                "student": (f"trainable: {describe_lora(config.student.lora)}" if config.student.lora.enabled else
+                            f"trainable: a copy of {config.model.student_init or 'the teacher UNet'}"),
                 "discriminator": (f"trainable heads ({config.discriminator.num_heads}) on frozen "
                                   f"{config.discriminator.feature_network}; c_img from "
                                   f"{config.discriminator.image_encoder or config.discriminator.feature_network}; c_text from "

@@ -1,0 +1,172 @@
+"""LoRA students (student.lora) on tiny SD- and SDXL-style pipelines: one UNet, adapters the only trained weights,
+the teacher equal to the base model with the adapters off, exact resumes, two ranks equal to one, and exports that
+diffusers' own `load_lora_weights` reads back into the same images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from addpipe.config import load
+from addpipe.train.config import TrainConfig
+from conftest import TINY_CONFIG, tiny_overrides
+from test_train import clean_env, cli
+
+LORA = {"student.lora.rank": 4, "student.lora.init": "gaussian"}
+
+
+def settings(request, architecture: str, run: Path, **extra) -> list[str]:
+    return tiny_overrides(request.getfixturevalue(f"tiny_{architecture}"), request.getfixturevalue("tiny_dino"),
+                          request.getfixturevalue("digit_shards"), run, **{**LORA, **extra})
+
+
+def lora_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "pytorch_lora_weights.safetensors"))
+
+
+def unet_inputs(unet, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
+    hidden = torch.randn(2, 4, unet.config.cross_attention_dim, generator=generator)
+    kwargs = {"encoder_hidden_states": hidden}
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=generator),
+                                       "time_ids": torch.tensor([[16, 16, 0, 0, 16, 16]] * 2, dtype=torch.float32)}
+    return sample, torch.tensor([999, 499]), kwargs
+
+
+@pytest.mark.parametrize("architecture", ["sd", "sdxl"])
+def test_only_adapters_train_and_the_teacher_is_the_base_with_them_off(request, architecture, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from addpipe.train.checkpoint import read_tensors
+    from addpipe.train.loop import Trainer
+
+    config = load(TrainConfig, TINY_CONFIG, settings(request, architecture, tmp_path / "run", steps=2,
+                                                     **{"optim.ema_decay": 0.9}))
+    trainer = Trainer(config)
+    student = trainer.models["student"]
+    names = {id(p): n for n, p in student.module.named_parameters()}
+    assert student.trainable and all("lora_" in names[id(p)] for p in student.trainable)
+    # ZeRO flattens what it optimises into one fp32 buffer (padded for alignment): it holds the adapters alone
+    optimizer = student.engine.optimizer
+    optimized = sum(p.numel() for group in getattr(optimizer, "optimizer", optimizer).param_groups for p in group["params"])
+    adapters = sum(p.numel() for p in student.trainable)
+    assert adapters <= optimized <= adapters + 64
+    assert sum(p.numel() for p in student.trainable) < 0.2 * sum(p.numel() for p in student.module.parameters())
+    # one UNet: the teacher's own, not a second copy
+    assert student.module is trainer.method.teacher.unet
+
+    base_before = {n: p.detach().clone() for n, p in student.module.named_parameters() if "lora_" not in n}
+    trainer.run()
+    after = dict(student.module.named_parameters())
+    assert all(torch.equal(after[n], value) for n, value in base_before.items())  # the frozen base did not move
+    assert student.trainable[0].grad is None  # cleared after each step, never left on the base either
+    assert all(after[n].grad is None for n in base_before)
+
+    checkpoint = read_tensors(tmp_path / "run/checkpoints/step_00000002", "student.")
+    assert checkpoint and all("lora_" in key for key in checkpoint)  # weights, Adam moments and EMA: adapters only
+    assert any(key.startswith("student.ema.") for key in checkpoint)
+
+    teacher_unet = request.getfixturevalue(f"tiny_{architecture}") / "unet"
+    base = UNet2DConditionModel.from_pretrained(teacher_unet).eval()
+    sample, timesteps, kwargs = unet_inputs(base)
+    module = student.module.eval()
+    with torch.no_grad():
+        expected = base(sample, timesteps, **kwargs).sample
+        as_teacher = trainer.method.teacher_unet(sample, timesteps, **kwargs).sample
+        as_student = module(sample, timesteps, **kwargs).sample
+    torch.testing.assert_close(as_teacher, expected, atol=1e-6, rtol=1e-5)
+    assert (as_student - expected).abs().max() > 1e-4  # the adapters are on again, and trained
+
+
+def test_the_lora_export_loads_in_diffusers_and_samples_as_addpipe_does(request, tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from addpipe.train.models import encode_prompts
+    from addpipe.train.sampling import load_student, sample_latents
+
+    run = tmp_path / "run"
+    cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", run, steps=2))
+    assert {p.name for p in run.iterdir()} >= {"student", "student_raw", "student_lora", "student_lora_raw"}
+    info = json.loads((run / "student_lora" / "addpipe_student.json").read_text())
+    assert info["lora"]["r"] == 4 and info["base_model"] == str(request.getfixturevalue("tiny_sd"))
+
+    pipe = StableDiffusionPipeline.from_pretrained(request.getfixturevalue("tiny_sd"), safety_checker=None)
+    pipe.load_lora_weights(run / "student_lora")  # diffusers' standard LoRA loading
+    pipe.scheduler = LCMScheduler.from_pretrained(run / "student_lora", subfolder="scheduler")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with_lora = pipe("a red two", timesteps=[999], guidance_scale=0.0, height=16, width=16, latents=noise.clone(),
+                     output_type="latent").images
+
+    components, schedule, _ = load_student(str(run / "student"), torch.device("cpu"))  # the fused export
+    ours = sample_latents(components.unet, schedule, encode_prompts(components, ["a red two"], "cpu").unet_kwargs(None),
+                          noise, [999])
+    torch.testing.assert_close(ours, with_lora, atol=2e-4, rtol=1e-4)
+
+    # the fused UNet is base + LoRA: equal outputs on the same inputs
+    sample, timesteps, kwargs = unet_inputs(components.unet)
+    with torch.no_grad():
+        fused = components.unet(sample, timesteps, **kwargs).sample
+        adapted = pipe.unet(sample, timesteps, **kwargs).sample
+    torch.testing.assert_close(fused, adapted, atol=1e-5, rtol=1e-4)
+    # and the raw/EMA pair differ (the EMA is over the adapters)
+    assert not all(torch.equal(a, b) for a, b in zip(lora_weights(run / "student_lora").values(),
+                                                     lora_weights(run / "student_lora_raw").values()))
+
+
+def test_a_lora_resume_equals_the_uninterrupted_run(request, tmp_path):
+    from addpipe.train.loop import train
+
+    def config(run, steps):
+        return load(TrainConfig, TINY_CONFIG, settings(request, "sd", run, steps=steps, **{"optim.ema_decay": 0.9}))
+
+    train(config(tmp_path / "whole", 4))
+    train(config(tmp_path / "split", 2))
+    train(config(tmp_path / "split", 4), resume=True)
+    for name in ("student_lora", "student_lora_raw"):
+        a, b = lora_weights(tmp_path / "whole" / name), lora_weights(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, extra", [("deepspeed", {"engine.zero": 3}), ("fsdp2", {})])
+def test_two_rank_lora_runs_match_one_rank(request, tmp_path, backend, extra):
+    """Global batch 4 either way; local batch-norm groups of 2 keep each stream's samples in their own group."""
+    common = {"steps": 3, "discriminator.virtual_batch_size": 2, "engine.backend": backend, **extra}
+    one = tmp_path / "one"
+    cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", one, **common,
+                                                   **{"data.batch_size": 4, "data.num_workers": 2}))
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "addpipe.pipeline", "train", "-c", str(TINY_CONFIG),
+               *settings(request, "sd", two, **common, **{"data.batch_size": 2, "data.num_workers": 1})]
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = lora_weights(one / "student_lora"), lora_weights(two / "student_lora")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-3, msg=key)
+
+
+def test_target_modules_that_match_nothing_are_refused_by_name(request, tmp_path):
+    result = cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", tmp_path / "run", steps=1,
+                                                           **{"student.lora.target_modules": "[to_qq, to_k]"}),
+                 check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "student.lora.target_modules ['to_qq'] match no Linear or Conv2d layer" in result.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_lora_with_a_student_init_is_refused():
+    with pytest.raises(Exception, match="student.lora adapts the teacher's own UNet"):
+        load(TrainConfig, TINY_CONFIG, ["student.lora.rank=4", "model.student_init=/somewhere"])
