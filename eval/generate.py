@@ -40,14 +40,19 @@ class Arm:
     guidance: float = 0.0
     scheduler: Optional[str] = None
     resolution: Optional[int] = None
+    lora: Optional[str] = None
+    """A LoRA (diffusers format, e.g. an addpipe student_lora directory) loaded into the source pipeline and fused."""
 
     @classmethod
     def parse(cls, spec: str) -> "Arm":
         if "=" not in spec.split(":", 1)[0]:
-            raise ValueError(f"arm {spec!r} must look like name=SOURCE[:steps=N][:cfg=G][:scheduler=S][:resolution=R]")
+            raise ValueError(f"arm {spec!r} must look like name=SOURCE[+LORA][:steps=N][:cfg=G][:scheduler=S][:resolution=R]")
         name, rest = spec.split("=", 1)
         source, *options = rest.split(":")
-        arm = cls(name.strip(), source)
+        lora = None
+        if "+" in source and not Path(source).exists():  # base+lora (a path with a '+' of its own stays whole)
+            source, lora = source.rsplit("+", 1)
+        arm = cls(name.strip(), source, lora=lora or None)
         for option in options:
             key, _, value = option.partition("=")
             if key == "steps":
@@ -110,6 +115,16 @@ def load_arm_pipeline(arm: Arm, device: torch.device, dtype: torch.dtype):
         pipe = DiffusionPipeline.from_pretrained(arm.source, torch_dtype=dtype)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"arm {arm.name}: cannot load a diffusers pipeline from {arm.source}: {error}") from error
+    if arm.lora:
+        try:
+            pipe.load_lora_weights(arm.lora)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"arm {arm.name}: cannot load the LoRA {arm.lora} into {arm.source}: {error}") from error
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # merged: the adapters' own layers are no longer needed
+        if (Path(arm.lora) / "scheduler").is_dir() and not arm.scheduler:  # an addpipe LoRA student's sampler
+            config = json.loads((Path(arm.lora) / "scheduler" / "scheduler_config.json").read_text())
+            pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(config)
     if arm.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[arm.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -119,7 +134,7 @@ def load_arm_pipeline(arm: Arm, device: torch.device, dtype: torch.dtype):
 def arm_call_kwargs(arm: Arm) -> dict[str, Any]:
     """Students run on a subset of the timesteps they were trained on (their addpipe_student.json); other
     pipelines on `steps` of their scheduler. A student arm with a step count it was not trained for: ValueError."""
-    info_path = Path(arm.source) / "addpipe_student.json"
+    info_path = Path(arm.lora or arm.source) / "addpipe_student.json"
     if info_path.is_file():
         from addpipe.train.sampling import sample_timesteps
 
@@ -155,7 +170,7 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
     call_kwargs = {arm.name: arm_call_kwargs(arm) for arm in arms}  # a bad step count fails before any image
     for arm in arms:
         previous = study["arms"].get(arm.name)
-        if previous and previous != asdict(arm):
+        if previous and {"lora": None, **previous} != asdict(arm):  # studies from before arms had a LoRA
             raise ValueError(f"arm {arm.name} already exists in {study_file} with other settings {previous}; use a new name")
         study["arms"][arm.name] = asdict(arm)
     study_file.write_text(json.dumps(study, indent=2))

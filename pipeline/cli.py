@@ -389,7 +389,7 @@ def _eval_failures(run):
 @eval_app.command("generate")
 def eval_generate(
     study: Path = _STUDY,
-    model: List[str] = typer.Option(..., "--model", "-m", help="Arm: name=DIR_OR_HUB_ID[:steps=N][:cfg=G][:scheduler=S][:resolution=R]; repeat"),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Arm: name=DIR_OR_HUB_ID[+LORA_DIR][:steps=N][:cfg=G][:scheduler=S][:resolution=R]; repeat"),
     prompts: str = typer.Option("bundled", "--prompts", help="bundled, parti, a PartiPrompts-format .tsv or a text file"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N prompts"),
     seed: int = typer.Option(0, "--seed", help="Prompt i starts from the noise of seed+i, the same for every arm"),

@@ -19,8 +19,8 @@ from conftest import TINY_CONFIG, tiny_overrides
 from test_train import clean_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-STEPS = 30  # enough that a signal sent after step 2 (it takes seconds to reach the tasks) lands mid-run
-LONG_STEPS = 130  # with start-up, longer than one start gets under the time-limit test's 2-minute limit
+STEPS = 16  # enough that a signal sent after step 2 (it takes a second or two to reach the tasks) lands mid-run
+LONG_STEPS = 110  # with start-up, longer than one start gets under the time-limit test's 2-minute limit
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
 BACKENDS = {"deepspeed": {"engine.backend": "deepspeed", "engine.zero": 3},
             "fsdp2": {"engine.backend": "fsdp2"}}

@@ -61,8 +61,14 @@ def test_only_adapters_train_and_the_teacher_is_the_base_with_them_off(request, 
     adapters = sum(p.numel() for p in student.trainable)
     assert adapters <= optimized <= adapters + 64
     assert sum(p.numel() for p in student.trainable) < 0.2 * sum(p.numel() for p in student.module.parameters())
-    # one UNet: the teacher's own, not a second copy
+    # one UNet: the teacher's own, not a second copy; the memory plan counts what was built
     assert student.module is trainer.method.teacher.unet
+    from addpipe.train.memory import plan_memory
+
+    planned = {line.name.split(" (")[0]: line for line in plan_memory(config, 1).lines}
+    assert planned["student LoRA adapters, rank 4"].params == sum(p.numel() for p in student.trainable)
+    assert planned["UNet base"].params == sum(p.numel() for n, p in student.module.named_parameters() if "lora_" not in n)
+    assert "teacher UNet" not in planned
 
     base_before = {n: p.detach().clone() for n, p in student.module.named_parameters() if "lora_" not in n}
     trainer.run()
@@ -117,6 +123,16 @@ def test_the_lora_export_loads_in_diffusers_and_samples_as_addpipe_does(request,
         fused = components.unet(sample, timesteps, **kwargs).sample
         adapted = pipe.unet(sample, timesteps, **kwargs).sample
     torch.testing.assert_close(fused, adapted, atol=1e-5, rtol=1e-4)
+    # an eval arm takes the LoRA on its base (SOURCE+LORA) and draws what the fused export draws
+    from addpipe.eval.generate import Arm, arm_call_kwargs, load_arm_pipeline
+
+    arm = Arm.parse(f"lora={request.getfixturevalue('tiny_sd')}+{run / 'student_lora'}:steps=1")
+    assert arm.lora == str(run / "student_lora") and arm_call_kwargs(arm)["timesteps"] == [999]
+    arm_pipe = load_arm_pipeline(arm, torch.device("cpu"), torch.float32)
+    assert type(arm_pipe.scheduler).__name__ == "LCMScheduler"
+    via_arm = arm_pipe("a red two", timesteps=[999], guidance_scale=0.0, height=16, width=16, latents=noise.clone(),
+                       output_type="latent").images
+    torch.testing.assert_close(via_arm, ours, atol=2e-4, rtol=1e-4)
     # and the raw/EMA pair differ (the EMA is over the adapters)
     assert not all(torch.equal(a, b) for a, b in zip(lora_weights(run / "student_lora").values(),
                                                      lora_weights(run / "student_lora_raw").values()))
@@ -143,9 +159,11 @@ def test_a_lora_resume_equals_the_uninterrupted_run(request, tmp_path):
 def test_two_rank_lora_runs_match_one_rank(request, tmp_path, backend, extra):
     """Global batch 4 either way; local batch-norm groups of 2 keep each stream's samples in their own group."""
     common = {"steps": 3, "discriminator.virtual_batch_size": 2, "engine.backend": backend, **extra}
-    one = tmp_path / "one"
-    cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", one, **common,
-                                                   **{"data.batch_size": 4, "data.num_workers": 2}))
+    from addpipe.train.loop import train
+
+    one = tmp_path / "one"  # in this process: a second's start instead of twenty
+    train(load(TrainConfig, TINY_CONFIG, settings(request, "sd", one, **common,
+                                                  **{"data.batch_size": 4, "data.num_workers": 2})))
     two = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "addpipe.pipeline", "train", "-c", str(TINY_CONFIG),

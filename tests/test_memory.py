@@ -112,3 +112,30 @@ def test_auto_checkpointing_is_off_where_the_plan_without_it_fits(tiny_sd, tiny_
     config.model.teacher = str(tmp_path / "no_such_teacher")
     on, why = decide_checkpointing(config, 1, 80.0)
     assert on is True and "no memory plan" in why and "no_such_teacher" in why
+
+
+def test_the_sdxl_lora_config_fits_a_24_gb_card_where_the_full_student_does_not(tmp_path):
+    """configs/sdxl_add_lora.yaml with the published architectures of its discriminator networks (DINOv2 ViT-L/14 for
+    c_img, OpenCLIP ViT-g/14's text tower for c_text): one UNet, adapters-only states."""
+    from transformers import CLIPTextConfig, Dinov2Config
+
+    teacher = sdxl_configs(tmp_path)
+    Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14,
+                 image_size=518, layerscale_value=1.0).save_pretrained(tmp_path / "dinov2-large")
+    CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   hidden_act="gelu", projection_dim=1024).save_pretrained(tmp_path / "clip-g")
+
+    def plan(name, *extra):
+        return plan_memory(load(TrainConfig, REPO / "configs" / name, [
+            f"model.teacher={teacher}", "model.vae=null", f"discriminator.feature_network={teacher / 'dinov2'}",
+            f"discriminator.image_encoder={tmp_path / 'dinov2-large'}", f"discriminator.text_encoder={tmp_path / 'clip-g'}",
+            "model.gradient_checkpointing=true", *extra]), 1)
+
+    lora, full = plan("sdxl_add_lora.yaml"), plan("sdxl_add.yaml", "data.batch_size=2")
+    found = lines(lora)
+    assert "teacher UNet" not in found and found["UNet base"].params == pytest.approx(2.567e9, rel=1e-3)
+    assert found["UNet base"].weights == 2 * found["UNet base"].params  # bf16, once
+    adapters = found["student LoRA adapters, rank 64"]
+    assert 0 < adapters.params < 0.1 * found["UNet base"].params
+    assert lora.fits(24) and not full.fits(24) and not full.fits(48), (lora.describe(24), full.describe(24))
+    assert not plan("sdxl_add_lora.yaml", "data.batch_size=4").fits(24)  # why the config trains at batch 2

@@ -18,10 +18,14 @@ Three properties follow, and the tests rely on them:
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
+import os
 import random
+import signal
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -265,11 +269,17 @@ class Batch:
     pooled_embeds: Optional[torch.Tensor] = None
 
 
+def _close_at_exit(reference) -> None:
+    """Registered after multiprocessing's own exit handler, so it runs before it: the workers are gone by then."""
+    data = reference()
+    if data is not None:
+        data.close()
+
+
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     """SLURM signals every process of a job step, loader workers included: a worker that died of the SIGTERM
-    would take the trainer down before it could checkpoint (train/preemption.py). The trainer ends its workers."""
-    import signal
-
+    would take the trainer down before it could checkpoint (train/preemption.py). The trainer ends its workers
+    (TrainingData.close)."""
     for number in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(number, signal.SIG_IGN)
 
@@ -309,6 +319,8 @@ class TrainingData:
     def __next__(self) -> Batch:
         if self._iterator is None:
             self._iterator = iter(self.loader)
+            if self.loader.num_workers:
+                atexit.register(_close_at_exit, weakref.ref(self))
         try:
             chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
         except ShardError as error:
@@ -329,6 +341,22 @@ class TrainingData:
             streams=[c["stream"] for c in chunks for _ in c["captions"]],
             keys=[key for c in chunks for key in c["keys"]],
         )
+
+    def close(self) -> None:
+        """End the loader's workers. They ignore SIGTERM (see _leave_stop_signals_to_the_trainer), which is how
+        DataLoader and multiprocessing's exit handler end workers that outstay their sentinel: left to those, a
+        process would wait for them forever at exit. Ask them to stop, then kill what is left."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", []))
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # the sentinel, a join with a timeout, then a SIGTERM the workers ignore
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.join(timeout=5)
 
     def restore(self, saved: dict[str, Any]) -> dict[int, StreamState]:
         """This rank's streams from a checkpoint's (every stream's) positions, re-dealt if the layout changed."""

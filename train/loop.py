@@ -224,8 +224,10 @@ class Trainer:
         raise Preempted(stop.name, self.step, self.last_checkpoint)
 
     def close(self) -> None:
-        """Flush the logs and give the run directory back (a process that dies gives it back anyway)."""
+        """Flush the logs, end the data workers and give the run directory back (a process that dies gives it back
+        anyway)."""
         self.reporter.close()
+        self.data.close()
         use(None)
         if self.lock is not None:
             self.lock.release()

@@ -186,13 +186,27 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     unet_config = _config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
     student = _meta(lambda: UNet2DConditionModel.from_config(unet_config))
     student_params = count(student)
-    plan.lines.append(trained_state("student UNet (trained)", student_params, engine, dtype, world, True, ema))
+    lora = config.student.lora
+    if lora.enabled:  # one UNet: the frozen base serves the teacher (adapters off) and the student
+        from addpipe.train.lora import peft_config
 
-    teacher_unet_params = count(_meta(lambda: UNet2DConditionModel.from_config(
-        _config(UNet2DConditionModel, model.teacher, "unet"))))
-    partition = model.frozen_placement == "partition"
-    plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params, weights=b * teacher_unet_params / (world if partition else 1),
-                           note="sharded" if partition else "replicated"))
+        student.requires_grad_(False)
+        student.add_adapter(peft_config(lora))
+        adapters = count(student, trainable_only=True)
+        plan.lines.append(trained_state(f"student LoRA adapters, rank {lora.rank} (trained)", adapters, engine, dtype,
+                                        world, True, ema))
+        sharded = engine.backend == "fsdp2" or engine.zero == 3
+        plan.lines.append(Line("UNet base (frozen; teacher = adapters off)", student_params,
+                               weights=b * student_params / (world if sharded else 1),
+                               note="sharded with the student" if sharded else "replicated"))
+    else:
+        plan.lines.append(trained_state("student UNet (trained)", student_params, engine, dtype, world, True, ema))
+        teacher_unet_params = count(_meta(lambda: UNet2DConditionModel.from_config(
+            _config(UNet2DConditionModel, model.teacher, "unet"))))
+        partition = model.frozen_placement == "partition"
+        plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params,
+                               weights=b * teacher_unet_params / (world if partition else 1),
+                               note="sharded" if partition else "replicated"))
     vae_config = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, model.teacher, "vae")
     vae = _meta(lambda: AutoencoderKL.from_config(vae_config))
     text_params, text_dims = 0, {}
@@ -242,8 +256,9 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
         student.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     student.train()
-    for p in student.parameters():
-        p.requires_grad_(True)
+    if not config.student.lora.enabled:  # a LoRA student's base stays frozen: no weight gradient saves its input
+        for p in student.parameters():
+            p.requires_grad_(True)
     kwargs: dict[str, Any] = {"encoder_hidden_states": torch.empty(batch, 77, unet_config["cross_attention_dim"],
                                                                     device="meta", dtype=dtype)}
     if architecture == "sdxl":

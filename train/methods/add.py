@@ -364,4 +364,5 @@ class ADD(Method):
                                   f"{config.discriminator.feature_network}; c_img from "
                                   f"{config.discriminator.image_encoder or config.discriminator.feature_network}; c_text from "
                                   f"{config.discriminator.text_encoder or 'the teacher (' + config.discriminator.text_embedding + ')'}"),
-                "teacher": f"frozen: {config.model.teacher} (UNet, VAE, text encoders)"}
+                "teacher": f"frozen: {config.model.teacher} (UNet, VAE, text encoders)" + (
+                    "; its UNet is the student's base" if config.student.lora.enabled else "")}
