@@ -18,23 +18,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "dist_worker.py"
-
-
-def run(command: list[str]) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=WORKER.parent)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+from trainer_overhead import REPO, WORKER, run  # one way to run a trainer process and report its steps
 
 
 def main() -> None:
