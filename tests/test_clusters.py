@@ -20,7 +20,7 @@ from test_train import clean_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 STEPS = 16  # enough that a signal sent after step 2 (it takes a second or two to reach the tasks) lands mid-run
-LONG_STEPS = 110  # with start-up, longer than one start gets under the time-limit test's 2-minute limit
+LONG_STEPS = 200  # longer than one start trains under the time-limit test's 2-minute limit (about 120 steps)
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
 BACKENDS = {"deepspeed": {"engine.backend": "deepspeed", "engine.zero": 3},
             "fsdp2": {"engine.backend": "fsdp2"}}

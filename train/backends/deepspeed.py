@@ -66,12 +66,6 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_tensor")
 
 
-def stored_in_parts(parameter: torch.Tensor) -> bool:
-    """Whether this rank keeps only its partition of the parameter. ZeRO-3 keeps parameters under
-    stage3_param_persistence_threshold whole on every rank ("persistent": biases, norms, LoRA adapters); their
-    ds_tensor is a partition the forward never reads, so an EMA applied there would not reach the export."""
-    return is_partitioned(parameter) and not getattr(parameter, "ds_persist", False)
-
 
 @contextlib.contextmanager
 def gathered(parameters: list[nn.Parameter], modifier_rank: Optional[int] = None) -> Iterator[None]:
@@ -128,7 +122,7 @@ class DeepSpeedTrained(Trained):
             group.update(lr=rate, initial_lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay)
 
     def local_tensors(self) -> list[torch.Tensor]:
-        return [p.ds_tensor if stored_in_parts(p) else p.data for _, p in self._named_trainable()]
+        return [p.ds_tensor if is_partitioned(p) else p.data for _, p in self._named_trainable()]
 
     def master_tensors(self) -> list[torch.Tensor]:
         """In bf16/fp16, ZeRO-3 keeps each rank's fp32 master partition apart from its half-precision ds_tensor:
@@ -154,9 +148,17 @@ class DeepSpeedTrained(Trained):
 
     def full_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         with self.full_parameters():
-            if not distributed.is_main():
-                return None
-            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+            state = ({k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+                     if distributed.is_main() else None)
+        # ZeRO-3 keeps parameters under stage3_param_persistence_threshold (biases, norms, LoRA adapters) whole on
+        # every rank, and gathering them is a no-op; their ds_tensor partition is what the optimizer, a checkpoint
+        # load and the EMA (applied to local_tensors for the export) write. Assemble them from it (collective).
+        for name, parameter in self.module.named_parameters():
+            if getattr(parameter, "ds_persist", False) and is_partitioned(parameter):
+                whole = self._whole(parameter, parameter.ds_tensor)
+                if state is not None:
+                    state[name] = whole
+        return state
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def _named_trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -186,7 +188,7 @@ class DeepSpeedTrained(Trained):
     @staticmethod
     def _whole(parameter: nn.Parameter, local: torch.Tensor) -> torch.Tensor:
         """A ZeRO-3 partition (1/world of the flattened, padded parameter) made whole on every rank (collective)."""
-        if not stored_in_parts(parameter):
+        if not is_partitioned(parameter):
             return local.detach().float().cpu()
         import torch.distributed as dist
 
@@ -196,7 +198,7 @@ class DeepSpeedTrained(Trained):
 
     @staticmethod
     def _partition(parameter: nn.Parameter, whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if not stored_in_parts(parameter):
+        if not is_partitioned(parameter):
             return whole.to(like.device, like.dtype).clone()
         size = like.numel()
         flat = torch.zeros(size * distributed.world_size(), dtype=whole.dtype)
