@@ -73,12 +73,13 @@ def export_lora_student(state: Optional[dict[str, torch.Tensor]], unet_config: A
         lora_dir = Path(lora_dir)
         lora_dir.mkdir(parents=True, exist_ok=True)
         loader = StableDiffusionXLPipeline if components.architecture == "sdxl" else StableDiffusionPipeline
-        loader.save_lora_weights(lora_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(lora_config))
+        metadata = adapter_metadata(lora_config)
+        loader.save_lora_weights(lora_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata)
         student_scheduler(components, prediction_type, zero_terminal_snr).save_pretrained(lora_dir / "scheduler")
         info = {"architecture": components.architecture, "prediction_type": prediction_type,
                 "zero_terminal_snr": zero_terminal_snr, "timesteps": list(timesteps),
                 "num_train_timesteps": int(components.scheduler_config["num_train_timesteps"]),
-                "teacher": components.source, "base_model": components.source, "lora": adapter_metadata(lora_config)}
+                "teacher": components.source, "base_model": components.source, "lora": metadata}
         (lora_dir / STUDENT_INFO).write_text(json.dumps(info, indent=2))
     distributed.barrier()
     if fused_dir is None:

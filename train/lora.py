@@ -10,7 +10,7 @@ reads.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -104,6 +104,6 @@ def adapter_metadata(config) -> dict[str, Any]:
                                                     "use_rslora", "init_lora_weights", "bias")}
 
 
-def describe(config: Optional[Any]) -> str:
+def describe(config: Any) -> str:
     return (f"LoRA rank {config.rank}, alpha {config.alpha or config.rank} on {', '.join(config.modules())}; "
             "teacher = the same UNet with the adapters off")

@@ -66,7 +66,6 @@ def is_partitioned(parameter: torch.Tensor) -> bool:
     return hasattr(parameter, "ds_tensor")
 
 
-
 @contextlib.contextmanager
 def gathered(parameters: list[nn.Parameter], modifier_rank: Optional[int] = None) -> Iterator[None]:
     """ZeRO-3 parameters whole inside (a no-op for others); with modifier_rank, changes made there are kept."""
