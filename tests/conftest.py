@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +17,44 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+# Every process the suite starts inherits this marker (daemons in their own sessions included), so the session can
+# find whatever a test left running. A leftover daemon can hold the pipe of whoever runs the suite open and stall it
+# long after pytest has printed its summary.
+SESSION_MARK = "ADDPIPE_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+def leftover_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of live processes carrying this session's marker, this process excluded (Linux /proc)."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # already dead, waiting to be reaped by its parent
+            found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def pytest_unconfigure(config):
+    """End, and name, any process a test started and did not stop."""
+    if not Path("/proc/self/environ").exists():
+        return
+    for pid, command in leftover_processes():
+        if "multiprocessing.resource_tracker" in command or "multiprocessing.forkserver" in command:
+            continue  # this interpreter's own helpers: they exit with it
+        print(f"conftest: a test left pid {pid} running, killed: {command}", file=sys.stderr)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
