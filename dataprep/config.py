@@ -11,7 +11,6 @@ from typing import Literal, Optional
 AESTHETIC_WEIGHTS_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 )
-INPUT_FORMATS = ("parquet", "csv", "csv.gz", "tsv", "tsv.gz", "jsonl", "jsonl.gz", "json", "json.gz")
 
 
 @dataclass

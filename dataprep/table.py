@@ -19,44 +19,13 @@ from typing import Optional
 
 import pandas as pd
 
-from addpipe.dataprep.config import INPUT_FORMATS, InputConfig
+from addpipe.dataprep.config import InputConfig
 from addpipe.files import write_parquet_atomic
+from addpipe.tables import InputError, detect_format, read_one  # noqa: F401 - InputError is this stage's error too
 
 # Fields img2dataset puts into each sample's metadata; an input column of the same name would be overwritten.
 IMG2DATASET_FIELDS = {"key", "status", "error_message", "width", "height", "original_width", "original_height",
                       "exif", "sha256", "md5", "sha512", "url", "caption"}
-
-
-class InputError(ValueError):
-    """An input table that cannot be used as it is."""
-
-
-def detect_format(path: Path, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    name = path.name.lower()
-    for fmt in sorted(INPUT_FORMATS, key=len, reverse=True):
-        if name.endswith("." + fmt):
-            return fmt
-    raise InputError(f"cannot tell the format of {path} from its suffix; set input.format to one of {', '.join(INPUT_FORMATS)}")
-
-
-def read_one(path: Path, fmt: str) -> pd.DataFrame:
-    """One input file; a file that cannot be parsed as `fmt` (empty, truncated, malformed) is an InputError naming it."""
-    compression = "gzip" if fmt.endswith(".gz") else None
-    base = fmt.removesuffix(".gz")
-    if path.stat().st_size == 0:
-        raise InputError(f"input file {path} is empty (0 bytes)")
-    try:
-        if base == "parquet":
-            return pd.read_parquet(path)
-        if base in ("csv", "tsv"):
-            return pd.read_csv(path, sep="\t" if base == "tsv" else ",", compression=compression, keep_default_na=False,
-                               na_values=[""], dtype_backend="numpy_nullable")
-        return pd.read_json(path, lines=base == "jsonl", compression=compression)
-    except Exception as error:  # pandas, pyarrow and gzip each raise their own types for a bad file
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot read input file {path} as {fmt}: {detail}") from error
 
 
 def read_table(config: InputConfig) -> pd.DataFrame:

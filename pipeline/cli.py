@@ -18,7 +18,7 @@ class UserError(Exception):
     """Errors caused by input, printed without a traceback."""
 
 
-USER_ERRORS = (("addpipe.dataprep.prep", "PrepError"), ("addpipe.dataprep.table", "InputError"),
+USER_ERRORS = (("addpipe.dataprep.prep", "PrepError"), ("addpipe.tables", "InputError"),
                ("addpipe.eval.study", "StudyError"), ("addpipe.config", "ConfigError"),
                ("addpipe.train.checkpoint", "CheckpointError"), ("addpipe.shards", "ShardError"),
                ("addpipe.train.models", "ModelLoadError"), ("addpipe.train.report", "NonFiniteLossError"),
@@ -108,6 +108,37 @@ def train(
         raise typer.Exit(REQUEUE_EXIT)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"student exported to {student}")
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def pairs(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. pairs.guidance=8 pairs.steps=50"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*_d2g.yaml)"),
+    prompts: str = typer.Option(..., "--prompts", help="Prompt table: parquet, csv, tsv, jsonl (column pairs.prompt_column) "
+                                "or .txt (one prompt per line)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory of the pair shards (reruns continue it)"),
+    task: Optional[int] = typer.Option(None, "--task", help="This worker's index [default: SLURM_ARRAY_TASK_ID, else 0]"),
+    tasks: Optional[int] = typer.Option(None, "--tasks", help="Workers in all [default: SLURM_ARRAY_TASK_COUNT, else 1]"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+) -> None:
+    """Diffusion2GAN's ODE pairs: the teacher's DDIM sampler from stored noise, into WebDataset shards.
+
+    Split across SLURM array tasks (and torchrun ranks inside each): shard N goes to worker N mod workers, so any
+    split writes the same files; a rerun skips finished shards."""
+    from addpipe.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.pairs import collect_pairs
+
+    cfg = load(TrainConfig, config, list(overrides or []))
+    task = task if task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
+    tasks = tasks if tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+    try:
+        counts = collect_pairs(cfg, prompts, str(out), task=task, tasks=tasks, device=device)
+    except ValueError as error:  # --task out of range
+        raise UserError(str(error)) from error
+    typer.echo(f"pairs: {counts['pairs']} written in {counts['written_shards']} shard(s), {counts['skipped']} prompt(s) "
+               f"skipped, {counts['reused_shards']} shard(s) already done; this worker's {counts['worker_shards']} of "
+               f"{counts['shards']} shard(s) for {counts['prompts']} prompt(s) in {out}")
 
 
 @app.command()

@@ -1,9 +1,11 @@
 """`addpipe demo --full`: the ADD paper's central claim and its ablations, reproduced at small scale on CPU.
 
-Per seed: the ADD student (configs/tiny.yaml) and five ablations are trained from the same teacher, data and
-feature network (distillation only, adversarial only, no image conditioning, and the two distillation weightings
-c(t) the config does not use); then the teacher at 1, 2, 4 and 50 guided steps, the student at 1, 2 and 4 steps and each ablation
-at 1 step generate the same held-out prompts from the same noise. Quality is the Fréchet distance in the
+Per seed: the ADD student (configs/tiny.yaml), a LoRA student (the same run with adapters on the teacher's UNet
+instead of a full copy) and five ablations are trained from the same teacher, data and feature network
+(distillation only, adversarial only, no image conditioning, and the two distillation weightings c(t) the config
+does not use); then the teacher at 1, 2, 4 and 50 guided steps, the student and the LoRA student at 1, 2 and 4
+steps (the LoRA as a `teacher+student_lora` arm: diffusers loads and fuses it) and each ablation at 1 step
+generate the same held-out prompts from the same noise. Quality is the Fréchet distance in the
 feature space of the content classifier (a CNN trained on the real data, not the discriminator's
 backbone); prompt adherence is that classifier's accuracy on the requested digit and colours.
 
@@ -23,6 +25,10 @@ from addpipe.pipeline.demo import (CONFIG, DemoSettings, curate, evaluate, featu
                                    train_student)
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")
+# The LoRA student: this teacher's UNet is tiny (32/64 channels, one attention block per level), so the adapters
+# also take the convolutions (as LCM-LoRA and DMD2 do); rank = alpha, the LCM-LoRA convention, and a rate ten times
+# the full student's, the usual step between full and LoRA fine-tuning.
+LORA = ["student.lora.rank=16", "student.lora.alpha=16", "student.lora.convolutions=true", "optim.student_lr=5e-4"]
 
 
 def variants(config: Path = CONFIG) -> dict[str, list[str]]:
@@ -32,7 +38,7 @@ def variants(config: Path = CONFIG) -> dict[str, list[str]]:
     from addpipe.train.config import TrainConfig
 
     default = load(TrainConfig, config, []).distill.weighting
-    return {"add": [], "distillation-only": ["distill.adversarial=false"], "adversarial-only": ["distill.distillation=false"],
+    return {"add": [], "lora": LORA, "distillation-only": ["distill.adversarial=false"], "adversarial-only": ["distill.distillation=false"],
             "no-image-conditioning": ["discriminator.image_conditioning=false"],
             **{weighting: [f"distill.weighting={weighting}"] for weighting in WEIGHTINGS if weighting != default}}
 
@@ -44,7 +50,9 @@ GUIDANCE = 3.0
 def arms_for(teacher: Path, students: dict[str, Path]) -> list[str]:
     arms = [f"teacher-{n}={teacher}:steps={n}:cfg={GUIDANCE}:scheduler=ddim" for n in TEACHER_STEPS]
     arms += [f"add-{n}={students['add']}:steps={n}" for n in (1, 2, 4)]
-    arms += [f"{name}-1={path}:steps=1" for name, path in students.items() if name != "add"]
+    if "lora" in students:  # the adapters on their base, loaded by diffusers (the export users get)
+        arms += [f"lora-{n}={teacher}+{students['lora'].parent / 'student_lora'}:steps={n}" for n in (1, 2, 4)]
+    arms += [f"{name}-1={path}:steps=1" for name, path in students.items() if name not in ("add", "lora")]
     return arms
 
 
@@ -90,9 +98,16 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"seeds": sorted(per_seed), "arms": table, "targets": targets, "real": reference}
 
 
+FAMILIES = {"teacher": (0, "tab:gray"), "add": (1, "tab:blue"), "lora": (2, "tab:purple")}
+
+
+def family(arm: str) -> tuple[int, str]:
+    """(rank in the table, bar colour): teacher, ADD student, LoRA student, then the ablations."""
+    return FAMILIES.get(arm.rsplit("-", 1)[0], (3, "tab:orange"))
+
+
 def order(arm: str) -> tuple[int, int]:
-    family = 0 if arm.startswith("teacher") else 1 if arm.startswith("add") else 2
-    return family, int(arm.rsplit("-", 1)[1])
+    return family(arm)[0], int(arm.rsplit("-", 1)[1])
 
 
 def write_table(out: Path, summary: dict[str, Any]) -> Path:
@@ -123,7 +138,7 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
     figure, axis = plt.subplots(figsize=(max(6, 0.7 * len(arms)), 3.5))
     for i, arm in enumerate(arms):
         row = summary["arms"][arm]
-        colour = "tab:gray" if arm.startswith("teacher") else "tab:blue" if arm.startswith("add") else "tab:orange"
+        colour = family(arm)[1]
         axis.bar(i, row["fid_mean"], color=colour, alpha=0.6)
         axis.scatter([i] * len(row["fid"]), row["fid"], color="black", s=10, zorder=3)
     if real:
@@ -131,7 +146,7 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
         axis.legend(fontsize=8, loc="upper right")
     axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("FID (classifier features)")
-    axis.set_title("Teacher (grey), ADD student (blue), ablations at 1 step (orange); dots: seeds", fontsize=9)
+    axis.set_title("Teacher (grey), ADD student (blue), LoRA student (purple), ablations at 1 step (orange); dots: seeds", fontsize=9)
     figure.tight_layout()
     figure.savefig(out / "reproduction_fid.png", dpi=110)
     plt.close(figure)

@@ -235,13 +235,23 @@ def test_teacher_pretraining_trains_the_text_encoder_on_caption_tokens_only(labe
 
 def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_targets_per_seed(tmp_path):
     from addpipe.pipeline.demo import CONFIG
-    from addpipe.pipeline.reproduce import check_targets, summarise, variants, write_table
+    from addpipe.eval.generate import Arm
+    from addpipe.pipeline.reproduce import arms_for, check_targets, order, summarise, variants, write_table
 
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG.read_text().replace("weighting: ", "weighting: sds  # was ", 1))
     found = variants(config)
     assert found["add"] == [] and found["adversarial-only"] == ["distill.distillation=false"]
     assert {name for name in found if name in ("exponential", "sds", "nfsd")} == {"exponential", "nfsd"}
+    assert "student.lora.rank=16" in found["lora"]
+    # the LoRA student is evaluated as its adapters on the teacher, loaded by diffusers, at 1, 2 and 4 steps
+    students = {name: tmp_path / name / "student" for name in found}
+    arms = {Arm.parse(text).name: Arm.parse(text) for text in arms_for(tmp_path / "teacher", students)}
+    assert [(arms[f"lora-{n}"].source, arms[f"lora-{n}"].lora, arms[f"lora-{n}"].steps) for n in (1, 2, 4)] == [
+        (str(tmp_path / "teacher"), str(tmp_path / "lora" / "student_lora"), n) for n in (1, 2, 4)]
+    assert "lora-1" in arms and "distillation-only-1" in arms and "distillation-only-2" not in arms
+    assert sorted(arms, key=order)[:10] == ["teacher-1", "teacher-2", "teacher-4", "teacher-50", "add-1", "add-2",
+                                            "add-4", "lora-1", "lora-2", "lora-4"]
 
     def arm(fid, adherence=1.0):
         return {"frechet_distance": fid, "adherence": {"all": adherence}, "steps": 1, "latency_median_s": 0.01}

@@ -52,11 +52,17 @@ def test_encoded_tensors_equal_the_trainers_own_encoding(encoded, tiny_sdxl, tin
         assert "jpg" in sample and "txt" in sample  # the images stay: the discriminator still needs real pixels
 
 
-def test_trainer_uses_matching_precomputed_tensors_with_the_same_losses(encoded, tiny_sdxl, tiny_dino, digit_shards, tmp_path):
+@pytest.mark.parametrize("student", ["full", "lora"])
+def test_trainer_uses_matching_precomputed_tensors_with_the_same_losses(encoded, tiny_sdxl, tiny_dino, digit_shards, tmp_path,
+                                                                        student):
     from addpipe.train.loop import train
 
+    # a LoRA student's teacher is the same base UNet, VAE and text encoders: the same precomputed tensors serve it
+    kind = {"student.lora.rank": 4, "student.lora.init": "gaussian"} if student == "lora" else {}
+
     def run(shards, name, **extra):
-        config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sdxl, tiny_dino, shards, tmp_path / name, steps=2, **extra))
+        config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sdxl, tiny_dino, shards, tmp_path / name, steps=2,
+                                                               **kind, **extra))
         train(config)
         return losses(tmp_path / name)
 
@@ -66,6 +72,8 @@ def test_trainer_uses_matching_precomputed_tensors_with_the_same_losses(encoded,
     for a, b in zip(raw, pre):
         for term in ("loss/generator_adversarial", "loss/distillation", "loss/discriminator_real", "loss/r1"):
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-6), term
+    if student == "lora":
+        return
     # another resolution (or random crops) cannot use latents of 16px centre crops: encoded on the fly instead
     other = run(encoded, "other", **{"data.resolution": 32, "discriminator.input_size": 32})
     assert [m["data/precomputed_batches"] for m in other] == [0, 0]

@@ -343,6 +343,31 @@ class LogConfig:
 
 
 @dataclass
+class PairsConfig:
+    """Diffusion2GAN's ODE pairs (`addpipe pairs`): the teacher's deterministic sampler run from stored noise."""
+
+    sampler: Literal["ddim"] = "ddim"
+    """The teacher's ODE solver: DDIM with eta 0 (deterministic: the same noise and prompt give the same latent)."""
+    steps: int = 50
+    """Sampler steps (timestep spacing as the teacher's scheduler config says)."""
+    guidance: float = 8.0
+    """Classifier-free guidance scale, fixed for the whole set (the paper's SD 1.5 set: 8, 'SD-CFG-8'). The
+    one-step student learns this guidance and only this one."""
+    prompt_column: str = "caption"
+    """Column of the prompt table holding the prompts (a .txt file: one prompt per line)."""
+    samples_per_shard: int = 1000
+    """Pairs per output shard; the shard is also the unit of resuming and of splitting across ranks and array tasks."""
+    batch_size: int = 8
+    """Prompts sampled together."""
+    seed: int = 0
+    """Noise of prompt i is drawn from a generator seeded with (seed, i): any rank, task or rerun draws the same."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.samples_per_shard < 1 or self.batch_size < 1 or self.guidance < 0:
+            raise ValueError("pairs.steps, pairs.samples_per_shard and pairs.batch_size >= 1 and pairs.guidance >= 0 required")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/add"
     """Where config, metrics, checkpoints, samples and the exported student go."""
@@ -370,6 +395,8 @@ class TrainConfig:
     """Checkpointing and export."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics, TensorBoard, sample grids."""
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    """ODE pairs for Diffusion2GAN (`addpipe pairs`)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from addpipe.train import distributed
-from addpipe.train.models import TeacherComponents
+from addpipe.train.models import TeacherComponents, diffusers_pipeline
 from addpipe.train.sampling import STUDENT_INFO
 
 
@@ -31,20 +31,12 @@ def student_scheduler(components: TeacherComponents, prediction_type: str, zero_
 def export_student(state: Optional[dict[str, torch.Tensor]], unet_config: Any, components: TeacherComponents, out_dir: Path,
                    prediction_type: str, zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
     """`state`: the student's whole state dict on rank 0 (a backend's full_state_dict); rank 0 writes, all wait."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     if distributed.is_main():
         unet = UNet2DConditionModel.from_config(unet_config)
         unet.load_state_dict(state)
-        scheduler = student_scheduler(components, prediction_type, zero_terminal_snr)
-        parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
-                     unet=unet, scheduler=scheduler)
-        if components.architecture == "sdxl":
-            pipeline = StableDiffusionXLPipeline(**parts, text_encoder_2=components.text_encoders[1],
-                                                 tokenizer_2=components.tokenizers[1])
-        else:
-            pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                               requires_safety_checker=False)
+        pipeline = diffusers_pipeline(components, student_scheduler(components, prediction_type, zero_terminal_snr), unet)
         out_dir = Path(out_dir)
         pipeline.save_pretrained(out_dir)
         info = {"architecture": components.architecture, "prediction_type": prediction_type,

@@ -154,6 +154,19 @@ def load_teacher(model_config, dtype: torch.dtype = torch.float32, with_unet: bo
                              zero_unconditional=architecture == "sdxl" and forces_zeros(name, revision))
 
 
+def diffusers_pipeline(components: TeacherComponents, scheduler, unet: Optional[nn.Module] = None):
+    """`components` as diffusers' own pipeline (SD or SDXL), with `unet` in place of theirs when given: what
+    exports save and what the ODE pairs are sampled with."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
+                 unet=unet if unet is not None else components.unet, scheduler=scheduler)
+    if components.architecture == "sdxl":
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=components.text_encoders[1],
+                                         tokenizer_2=components.tokenizers[1])
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def forces_zeros(name: str, revision: Optional[str]) -> bool:
     """model_index.json's force_zeros_for_empty_prompt; true where the file does not say (SDXL's default)."""
     from diffusers import DiffusionPipeline
