@@ -368,11 +368,43 @@ class PairsConfig:
 
 
 @dataclass
+class D2GConfig:
+    """Diffusion2GAN (method: diffusion2gan): a one-step generator regressed onto ODE pairs with E-LatentLPIPS, plus
+    a conditional GAN whose discriminator is the teacher UNet's encoder."""
+
+    lpips: str = ""
+    """LatentLPIPS weights: a published <encoder>_latest_vgg16_tuned.pth, or one `addpipe demo` trains (required)."""
+    augment: str = "bg"
+    """E-LatentLPIPS augmentations, letters of b (flips, quarter turns, shifts), g (scale, rotation, anisotropy),
+    c (brightness, contrast), o (cutout); empty: plain LatentLPIPS."""
+    lpips_weight: float = 1.0
+    """Weight of the E-LatentLPIPS regression term."""
+    adversarial: bool = True
+    """Train the conditional GAN; false: the regression-only ablation (no discriminator)."""
+    gan_weight: float = 0.05
+    """Weight of the generator's GAN term against the regression term."""
+    discriminator_t: tuple[int, int] = (10, 500)
+    """Range of the timestep both real and generated latents are noised to before the discriminator (a diffusion GAN)."""
+    text_mismatch_weight: float = 1.0
+    """Weight of the text-alignment term: real latents with another sample's prompt count as fake."""
+    r1_gamma: float = 1.0
+    """gamma of R1 = gamma/2 E||dD(x_t)/dx_t||^2 on the noised real latents (0: off)."""
+
+    def __post_init__(self) -> None:
+        self.discriminator_t = tuple(int(t) for t in self.discriminator_t)
+        if len(self.discriminator_t) != 2 or not 0 <= self.discriminator_t[0] <= self.discriminator_t[1]:
+            raise ValueError(f"d2g.discriminator_t must be [low, high] with 0 <= low <= high, got {self.discriminator_t}")
+        if self.lpips_weight < 0 or self.gan_weight < 0 or self.r1_gamma < 0 or self.text_mismatch_weight < 0:
+            raise ValueError("d2g weights and d2g.r1_gamma must be non-negative")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/add"
     """Where config, metrics, checkpoints, samples and the exported student go."""
     method: str = "add"
-    """The training method: add (Adversarial Diffusion Distillation); others register in train/methods."""
+    """The training method: add (Adversarial Diffusion Distillation) or diffusion2gan (on `addpipe pairs` shards);
+    others register in train/methods."""
     steps: int = 10000
     """Total optimisation steps."""
     seed: int = 0
@@ -397,6 +429,8 @@ class TrainConfig:
     """Metrics, TensorBoard, sample grids."""
     pairs: PairsConfig = field(default_factory=PairsConfig)
     """ODE pairs for Diffusion2GAN (`addpipe pairs`)."""
+    d2g: D2GConfig = field(default_factory=D2GConfig)
+    """Diffusion2GAN's losses and discriminator (method: diffusion2gan)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:

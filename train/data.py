@@ -154,6 +154,25 @@ def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng
             "encoded": precomputed(sample, meta, signature if rng is None else None)}
 
 
+PAIR_TENSORS = ("noise", "latents", "prompt_embeds", "pooled_embeds")
+PAIR_MATCH = ("teacher", "revision", "vae", "resolution")
+
+
+def decode_pair(sample: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
+    """One sample of `addpipe pairs` shards -> its tensors; raises (the caller skips and counts) on a sample that is not
+    a pair, or a pair of another teacher or resolution than `signature` (this run's)."""
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    made = meta.get("addpipe_pairs")
+    if made is None or any(f"{name}.npy" not in sample for name in PAIR_TENSORS):
+        raise ValueError(f"sample {sample.get('__key__')} is not an ODE pair (make the shards with `addpipe pairs`)")
+    differs = [f"{k} {made.get(k)!r} (this run: {signature.get(k)!r})" for k in PAIR_MATCH if made.get(k) != signature.get(k)]
+    if differs:
+        raise ValueError(f"pair {sample.get('__key__')} was made with another {', '.join(differs)}")
+    caption = sample.get("txt", b"")
+    return {"caption": (caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)).strip(),
+            "pair": {name: load_npy(sample[f"{name}.npy"]) for name in PAIR_TENSORS}}
+
+
 class ShardStreams(torch.utils.data.IterableDataset):
     """Yields chunks of `chunk_size` decoded samples, each tagged with its stream and the stream's state."""
 
@@ -171,6 +190,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
         self.seed, self.random_crop = seed, random_crop
         self.states = states or {}
         self.signature = signature
+        self.pairs = (signature or {}).get("pairs")  # a method that trains on ODE pairs (decode_pair) instead of images
         self.reported: set[str] = set()  # shards already warned about (per process: each worker has its own)
 
     def samples(self, stream: int) -> Iterator[tuple[Optional[dict[str, Any]], StreamState]]:
@@ -195,7 +215,8 @@ class ShardStreams(torch.utils.data.IterableDataset):
                             continue
                         rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
                         try:
-                            decoded = decode_sample(raw, self.resolution, self.caption_key, rng, self.signature)
+                            decoded = (decode_pair(raw, self.pairs) if self.pairs is not None else
+                                       decode_sample(raw, self.resolution, self.caption_key, rng, self.signature))
                             decoded["key"] = f"{shard_index}/{raw.get('__key__')}"
                             usable += 1
                         except Exception as error:  # a corrupt image or missing caption: skip and count
@@ -230,7 +251,12 @@ class ShardStreams(torch.utils.data.IterableDataset):
         for decoded, state in self.samples(stream):
             if decoded is not None:
                 buffer.append(decoded)
-            if len(buffer) == self.chunk_size:
+            if len(buffer) == self.chunk_size and self.pairs is not None:
+                yield {**{name: torch.stack([b["pair"][name] for b in buffer]) for name in PAIR_TENSORS},
+                       "captions": [b["caption"] for b in buffer], "keys": [b["key"] for b in buffer],
+                       "stream": stream, "state": state.as_dict()}
+                buffer = []
+            elif len(buffer) == self.chunk_size:
                 encoded = [b["encoded"] for b in buffer]
                 yield {
                     # precomputed tensors only when every sample of the chunk has them (else all encode on the fly)
@@ -258,15 +284,16 @@ class ShardStreams(torch.utils.data.IterableDataset):
 
 @dataclass
 class Batch:
-    pixels: torch.Tensor
     captions: list[str]
-    original_sizes: torch.Tensor
-    crops: torch.Tensor
+    pixels: Optional[torch.Tensor] = None           # images in [-1, 1]; None for ODE pairs
+    original_sizes: Optional[torch.Tensor] = None
+    crops: Optional[torch.Tensor] = None
     streams: list[int] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)   # "<shard index>/<sample key>": which sample each row is
     latents: Optional[torch.Tensor] = None          # from `addpipe prep encode`, when the shards carry them
     prompt_embeds: Optional[torch.Tensor] = None
     pooled_embeds: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None            # an ODE pair's z (its x is `latents`)
 
 
 def _close_at_exit(reference) -> None:
@@ -329,15 +356,11 @@ class TrainingData:
             raise ShardError(message.rsplit("ShardError: ", 1)[-1].strip()) from None
         for chunk in chunks:
             self.states[chunk["stream"]] = StreamState.from_dict(chunk["state"])
-        encoded = {}
-        if all("latents" in c for c in chunks):
-            encoded = {name: torch.cat([c[name] for c in chunks]) for name in ("latents", "prompt_embeds", "pooled_embeds")}
+        tensors = [name for name in ("latents", "prompt_embeds", "pooled_embeds", "noise", "pixels", "original_sizes",
+                                     "crops") if all(name in c for c in chunks)]
         return Batch(
-            **encoded,
-            pixels=torch.cat([c["pixels"] for c in chunks]),
+            **{name: torch.cat([c[name] for c in chunks]) for name in tensors},
             captions=[caption for c in chunks for caption in c["captions"]],
-            original_sizes=torch.cat([c["original_sizes"] for c in chunks]),
-            crops=torch.cat([c["crops"] for c in chunks]),
             streams=[c["stream"] for c in chunks for _ in c["captions"]],
             keys=[key for c in chunks for key in c["keys"]],
         )

@@ -1,7 +1,9 @@
-"""ADD's losses as pure functions of tensors (docs/method.md). Nothing here calls backward or touches an optimizer.
+"""The methods' losses as pure functions of tensors (docs/method.md): ADD's, then Diffusion2GAN's GAN terms. Nothing here
+calls backward or touches an optimizer.
 
-Conventions: a discriminator returns one logit tensor per head, shaped (batch, tokens); a head's score
-is the mean over its tokens, and the heads' terms are summed (StyleGAN-T's multi-scale sum).
+Conventions (ADD): a discriminator returns one logit tensor per head, shaped (batch, tokens); a head's score
+is the mean over its tokens, and the heads' terms are summed (StyleGAN-T's multi-scale sum). Diffusion2GAN's
+discriminator returns a logit map per scale, and its terms are averaged over scales.
 """
 
 from __future__ import annotations
@@ -99,3 +101,34 @@ def distillation_loss(student_x0: torch.Tensor, target_x0: torch.Tensor, weight:
 def generator_total(adversarial: torch.Tensor, distillation: torch.Tensor, weight: float) -> torch.Tensor:
     """L = L_adv + lambda * L_distill."""
     return adversarial + weight * distillation
+
+
+# ---- Diffusion2GAN (train/methods/diffusion2gan.py): a non-saturating conditional GAN on multi-scale logit maps ----
+
+def scale_mean(logits: Sequence[torch.Tensor], fn) -> torch.Tensor:
+    """mean over scales k of E[fn(D_k)] over samples and positions: each scale weighs the same at any resolution."""
+    return torch.stack([fn(l.float()).mean() for l in logits]).mean()
+
+
+def nonsaturating_generator_loss(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_G = E[softplus(-D(G(z, c), z, c))]  (= -log sigmoid D)."""
+    return scale_mean(fake_logits, lambda l: F.softplus(-l))
+
+
+def nonsaturating_fake_loss(fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """E[softplus(D(fake))] = -log(1 - sigmoid D): the discriminator's term for what it must call fake."""
+    return scale_mean(fake_logits, F.softplus)
+
+
+def nonsaturating_discriminator_loss(real_logits: Sequence[torch.Tensor], fake_logits: Sequence[torch.Tensor]
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[softplus(-D(real))], E[softplus(D(fake))]): -log sigmoid on real, -log(1 - sigmoid) on fake."""
+    return scale_mean(real_logits, lambda l: F.softplus(-l)), nonsaturating_fake_loss(fake_logits)
+
+
+def input_r1_penalty(real_logits: Sequence[torch.Tensor], real_inputs: torch.Tensor) -> torch.Tensor:
+    """E_batch[ ||d D(x) / dx||^2 ] / 2 for D(x) = the per-sample mean of every scale's logits (StyleGAN2's R1 with
+    gamma applied by the caller); `real_inputs` must require grad; the graph is kept for the backward pass."""
+    score = torch.stack([l.float().flatten(1).mean(1) for l in real_logits]).mean(0)
+    (gradient,) = torch.autograd.grad(score.sum(), real_inputs, create_graph=True)
+    return gradient.pow(2).flatten(1).sum(1).mean() / 2

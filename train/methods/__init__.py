@@ -1,4 +1,4 @@
-"""Training methods behind one interface (base.py). ADD (add.py) is built in; another method registers itself
+"""Training methods behind one interface (base.py). ADD (add.py) and Diffusion2GAN (diffusion2gan.py) are built in; another method registers itself
 with `register` and is chosen with `method: <name>` in the config, without touching the loop."""
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ def register(method: type[Method]) -> type[Method]:
 def method_class(name: str) -> type[Method]:
     if "add" not in _METHODS:
         from addpipe.train.methods.add import ADD
+        from addpipe.train.methods.diffusion2gan import Diffusion2GAN
 
         register(ADD)
+        register(Diffusion2GAN)
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}: one of {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
