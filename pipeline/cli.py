@@ -392,6 +392,32 @@ def slurm_prep(
         typer.echo(f"submitted download {jobs[0]} -> embed array {jobs[1]} ({tasks} tasks) -> merge {jobs[2]}; logs in {log_dir}")
 
 
+@slurm_app.command("pairs", context_settings={"help_option_names": ["-h", "--help"], "allow_extra_args": True,
+                                               "ignore_unknown_options": True})
+def slurm_pairs(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config (its model and pairs sections)"),
+    prompts: str = typer.Option(..., "--prompts", help="Prompt table"),
+    out: Path = typer.Option(..., "--out", help="Directory of the pair shards"),
+    tasks: int = typer.Option(4, "--tasks", help="Array tasks (shard N goes to task N mod tasks)"),
+    gpus_per_node: int = typer.Option(0, "--gpus-per-node", help="GPUs per task; 0: CPU"),
+    cpus_per_task: Optional[int] = _CPUS, time: Optional[str] = _TIME, partition: Optional[str] = _PARTITION,
+    account: Optional[str] = _ACCOUNT, log_dir: Path = _LOGS, sbatch: Optional[List[str]] = _SBATCH,
+    dry_run: bool = _SLURM_DRY,
+) -> None:
+    """Submit `addpipe pairs` as a job array. Resubmitting (or a requeued task) continues: receipted shards are
+    skipped. Arguments after the options are config overrides (e.g. pairs.guidance=8)."""
+    from addpipe.slurm.submit import Allocation, submit_pairs
+
+    allocation = Allocation(gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time, partition=partition,
+                            account=account, log_dir=log_dir, extra=list(sbatch or []))
+    script, job = _slurm_errors(lambda: submit_pairs(config, prompts, out, tasks, list(ctx.args), allocation, dry_run))
+    if dry_run:
+        typer.echo(script + "\n# submit with:\n" + job)
+    else:
+        typer.echo(f"submitted pairs array {job} ({tasks} tasks); logs in {log_dir}")
+
+
 eval_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Human-preference studies and automated metrics: generate -> invite -> serve -> elo; metrics.")
 app.add_typer(eval_app, name="eval")

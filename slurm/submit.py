@@ -1,4 +1,4 @@
-"""`addpipe slurm train|prep`: render this folder's batch scripts for an allocation and submit them with sbatch.
+"""`addpipe slurm train|prep|pairs`: render this folder's batch scripts for an allocation and submit them with sbatch.
 
 The scripts here run as they are (`sbatch slurm/train.sbatch ...`, their #SBATCH lines are defaults); rendering
 replaces those lines with the allocation asked for, bakes in the Python that rendered them (the cluster's nodes
@@ -159,6 +159,22 @@ def submit_train(config: Path, overrides: list[str], allocation: Allocation, dry
         raise SlurmError(f"config not found: {config}")
     script = render("train.sbatch", allocation, requeue_signal=True)
     return script, sbatch(script, "train.sbatch", [str(Path(config).resolve()), *overrides], allocation, dry_run=dry_run)
+
+
+def submit_pairs(config: Path, prompts: str, out: Path, tasks: int, overrides: list[str], allocation: Allocation,
+                 dry_run: bool = False) -> tuple[str, str]:
+    """`addpipe pairs` as an array of `tasks` one-node jobs. -> (the rendered script, the job id or sbatch command)."""
+    allocation.check()
+    allocation = dataclasses.replace(allocation, nodes=1)
+    if not Path(config).is_file():
+        raise SlurmError(f"config not found: {config}")
+    if not Path(prompts).is_file():
+        raise SlurmError(f"prompt table not found: {prompts}")
+    if tasks < 1:
+        raise SlurmError(f"--tasks must be at least 1, got {tasks}")
+    script = render("pairs.sbatch", allocation, array=f"0-{tasks - 1}")
+    args = [str(Path(config).resolve()), str(Path(prompts).resolve()), str(Path(out).resolve()), *overrides]
+    return script, sbatch(script, "pairs.sbatch", args, allocation, dry_run=dry_run)
 
 
 def submit_prep(urls: str, out: Path, tasks: int, options: list[str], allocation: Allocation,

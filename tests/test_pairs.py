@@ -197,3 +197,36 @@ def test_bad_prompt_tables_and_a_different_set_are_refused_by_name(tiny_sd, prom
                              str(prompts), "--out", str(tmp_path / "set"), *settings(tiny_sd, **{"pairs.steps": 7})],
                             capture_output=True, text=True, env=clean_env(), timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "another set" in result.stderr, result.stderr
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_slurm_pairs_array_with_a_requeued_task_equals_one_local_worker(tiny_sd, slurm, tmp_path):
+    """`addpipe slurm pairs --tasks 2` on the two-node cluster, task 1 requeued after its first shard: the files are
+    the ones a single local worker writes."""
+    from addpipe.train.pairs import collect_pairs
+
+    lines = [f"a handwritten {i % 10} in white on a black background" for i in range(16)]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
+    overrides = settings(tiny_sd, **{"pairs.steps": 25})
+    collect_pairs(load(TrainConfig, TINY_CONFIG, overrides), str(tmp_path / "p.txt"), str(tmp_path / "local"),
+                  progress=False)
+    out, logs = tmp_path / "cluster", tmp_path / "logs"
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "slurm", "pairs", "--config", str(TINY_CONFIG),
+                             "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--tasks", "2",
+                             "--cpus-per-task", "1", "--log-dir", str(logs), *overrides],
+                            capture_output=True, text=True, env={**clean_env(), "SLURM_CONF": str(slurm.conf)},
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split("submitted pairs array ")[1].split()[0]
+    deadline = time.monotonic() + 600
+    while not (out / "00001.json").exists():  # task 1's first shard (1, 3, 5, 7 are its)
+        assert time.monotonic() < deadline, "\n".join(p.read_text()[-3000:] for p in logs.glob("*.out"))
+        time.sleep(0.05)
+    state = slurm.job_state(f"{job}_1")
+    slurm.run("scontrol", "requeue", f"{job}_1")
+    assert state == "RUNNING", f"task 1 was {state} when requeued: it must be cut off mid-way"
+    for task in (0, 1):
+        assert slurm.wait_job(f"{job}_{task}", 600) == "COMPLETED", "\n".join(p.read_text()[-3000:] for p in logs.glob("*.out"))
+    assert int(slurm.job_field(f"{job}_1", "Restarts") or 0) >= 1
+    assert files(out) == files(tmp_path / "local")
