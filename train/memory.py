@@ -175,6 +175,8 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     from addpipe.train.discriminator import Discriminator, evenly_spaced_layers
     from addpipe.train.models import clip_text_config, detect_architecture
 
+    if config.method != "add":  # what it counts (student, teacher, DINOv2 heads) is ADD's set of models
+        raise ValueError(f"the memory plan counts ADD's models; method {config.method} has none yet")
     engine, model, disc = config.engine, config.model, config.discriminator
     dtype = dtype or (torch.float32 if engine.precision == "fp32" else torch.bfloat16)
     b = dtype.itemsize

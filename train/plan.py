@@ -12,9 +12,8 @@ def describe_plan(config) -> str:
     for key, value in method_class(config.method).describe_plan(config).items():
         lines.append(f"#   {key}: {value}")
     lines.append("# placement:")
-    placement = backend_class(config.engine.backend).describe_plan(config)
-    if config.student.lora.enabled and "frozen teacher UNet" in placement:  # no second UNet to place
-        placement["frozen teacher UNet"] = "none: the student's UNet with its adapters off"
+    method = method_class(config.method)
+    placement = method.describe_placement(config, backend_class(config.engine.backend).describe_plan(config))
     for key, value in placement.items():
         lines.append(f"#   {key}: {value}")
     return "\n".join(lines) + "\n"

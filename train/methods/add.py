@@ -353,6 +353,12 @@ class ADD(Method):
                                    out_dir if lora.export_fused else None, *parameterisation)
 
     @staticmethod
+    def describe_placement(config, placement: dict[str, str]) -> dict[str, str]:
+        if config.student.lora.enabled and "frozen teacher UNet" in placement:  # no second UNet to place
+            placement["frozen teacher UNet"] = "none: the student's UNet with its adapters off"
+        return placement
+
+    @staticmethod
     def describe_plan(config) -> dict[str, str]:
         phases = "generator (student) every step"
         if config.distill.adversarial:

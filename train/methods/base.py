@@ -74,3 +74,9 @@ class Method(ABC):
     def describe_plan(config) -> dict[str, str]:
         """The models and phases, for --dry-run, from the config alone."""
         return {}
+
+    @staticmethod
+    def describe_placement(config, placement: dict[str, str]) -> dict[str, str]:
+        """The backend's placement lines (student, discriminator heads, frozen teacher UNet, ...) as they apply to
+        this method's models, for --dry-run."""
+        return placement

@@ -244,6 +244,15 @@ class Diffusion2GAN(Method):
                               self.student_prediction, self.student_zero_snr, self.timesteps)
 
     @staticmethod
+    def describe_placement(config, placement: dict[str, str]) -> dict[str, str]:
+        found = {"student": placement["student"]}
+        if config.d2g.adversarial:  # a whole UNet encoder, placed as the backend places ADD's heads
+            found["discriminator (UNet encoder)"] = placement["discriminator heads"]
+        found["teacher UNet"] = "none in training: the generator and the discriminator start as copies; the pairs replace it"
+        found["VAE, text encoders, LatentLPIPS"] = "replicated on every rank (frozen)"
+        return found
+
+    @staticmethod
     def describe_plan(config) -> dict[str, str]:
         d2g = config.d2g
         phases = "generator (student) every step"
