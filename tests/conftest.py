@@ -26,21 +26,36 @@ os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 
 def leftover_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of live processes carrying this session's marker, this process excluded (Linux /proc)."""
+    """(pid, command line) of live processes this session started and left running (Linux /proc): those carrying
+    its marker (exec'd programs and the daemons they start) and this process's descendants (forked children, such
+    as DataLoader workers, which keep the environment the interpreter started with, without the marker)."""
     mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
-    found = []
+    parents, marked, commands = {}, set(), {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if mark not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
                 continue  # already dead, waiting to be reaped by its parent
-            found.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]))
+            pid = int(entry.name)
+            parents[pid] = int(fields[1])
+            commands[pid] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            if mark in (entry / "environ").read_bytes().split(b"\0"):
+                marked.add(pid)
         except OSError:  # gone meanwhile, or not ours to read
             continue
-    return found
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in parents and pid not in seen:
+            seen.add(pid)
+            pid = parents[pid]
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [(pid, commands[pid]) for pid in sorted(commands) if pid in marked or descends(pid)]
 
 
 def pytest_unconfigure(config):

@@ -177,3 +177,17 @@ def test_redeal_hands_out_exactly_what_no_stream_has_read():
     assert sorted(got0) == sorted(expected0) and sorted(got1) == sorted(expected1)
     assert all(new[j].epoch == 0 and new[j].shard == 0 for j in range(2))
     assert new[0].plans[0] == expected0[0::2] and new[1].plans[1] == expected1[1::2]  # round-robin, in order
+
+
+def test_a_process_whose_first_batch_failed_in_its_workers_still_exits():
+    """The test above, alone in its own pytest process: the loaders whose first batch raised are left with workers
+    that ignore SIGTERM and wait for work, and multiprocessing's exit handler joined them forever (how a CI run
+    once hung after printing its summary). The process must end soon after its last test."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    test = f"{Path(__file__)}::test_shards_without_one_usable_sample_stop_with_the_reasons_instead_of_looping"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], capture_output=True,
+                            text=True, timeout=120, cwd=Path(__file__).parent)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]

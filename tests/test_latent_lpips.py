@@ -54,6 +54,11 @@ def test_the_parameter_names_and_shapes_are_the_published_ones(tmp_path):
     torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("lins.")}, tmp_path / "plain.pt")
     assert torch.equal(LatentLPIPS.from_pretrained(tmp_path / "plain.pt").lins[3].model[1].weight,
                        reference.lin3.model[1].weight)
+    narrow = heads_positive(LatentLPIPS(width=0.125))  # what the offline demo trains: same layout, fewer channels
+    assert narrow.state_dict()["net.slice5.34.weight"].shape == (64, 64, 3, 3)
+    narrow.save(tmp_path / "narrow.pth")
+    back = LatentLPIPS.from_pretrained(tmp_path / "narrow.pth")
+    assert back.width == 0.125 and all(torch.equal(back.state_dict()[k], v) for k, v in narrow.state_dict().items())
     with pytest.raises(ModelLoadError, match="16 latent channels"):
         LatentLPIPS.from_pretrained(tmp_path / "sd15_latest_vgg16_tuned.pth", latent_channels=16)
     with pytest.raises(ModelLoadError, match="not found"):

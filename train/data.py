@@ -25,7 +25,6 @@ import logging
 import os
 import random
 import signal
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -296,11 +295,25 @@ class Batch:
     noise: Optional[torch.Tensor] = None            # an ODE pair's z (its x is `latents`)
 
 
-def _close_at_exit(reference) -> None:
-    """Registered after multiprocessing's own exit handler, so it runs before it: the workers are gone by then."""
-    data = reference()
-    if data is not None:
-        data.close()
+_WORKERS: list = []
+"""Every DataLoader worker process this process started (multiprocessing.Process objects)."""
+
+
+def _end_workers_at_exit() -> None:
+    """Kill the loader workers still alive. Registered when this module is imported, after multiprocessing's own exit
+    handler (torch imports multiprocessing first), so it runs before that handler, which would join the workers
+    forever: they ignore SIGTERM. A TrainingData that is never closed (an exception out of its first batch, caught
+    by the caller) leaves them waiting for work, and its loader may still be alive, uncollected in a reference
+    cycle, when the process exits."""
+    for worker in _WORKERS:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=5)
+
+
+import multiprocessing.util  # noqa: E402,F401 - its exit handler is registered before ours, so ours runs first
+
+atexit.register(_end_workers_at_exit)
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
@@ -346,8 +359,7 @@ class TrainingData:
     def __next__(self) -> Batch:
         if self._iterator is None:
             self._iterator = iter(self.loader)
-            if self.loader.num_workers:
-                atexit.register(_close_at_exit, weakref.ref(self))
+            _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + list(getattr(self._iterator, "_workers", []))
         try:
             chunks = [next(self._iterator) for _ in range(self.streams_per_rank)]
         except ShardError as error:

@@ -34,15 +34,21 @@ CHANNELS = (64, 128, 256, 512, 512)
 AUGMENTS = ("b", "g", "c", "o")
 
 
+# torchvision's VGG16 configuration (cfgs["D"]): channels of each 3x3 convolution, "M" a max-pool
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
 class LatentVGG(nn.Module):
-    """The trunk: torchvision's VGG16-BN features reading `latent_channels`, without the first three max-pools."""
+    """The trunk: torchvision's VGG16-BN features reading `latent_channels`, without the first three max-pools.
+    `width` scales every stage's channels (1: the published network; the offline demo trains a narrower one)."""
 
-    def __init__(self, latent_channels: int = 4):
+    def __init__(self, latent_channels: int = 4, width: float = 1.0):
         super().__init__()
-        from torchvision.models import vgg16_bn
+        from torchvision.models.vgg import make_layers
 
-        features = vgg16_bn(weights=None).features
-        features[0] = nn.Conv2d(latent_channels, 64, kernel_size=3, padding=1)
+        channels = [item if item == "M" else max(1, round(item * width)) for item in VGG16]
+        features = make_layers(channels, batch_norm=True)  # the layer order and indices of vgg16_bn().features
+        features[0] = nn.Conv2d(latent_channels, channels[0], kernel_size=3, padding=1)
         for index in [i for i, layer in enumerate(features) if isinstance(layer, nn.MaxPool2d)][:3]:
             features[index] = nn.Identity()
         for number, (start, stop) in enumerate(SLICES, 1):
@@ -170,11 +176,12 @@ class LatentLPIPS(nn.Module):
     """d(a, b) per sample for scaled latents (the space the UNet works in). `augment`: None for plain LatentLPIPS,
     else the letters of the ensemble's augmentations ('bg' as published); `l1`: add mean |a - b| as published."""
 
-    def __init__(self, latent_channels: int = 4, augment: Optional[str] = "bg", l1: bool = True):
+    def __init__(self, latent_channels: int = 4, augment: Optional[str] = "bg", l1: bool = True, width: float = 1.0):
         super().__init__()
-        self.net = LatentVGG(latent_channels)
+        self.net = LatentVGG(latent_channels, width)
+        self.width = width
         for number, channels in enumerate(CHANNELS):
-            setattr(self, f"lin{number}", NetLin(channels))
+            setattr(self, f"lin{number}", NetLin(max(1, round(channels * width))))
         self.lins = nn.ModuleList([getattr(self, f"lin{number}") for number in range(len(CHANNELS))])  # published alias
         self.augment = LatentAugment(augment) if augment else None
         self.l1 = l1
@@ -199,7 +206,8 @@ class LatentLPIPS(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, latent_channels: int = 4, augment: Optional[str] = "bg",
                         l1: bool = True) -> "LatentLPIPS":
-        """Weights from a file: a published `<encoder>_latest_vgg16_tuned.pth`, or one `save` wrote."""
+        """Weights from a file: a published `<encoder>_latest_vgg16_tuned.pth`, or one `save` wrote. The width is
+        read off the weights (the first convolution's output channels against the published 64)."""
         from addpipe.train.models import ModelLoadError
 
         path = Path(path).expanduser()
@@ -213,7 +221,9 @@ class LatentLPIPS(nn.Module):
             state = torch.load(path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state)
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        model = cls(latent_channels, augment, l1)
+        first = state.get("net.slice1.0.weight")
+        width = 1.0 if first is None else first.shape[0] / CHANNELS[0]
+        model = cls(latent_channels, augment, l1, width)
         if not any(k.startswith("lins.") for k in state):  # written without the alias
             state.update({f"lins.{k[3]}.{k[5:]}": v for k, v in state.items() if k.startswith("lin")})
         try:
