@@ -236,7 +236,8 @@ def test_teacher_pretraining_trains_the_text_encoder_on_caption_tokens_only(labe
 def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_targets_per_seed(tmp_path):
     from addpipe.pipeline.demo import CONFIG
     from addpipe.eval.generate import Arm
-    from addpipe.pipeline.reproduce import arms_for, check_targets, order, summarise, variants, write_table
+    from addpipe.pipeline.reproduce import (arms_for, check_targets, d2g_variants, order, summarise, variants,
+                                            write_table)
 
     config = tmp_path / "tiny.yaml"
     config.write_text(CONFIG.read_text().replace("weighting: ", "weighting: sds  # was ", 1))
@@ -278,6 +279,21 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
     table = write_table(tmp_path, summary).read_text()
     assert "| real images of the prompts | | | 75.00 ± 7.07 | 70.00, 80.00 | 95.0% | |" in table
     assert (tmp_path / "reproduction_fid.png").is_file()
+    # Diffusion2GAN: its two runs on the pairs, its targets, and its comparisons reported without a verdict
+    runs = d2g_variants(tmp_path / "pairs", tmp_path / "lpips.pth")
+    assert "method=diffusion2gan" in runs["d2g"] and runs["d2g-regression"] == runs["d2g"] + ["d2g.adversarial=false"]
+    with_d2g = dict(arms, **{"d2g-1": arm(90), "d2g-regression-1": arm(120)})
+    found = check_targets(with_d2g)
+    assert found["1-step D2G FID <= 0.5 x teacher 1-step FID"]["met"]                    # 90 <= 0.5 * 200
+    assert found["1-step D2G beats its regression-only ablation"]["met"]
+    assert found["reported: 1-step D2G FID / 1-step ADD FID"] == {"value": 0.9, "target": "(reported)", "met": None}
+    summary = summarise({0: {"metrics": {"arms": with_d2g}, "targets": found}})
+    for arm_summary in summary["arms"].values():
+        arm_summary["guidance"] = 0.0
+    table = write_table(tmp_path, {**summary, "cost": {"ODE pairs": "1200 pairs"}}).read_text()
+    assert "| reported: 1-step D2G FID / 1-step ADD FID | (reported) | 0.900 | |" in table
+    assert "| 1-step D2G beats its regression-only ablation | < 1 | 0.750 | yes |" in table
+    assert "| ODE pairs | 1200 pairs |" in table
 
 
 def test_demo_refuses_a_device_name_before_any_work():
