@@ -65,7 +65,9 @@ def latent_lpips(settings: DemoSettings, out: Path, shards: str, teacher: Path) 
 
     directory = out / "models" / "latent_lpips"
     if not done(directory):
-        train_latent_lpips(shards, teacher, directory, FIELDS, settings.resolution, seed=settings.seed)
+        # as long as the other feature networks' training: a third of the DINOv2's steps for the trunk, a sixth for the heads
+        train_latent_lpips(shards, teacher, directory, FIELDS, settings.resolution, seed=settings.seed,
+                           trunk_steps=max(1, settings.backbone_steps // 3), head_steps=max(1, settings.backbone_steps // 6))
         mark_done(directory)
     return directory / "latent_lpips.pth"
 
