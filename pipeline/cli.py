@@ -182,6 +182,8 @@ def demo(
     classifier_steps: int = typer.Option(800, "--classifier-steps", help="Training steps of the evaluation classifier"),
     full: bool = typer.Option(False, "--full", help="The reproduction table: teacher vs student vs ablations over seeds (long)"),
     seeds: int = typer.Option(3, "--seeds", help="Seeds for --full"),
+    runs: Optional[str] = typer.Option(None, "--runs", help="--full: only these runs, comma-separated (add is always "
+                                       "run), e.g. add,lora or d2g,d2g-regression [default: all]"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="Evaluation device: auto (a GPU when there is one), cpu, cuda, cuda:1 ... "
                                "ADD training follows the GPU too; hide GPUs (CUDA_VISIBLE_DEVICES=) for an all-CPU run"),
@@ -196,9 +198,14 @@ def demo(
     except ValueError as error:
         raise UserError(str(error)) from error
     if full:
-        from addpipe.pipeline.reproduce import run_reproduction
+        from addpipe.pipeline.reproduce import check_runs, run_reproduction
 
-        report = run_reproduction(settings, seeds)
+        only = [r.strip() for r in runs.split(",") if r.strip()] if runs else None
+        try:
+            check_runs(only)
+        except ValueError as error:
+            raise UserError(str(error)) from error
+        report = run_reproduction(settings, seeds, only)
         typer.echo(f"reproduction finished: {report}")
         return
     report = run_demo(settings)
