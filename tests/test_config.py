@@ -28,6 +28,15 @@ def test_shipped_configs_load_with_paper_constants(name):
         assert config.student.backward_simulation == 0.5 and config.discriminator.text_embedding == "mean"
 
 
+@pytest.mark.parametrize("name", ["sd15_d2g", "sdxl_d2g"])
+def test_the_diffusion2gan_configs_load_as_one_step_students_on_pairs(name):
+    config = load(TrainConfig, REPO / "configs" / f"{name}.yaml")
+    assert config.method == "diffusion2gan" and config.student.num_timesteps == 1
+    assert config.pairs.sampler == "ddim" and config.pairs.guidance == 8.0  # the paper's SD-CFG-8 set
+    assert config.d2g.augment == "bg" and config.d2g.lpips.endswith("_latest_vgg16_tuned.pth")
+    assert config.model.architecture == ("sdxl" if name.startswith("sdxl") else "sd")
+
+
 def test_real_configs_name_hub_models():
     assert load(TrainConfig, REPO / "configs/sdxl_add.yaml").model.teacher == "stabilityai/stable-diffusion-xl-base-1.0"
     assert load(TrainConfig, REPO / "configs/sd21_add.yaml").model.teacher == "stabilityai/stable-diffusion-2-1"
