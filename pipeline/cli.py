@@ -139,6 +139,11 @@ def pairs(
     typer.echo(f"pairs: {counts['pairs']} written in {counts['written_shards']} shard(s), {counts['skipped']} prompt(s) "
                f"skipped, {counts['reused_shards']} shard(s) already done; this worker's {counts['worker_shards']} of "
                f"{counts['shards']} shard(s) for {counts['prompts']} prompt(s) in {out}")
+    if counts["complete"]:
+        typer.echo(f"the set is complete: {counts['total_pairs']} pairs + {counts['total_skipped']} skipped = "
+                   f"{counts['prompts']} prompts (summary.json)")
+    else:
+        typer.echo("other workers' shards are not all done yet; the last worker to finish writes summary.json")
 
 
 @app.command()

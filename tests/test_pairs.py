@@ -75,7 +75,9 @@ def test_stored_latents_are_the_teachers_ddim_samples_with_guidance(tiny_sd, pro
     cfg = config(tiny_sd)
     counts = collect_pairs(cfg, str(prompts), str(tmp_path / "out"), progress=False)
     assert counts == {"prompts": 5, "shards": 3, "worker_shards": 3, "reused_shards": 0, "written_shards": 3,
-                      "pairs": 4, "skipped": 1}
+                      "pairs": 4, "skipped": 1, "complete": True, "total_pairs": 4, "total_skipped": 1}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary == {"prompts": 5, "pairs": 4, "skipped": 1, "skipped_by_reason": {"empty prompt": 1}, "shards": 3}
     stored = read_pairs(tmp_path / "out")
     assert sorted(stored) == [0, 1, 3, 4]  # the empty prompt is not sampled ...
     receipt = json.loads((tmp_path / "out" / "00001.json").read_text())
@@ -136,9 +138,9 @@ def test_any_split_over_tasks_and_ranks_writes_the_same_files(tiny_sd, prompts, 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     collect_pairs(cfg, str(prompts), str(tmp_path / "one"), progress=False)
-    for task in (1, 0):  # two array tasks, in either order
+    for task in (1, 0):  # two array tasks, in either order: the last to finish sums the set up
         counts = collect_pairs(cfg, str(prompts), str(tmp_path / "tasks"), task=task, tasks=2, progress=False)
-        assert counts["worker_shards"] == (2 if task == 0 else 1)
+        assert counts["worker_shards"] == (2 if task == 0 else 1) and counts["complete"] is (task == 0)
     monkeypatch.setenv("WORLD_SIZE", "3")  # three ranks of one task
     for rank in (2, 0, 1):
         monkeypatch.setenv("RANK", str(rank))
@@ -175,6 +177,7 @@ def test_a_killed_pair_run_resumes_without_losing_or_repeating_a_pair(tiny_sd, t
                              env=clean_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{done} shard(s) already done" in resumed.stdout
+    assert "the set is complete: 24 pairs + 0 skipped = 24 prompts" in resumed.stdout
     left = {name: data for name, data in files(tmp_path / "killed").items() if not name.endswith(".tmp")}
     assert left == files(tmp_path / "whole")  # byte for byte: nothing repeated, nothing lost
     assert sorted(read_pairs(tmp_path / "killed")) == list(range(24))

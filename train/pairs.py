@@ -10,6 +10,7 @@ x_i. Each sample of the output shards holds the pair and what the student trains
         prompt_embeds.npy pooled_embeds.npy   the conditional text embeddings the teacher used
         txt json                the prompt; index, seed and the signature
     <out>/NNNNN.json            the shard's receipt: pairs written, prompts skipped (with the reason), signature
+    <out>/summary.json          once every shard is receipted: pairs + skipped = prompts, checked; skips by reason
 
 A shard is written whole (tmp + rename) and then receipted, so a killed run redoes at most the shard it was in and
 a rerun skips receipted shards. Shard N belongs to worker N mod W of W = array tasks x ranks, so any split of the
@@ -114,7 +115,7 @@ def collect_pairs(config, prompts: str, out: str, task: int = 0, tasks: int = 1,
     counts = {"prompts": len(texts), "shards": shards, "worker_shards": len(mine), "reused_shards": len(mine) - len(todo),
               "written_shards": 0, "pairs": 0, "skipped": 0}
     if not todo:
-        return counts
+        return {**counts, **account(root, shards, len(texts))}
 
     from diffusers import DDIMScheduler
 
@@ -146,7 +147,27 @@ def collect_pairs(config, prompts: str, out: str, task: int = 0, tasks: int = 1,
             counts["written_shards"] += 1
             counts["pairs"] += len(samples)
             counts["skipped"] += len(skipped)
-    return counts
+    return {**counts, **account(root, shards, len(texts))}
+
+
+def account(root: Path, shards: int, prompts: int) -> dict[str, Any]:
+    """Once every shard is receipted (by whichever worker): `summary.json`, every prompt as a pair or a skip, checked.
+    -> {"complete": bool, and when complete the set's "total_pairs" and "total_skipped"}."""
+    receipts = [_receipt(root, k) for k in range(shards)]
+    if not all(path.is_file() for path in receipts):
+        return {"complete": False}
+    found = [json.loads(path.read_text()) for path in receipts]
+    pairs, skipped = sum(r["pairs"] for r in found), sum(len(r["skipped"]) for r in found)
+    if pairs + skipped != prompts:  # a receipt edited or left from another set: say so rather than train on it
+        raise InputError(f"{root}: the receipts account for {pairs} pairs + {skipped} skipped prompts, not the set's "
+                         f"{prompts} prompts")
+    reasons: dict[str, int] = {}
+    for receipt in found:
+        for why in receipt["skipped"].values():
+            reasons[why] = reasons.get(why, 0) + 1
+    write_text_atomic(root / "summary.json", json.dumps({"prompts": prompts, "pairs": pairs, "skipped": skipped,
+                                                         "skipped_by_reason": reasons, "shards": shards}, indent=2))
+    return {"complete": True, "total_pairs": pairs, "total_skipped": skipped}
 
 
 @torch.no_grad()
