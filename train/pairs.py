@@ -20,7 +20,6 @@ work produces the same files. Every prompt is accounted for: it is in its shard 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -35,8 +34,8 @@ from addpipe.shards import write_tar
 from addpipe.tables import TABLE_FORMATS, InputError, detect_format, read_one
 from addpipe.train.encode import npy_bytes
 from addpipe.train.models import diffusers_pipeline, encode_prompts, load_teacher, unconditional
+from addpipe.train.sampling import vae_downsample_factor
 
-logger = logging.getLogger(__name__)
 MANIFEST = "pairs.json"
 PAIR_KEYS = ("noise.npy", "latents.npy", "prompt_embeds.npy", "pooled_embeds.npy")
 
@@ -125,7 +124,7 @@ def collect_pairs(config, prompts: str, out: str, task: int = 0, tasks: int = 1,
     pipe = diffusers_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler_config)).to(target)
     pipe.set_progress_bar_config(disable=True)
     empty = unconditional(teacher, target)
-    size = config.data.resolution // 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+    size = config.data.resolution // vae_downsample_factor(teacher)
     shape = (teacher.unet.config.in_channels, size, size)
     total = sum(min(len(texts), (k + 1) * per_shard) - k * per_shard for k in todo)
     with tqdm(total=total, desc=f"ODE pairs (worker {worker}/{workers})", unit="pair", disable=progress is False) as bar:

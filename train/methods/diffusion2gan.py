@@ -45,6 +45,7 @@ class PairStep:
     streams: list[int]
     t: torch.Tensor                # the discriminator's timestep per sample
     diffusion_noise: torch.Tensor  # what both real and generated latents are noised with
+    step: int                      # the training step (the ensemble's augmentations are drawn from it)
     fake: Optional[torch.Tensor] = None  # the generator phase's output, detached, for the discriminator phase
 
 
@@ -141,10 +142,9 @@ class Diffusion2GAN(Method):
         if self.teacher.architecture == "sdxl":  # pairs are whole images at the training resolution
             time_ids = sdxl_time_ids(torch.full((n, 2), resolution), torch.zeros(n, 2, dtype=torch.long),
                                      resolution).to(self.device)
-        self.step = step
         return PairStep(batch.noise.to(self.device), batch.latents.to(self.device),
                         TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device)),
-                        time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device))
+                        time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device), step)
 
     def diffuse(self, latents: torch.Tensor, state: PairStep) -> torch.Tensor:
         alpha, sigma = self.discriminator_schedule.at(state.t, latents.ndim)
@@ -166,7 +166,7 @@ class Diffusion2GAN(Method):
         """E-LatentLPIPS per sample; each stream's rows get augmentations drawn from (seed, step, stream)."""
         parts = []
         for start, end, stream in stream_groups(state.streams):
-            generator = step_generator(self.config.seed, self.step, stream, purpose=1)
+            generator = step_generator(self.config.seed, state.step, stream, purpose=1)
             parts.append(self.lpips(fake[start:end], target[start:end], generator=generator))
         return torch.cat(parts)
 
