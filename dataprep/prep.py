@@ -146,13 +146,13 @@ def load_scores(root: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(root / "scores" / f"{s:05d}.parquet") for s in shards], ignore_index=True)
 
 
-def embedding_reader(root: Path):
-    """rows (sorted by shard, key, as `decide` passes them) -> their image embeddings in that order,
-    read from the per-shard npy files (memory-mapped, so only the rows asked for are loaded)."""
+def embedding_reader(root: Path, kind: str = "img"):
+    """rows (sorted by shard, key, as `decide` passes them) -> their image (kind "img") or caption ("text")
+    embeddings in that order, read from the per-shard npy files (memory-mapped: only the rows asked for load)."""
     def read(rows: pd.DataFrame) -> np.ndarray:
         parts = [np.zeros((0, 1), dtype=np.float32)]
         for shard, group in rows.groupby("shard", sort=False):
-            array = np.load(root / "embeddings" / "img_emb" / f"img_emb_{int(shard):05d}.npy", mmap_mode="r")
+            array = np.load(root / "embeddings" / f"{kind}_emb" / f"{kind}_emb_{int(shard):05d}.npy", mmap_mode="r")
             parts.append(np.asarray(array[group["embedding_index"].to_numpy()], dtype=np.float32))
         return np.concatenate(parts[1:]) if len(parts) > 1 else parts[0]
     return read

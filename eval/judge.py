@@ -93,7 +93,8 @@ def judge_study(study_dir: Path, db_url: str, classifier_dir: str, judges: int =
     """Invite `judges` judge raters (once; a rerun finishes their queues) and let them vote through the server.
 
     With `base_url` the judges vote on a server that is already running; otherwise one is started on a
-    free loopback port for the duration. -> {"judges": [...], "votes": pairs voted in this call}.
+    free loopback port for the duration. -> {"judges": [...], "assignments": pairs these judges answered in this
+    call (both questions each), "pairs": pairs the study holds, "votes": vote rows of these judges in the database}.
     """
     from addpipe.eval.db import Rater, connect, session_factory
     from addpipe.eval.server import ServerThread, create_app
@@ -123,8 +124,16 @@ def judge_study(study_dir: Path, db_url: str, classifier_dir: str, judges: int =
         return total
 
     if base_url:
-        votes = run(base_url)
+        answered = run(base_url)
     else:
         with ServerThread(create_app(study_dir, db_url)) as server:
-            votes = run(server.url)
-    return {"judges": [j["name"] for j in record["judges"][:judges]], "votes": votes}
+            answered = run(server.url)
+    from addpipe.eval.db import Pair, Vote
+
+    engine = connect(db_url)
+    with session_factory(engine)() as session:
+        tokens = [j["token"] for j in record["judges"][:judges]]
+        votes = session.query(Vote).join(Rater, Rater.id == Vote.rater_id).filter(Rater.token.in_(tokens)).count()
+        pairs = session.query(Pair).count()
+    engine.dispose()
+    return {"judges": [j["name"] for j in record["judges"][:judges]], "assignments": answered, "pairs": pairs, "votes": votes}

@@ -4,6 +4,7 @@ Markdown and HTML pages that show them with the numbers."""
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,8 +71,8 @@ def plot_quality_latency(analysis: dict[str, Any], path: Path, question: str = "
     if not ratings or not arms:
         return None
     plt = _plt()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for arm in ratings["arms"]:
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for number, arm in enumerate(ratings["arms"]):
         if arm not in arms:
             continue
         bt = ratings["bradley_terry"][arm]
@@ -79,8 +80,18 @@ def plot_quality_latency(analysis: dict[str, Any], path: Path, question: str = "
         axis.errorbar([x], [bt["rating"]], yerr=[[max(0.0, bt["rating"] - bt.get("low", bt["rating"]))],
                                                  [max(0.0, bt.get("high", bt["rating"]) - bt["rating"])]],
                       fmt="o", capsize=4)
-        axis.annotate(f"{arm} ({arms[arm]['steps']} steps)", (x, bt["rating"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        steps = arms[arm]["steps"]
+        # arms of one model sit close together: alternate the labels above and below their points
+        axis.annotate(f"{arm} ({steps} step{'' if steps == 1 else 's'})", (x, bt["rating"]), textcoords="offset points",
+                      xytext=(6, 6 if number % 2 == 0 else -12), fontsize=8)
     axis.set_xscale("log")
+    # matplotlib labels log-scale minor ticks (2x10^-2, 3x10^-2 ...) on a narrow range, and they collide: label
+    # 1, 2 and 5 of each decade in plain numbers instead
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set_xlabel("median latency per image (s, log scale)")
     axis.set_ylabel(f"Bradley–Terry rating ({question if question in analysis['questions'] else 'combined'})")
     axis.set_title("Quality against latency")
@@ -144,17 +155,30 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
     return {"markdown": out / "report.md", "html": out / "report.html", **plots}
 
 
+_INLINE = [(re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"), (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+           (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>')]
+
+
+def inline_html(text: str) -> str:
+    """Escaped text with the Markdown the reports write inline: **bold**, `code` and [links](target)."""
+    text = html.escape(text, quote=False)
+    for pattern, replacement in _INLINE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def markdown_to_html(markdown: str, title: str = "Study report") -> str:
-    """Just enough Markdown (headings, tables, images, paragraphs) for the report's own output."""
+    """Just enough Markdown (headings, tables, images, paragraphs, bold, code, links) for the reports' own output.
+    An image alone on its line spans the page; several on one line share it."""
     body, table = [], []
 
     def flush_table() -> None:
         if table:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-:")]
-            cells = [[html.escape(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
+            cells = [[inline_html(c.strip()) for c in r.strip().strip("|").split("|")] for r in rows]
             head = "".join(f"<th>{c}</th>" for c in cells[0])
             rest = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
-            body.append(f"<table><tr>{head}</tr>{rest}</table>")
+            body.append(f"<div class='table'><table><tr>{head}</tr>{rest}</table></div>")
             table.clear()
 
     for line in markdown.splitlines():
@@ -162,16 +186,52 @@ def markdown_to_html(markdown: str, title: str = "Study report") -> str:
             table.append(line)
             continue
         flush_table()
-        if line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        heading = re.match(r"(#{1,3}) (.*)", line)
+        if heading:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{inline_html(heading.group(2))}</h{level}>")
         elif line.startswith("!["):
-            for part in line.split(") "):
+            parts = line.split(") ")
+            for part in parts:
                 alt, _, src = part.strip().removeprefix("![").rstrip(")").partition("](")
-                body.append(f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">')
+                size = "wide" if len(parts) == 1 else "half"
+                body.append(f'<img class="{size}" src="{html.escape(src)}" alt="{html.escape(alt)}">')
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{inline_html(line)}</p>")
     flush_table()
-    style = "body{font-family:system-ui,sans-serif;margin:2rem;max-width:1100px}td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd}img{max-width:48%;margin:.3rem}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+    style = ("body{font-family:system-ui,sans-serif;margin:2rem;max-width:1200px}"
+             "td,th{padding:.2rem .6rem;border-bottom:1px solid #ddd;white-space:nowrap;text-align:left}"
+             "div.table{overflow-x:auto}img.half{max-width:48%;margin:.3rem}img.wide{max-width:100%;margin:.3rem 0}"
+             "code{background:#f3f3f3;padding:0 .2rem}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+
+
+def labelled_grid(images, row_labels: list[str], column_labels: list[str], path: Path, cell: int = 128) -> Path:
+    """A grid of images (tensor N x 3 x H x W in [0, 1], row-major, len(row_labels) rows) upscaled by nearest
+    neighbour to `cell` pixels, so a 32-pixel sample stays sharp, with each row and column named."""
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows, columns = len(row_labels), len(column_labels)
+    if images.shape[0] != rows * columns:
+        raise ValueError(f"{images.shape[0]} images do not fill {rows} rows x {columns} columns")
+    font = ImageFont.load_default(size=13)
+    left, top, gap = 150, 56, 4
+    canvas = Image.new("RGB", (left + columns * (cell + gap), top + rows * (cell + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for index, array in enumerate(pixels):
+        row, column = divmod(index, columns)
+        tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+        canvas.paste(tile, (left + column * (cell + gap), top + row * (cell + gap)))
+    for column, label in enumerate(column_labels):
+        text = "\n".join(textwrap.wrap(label, width=max(8, cell // 8))[:3])
+        draw.multiline_text((left + column * (cell + gap) + 2, 4), text, fill="black", font=font, spacing=2)
+    for row, label in enumerate(row_labels):
+        text = "\n".join(textwrap.wrap(label, width=18)[:4])
+        draw.multiline_text((6, top + row * (cell + gap) + cell // 2 - 10), text, fill="black", font=font, spacing=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

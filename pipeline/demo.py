@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +37,9 @@ ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT.parent / "configs" / "tiny.yaml"
 SHIPPED_TEACHER = ROOT / "assets" / "digits_teacher"
 FIELDS = ["digit", "ink", "background"]
+# The curation's tiny CLIP (tiny_clip) and the near-duplicate threshold its embeddings call for (measured on the
+# planted re-encodings; the report gives the filter's precision and recall).
+CLIP_DIM, DEDUP_THRESHOLD = 64, 0.9996
 PROMPT_PATTERN = r"handwritten (?P<digit>\w+) in (?P<ink>\w+) on an? (?P<background>\w+) background"
 GRID_PROMPTS = ["a handwritten seven in red on a blue background", "a handwritten two in white on a black background",
                 "a handwritten four in yellow on a purple background", "a handwritten zero in green on a white background",
@@ -51,17 +55,18 @@ class DemoSettings:
     teacher_images: int = 4000       # when training the teacher
     teacher_vae_steps: int = 2500
     teacher_unet_steps: int = 10000
+    clip_steps: int = 300            # the curation's tiny CLIP (batches of 128 served images and captions)
     backbone_steps: int = 1200       # DINOv2-architecture feature network
     classifier_steps: int = 800
     steps: int = 600                 # ADD steps
-    prompts: int = 60                # prompts per arm in the study
+    prompts: int = 200               # prompts per arm (fewer: FID is mostly its small-sample term)
     judges: int = 3
     seed: int = 0
     device: str = "auto"             # evaluation and grid; the trainer takes the GPU when there is one
 
     def __post_init__(self) -> None:
-        if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1:
-            raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1 and steps >= 1")
+        if self.images < 20 or self.prompts < 2 or self.judges < 1 or self.steps < 1 or self.clip_steps < 1:
+            raise ValueError("demo needs images >= 20, prompts >= 2, judges >= 1, steps >= 1 and clip steps >= 1")
         if self.device != "auto":  # checked here, not after prep and training have run
             try:
                 torch.device(self.device)
@@ -86,26 +91,61 @@ def mark_done(path: Path, info: Any = "ok") -> None:
 
 # --- 1. the web -------------------------------------------------------------------------------------------
 
-def web_rows(count: int, resolution: int, seed: int) -> tuple[pd.DataFrame, dict[str, bytes]]:
-    """The URL table (url path, caption, label columns) and the bodies to serve; every 40th row a dead link,
-    every 50th truncated, every 60th a byte-identical copy of the previous image."""
+def web_rows(count: int, resolution: int, seed: int) -> tuple[pd.DataFrame, dict[str, bytes], dict[str, dict[int, int]]]:
+    """The URL table (url path, caption, label columns), the bodies to serve, and the planted duplicates
+    {"exact_copy" | "reencoding": {row: row it copies}} among the served rows. Every 40th row is a dead link,
+    every 50th truncated, every 60th a byte-identical copy of the previous image, every 70th a JPEG re-encoding of
+    the image seven rows back (a re-post: same caption, other bytes), which only the near-duplicate filter can find."""
     from addpipe.dataprep.digits import digit_images
 
-    rows, bodies, previous = [], {}, None
+    rows, bodies, served = [], {}, []
+    planted: dict[str, dict[int, int]] = {"exact_copy": {}, "reencoding": {}}
     for index, (caption, image, meta) in enumerate(digit_images(count, size=2 * resolution, seed=seed)):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        body, path = buffer.getvalue(), f"/digits/{index:06d}.png"
-        if index % 60 == 59 and previous is not None:
-            body = previous[1]
-            caption, meta = previous[0], previous[2]
+        body, path, kind = buffer.getvalue(), f"/digits/{index:06d}.png", None
+        if index % 60 == 59:
+            kind, source = "exact_copy", index - 1
+            caption, image, meta, body = served[source]
+        elif index % 70 == 69:
+            kind, source = "reencoding", index - 7
+            caption, image, meta, _ = served[source]
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            body, path = buffer.getvalue(), f"/digits/{index:06d}.jpg"
         elif index % 50 == 49:
             body = body[: len(body) // 3]
         if index % 40 != 39:
             bodies[path] = body
-        previous = (caption, body, meta)
+            if kind is not None:
+                planted[kind][index] = source
+        served.append((caption, image, meta, body))
         rows.append({"url": path, "caption": caption, **labels(meta)})
-    return pd.DataFrame(rows), bodies
+    return pd.DataFrame(rows), bodies, planted
+
+
+def tiny_clip(directory: Path, table: pd.DataFrame, bodies: dict[str, bytes], settings: DemoSettings) -> dict[str, str]:
+    """The curation's CLIP: open_clip's tiny architecture trained once on the served images and their captions
+    (dead links and truncated bodies left out); -> the embed.* settings that load it."""
+    from PIL import Image
+
+    from addpipe.dataprep.tiny import build_tiny_clip, train_clip
+
+    if done(directory):
+        return json.loads((directory / "DONE").read_text())["settings"]
+    clip = build_tiny_clip(directory, embed_dim=CLIP_DIM, image_size=settings.resolution, seed=settings.seed)
+    images, captions = [], []
+    for path, caption in zip(table["url"], table["caption"]):
+        try:
+            with Image.open(io.BytesIO(bodies[path])) as image:
+                images.append(image.convert("RGB"))
+        except (KeyError, OSError):  # a dead link or a truncated body
+            continue
+        captions.append(caption)
+    logger.info("demo: training the tiny CLIP on %d served images and captions (a few CPU minutes)", len(images))
+    training = train_clip(clip, images, captions, steps=settings.clip_steps, seed=settings.seed)
+    mark_done(directory, {"settings": clip, **training})
+    return clip
 
 
 def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
@@ -113,27 +153,29 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
     from addpipe.dataprep.config import PrepConfig
     from addpipe.dataprep.loopback import ImageServer, Route
     from addpipe.dataprep.prep import run_prep
-    from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
+    from addpipe.dataprep.tiny import build_tiny_aesthetic
     from addpipe.config import load, to_yaml
 
     prep_dir = out / "prep"
     if (prep_dir / "report.json").is_file() and done(prep_dir):
         return json.loads((prep_dir / "report.json").read_text())
     prep_dir.mkdir(parents=True, exist_ok=True)
-    table, bodies = web_rows(settings.images, settings.resolution, settings.seed)
+    table, bodies, planted = web_rows(settings.images, settings.resolution, settings.seed)
+    (out / "planted.json").write_text(json.dumps(planted))
+    clip = tiny_clip(out / "models" / "clip", table, bodies, settings)
     # The port is kept across reruns: a resumed download must find the URLs its table already holds.
     web_file = out / "web.json"
     port = json.loads(web_file.read_text())["port"] if web_file.is_file() else 0
-    with ImageServer({path: Route(body, "image/png") for path, body in bodies.items()}, port=port) as server:
+    routes = {path: Route(body, "image/jpeg" if path.endswith(".jpg") else "image/png") for path, body in bodies.items()}
+    with ImageServer(routes, port=port) as server:
         web_file.write_text(json.dumps({"port": server.port}))
         table["url"] = server.base + table["url"]
         urls = out / "urls.parquet"
         if not urls.is_file():
             table.to_parquet(urls)
-        clip = build_tiny_clip(out / "models" / "clip", image_size=settings.resolution)
         aesthetic = out / "models" / "aesthetic.pt"
         if not aesthetic.is_file():
-            build_tiny_aesthetic(aesthetic, 32)
+            build_tiny_aesthetic(aesthetic, CLIP_DIM)
         config = load(PrepConfig, None, [
             f"out={prep_dir}", f"input.urls={urls}", f"download.image_size={settings.resolution}",
             "download.processes=1", "download.threads=16", "download.timeout=5", "download.samples_per_shard=500",
@@ -141,10 +183,11 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
             f"embed.model={clip['model']}", f"embed.model_config={clip['model_config']}", f"embed.pretrained={clip['pretrained']}",
             "embed.batch_size=128", "embed.device=cpu",
             f"filter.min_resolution={settings.resolution}", "filter.min_clip_similarity=null",
-            # random-init CLIP and aesthetic models score nothing real: cut the worst 5% by CLIP to exercise the
-            # filter, report aesthetic scores without cutting, and dedup only byte-identical images
+            # the trained tiny CLIP ranks captions (cut its worst 5%); the random-init aesthetic model scores nothing
+            # real (reported, not cut). Its image embeddings carry little beyond what captions name, so images with
+            # one caption sit close: the near-duplicate threshold is high (precision and recall in the report)
             "filter.clip_keep_fraction=0.95", f"filter.aesthetic_weights={aesthetic}", "filter.min_aesthetic=null",
-            "dedup.enabled=true", "dedup.threshold=0.9999",
+            "dedup.enabled=true", f"dedup.threshold={DEDUP_THRESHOLD}",
         ])
         (prep_dir / "prep_config.yaml").write_text(to_yaml(config))
         report = run_prep(config)
@@ -155,14 +198,18 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
 # --- 3. models --------------------------------------------------------------------------------------------
 
 def teacher_directory(settings: DemoSettings, out: Path) -> Path:
-    if settings.teacher == "shipped":
-        if not (SHIPPED_TEACHER / "model_index.json").is_file():
-            raise FileNotFoundError(f"the shipped teacher is missing from {SHIPPED_TEACHER}; run `addpipe demo --teacher train`")
-        return SHIPPED_TEACHER
-    if settings.teacher != "train":
+    """The teacher pipeline, always at out/models/teacher (where configs/tiny.yaml looks for it after a demo): a copy
+    of the shipped one (15 MB), or trained here; a pipeline directory given by the user is used where it is."""
+    if settings.teacher not in ("shipped", "train"):
         return Path(settings.teacher)
     teacher = out / "models" / "teacher"
-    if not done(teacher):
+    if settings.teacher == "shipped" and not done(teacher):
+        if not (SHIPPED_TEACHER / "model_index.json").is_file():
+            raise FileNotFoundError(f"the shipped teacher is missing from {SHIPPED_TEACHER}; run `addpipe demo --teacher train`")
+        shutil.rmtree(teacher, ignore_errors=True)  # a copy cut short
+        shutil.copytree(SHIPPED_TEACHER, teacher)
+        mark_done(teacher)
+    elif not done(teacher):
         train_teacher(teacher, settings, teacher_shards(out / "teacher_data", settings))
     return teacher
 
@@ -236,7 +283,9 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
         f"data.shards={shards}", f"data.resolution={settings.resolution}", f"checkpoint.every={every}",
         f"log.sample_every={every}", f"log.sample_prompts={json.dumps(GRID_PROMPTS[:4])}", *(overrides or []),
     ])
-    train(config, resume=True)
+    from addpipe.train.checkpoint import latest
+
+    train(config, resume=latest(run_dir) is not None)  # continue an interrupted demo; a fresh one starts quietly
     return student
 
 
@@ -309,7 +358,8 @@ def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: i
     """Teacher at 50 guided steps on top, then the student at 1, 2 and 4 steps; same prompts and noise."""
     from addpipe.eval.generate import Arm, load_arm_pipeline
     from addpipe.devices import resolve_device
-    from addpipe.train.sampling import generate, load_student, save_grid, student_timesteps
+    from addpipe.eval.report import labelled_grid
+    from addpipe.train.sampling import generate, load_student, student_timesteps
 
     target = resolve_device(device)
     pipe = load_arm_pipeline(Arm("teacher-50", str(teacher), 50, 3.0, "ddim"), target, torch.float32)
@@ -321,23 +371,41 @@ def image_grid(out: Path, teacher: Path, student: Path, resolution: int, seed: i
     for count in (1, 2, 4):
         rows.append(generate(components.unet, components, schedule, GRID_PROMPTS, student_timesteps(count), seed=seed,
                              resolution=resolution, device=target).cpu())
-    return save_grid(torch.cat(rows), out / "demo_grid.png", rows=len(rows))
+    short = ["{digit}: {ink} on {background}".format(**re.search(PROMPT_PATTERN, prompt).groupdict()) for prompt in GRID_PROMPTS]
+    return labelled_grid(torch.cat(rows), ["teacher, 50 steps, guidance 3"] + [f"ADD student, {n} step{'s' * (n > 1)}"
+                                                                               for n in (1, 2, 4)],
+                         short, out / "demo_grid.png")
 
 
 def run_demo(settings: DemoSettings) -> Path:
     """The whole chain; -> demo_out/report.html."""
+    from addpipe.pipeline.curation_check import curation_check, load_planted
     from addpipe.pipeline.demo_report import write_demo_report
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
+    logger.info("demo: %d digits served on 127.0.0.1 -> prep -> teacher -> feature networks -> ADD (%d steps) -> "
+                "evaluation -> report in %s", settings.images, settings.steps, out)
     started = time.perf_counter()
-    timings: dict[str, float] = {}
+    # A rerun reuses finished stages: their timings stay those of the run that did the work (timings.json).
+    timings_path = out / "timings.json"
+    timings: dict[str, dict[str, Any]] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    finished = {"prep": lambda: done(out / "prep"), "teacher": lambda: done(out / "models" / "teacher"),
+                "feature networks": lambda: done(out / "models" / "dinov2") and done(out / "models" / "classifier"),
+                "ADD training": lambda: (out / "run" / "student" / "addpipe_student.json").is_file(),
+                "evaluation": lambda: (out / "study" / "metrics.json").is_file(),
+                "grid": lambda: (out / "demo_grid.png").is_file()}
 
     def timed(name: str, run):
+        reused = finished[name]()
         begin = time.perf_counter()
         value = run()
-        timings[name] = round(time.perf_counter() - begin, 1)
-        logger.info("demo stage %s: %.1f s", name, timings[name])
+        if reused:  # seconds None: done by a run that kept no timings
+            timings[name] = {"seconds": timings.get(name, {}).get("seconds"), "reused": True}
+        else:
+            timings[name] = {"seconds": round(time.perf_counter() - begin, 1), "reused": False}
+        timings_path.write_text(json.dumps(timings, indent=2))
+        logger.info("demo stage %s: %.1f s%s", name, time.perf_counter() - begin, " (reused)" if reused else "")
         return value
 
     prep = timed("prep", lambda: curate(settings, out))
@@ -349,7 +417,11 @@ def run_demo(settings: DemoSettings) -> Path:
                                                       settings.judges, settings.seed))
     grid = timed("grid", lambda: image_grid(out, teacher, student, settings.resolution, settings.seed, settings.device))
     summary = {"settings": asdict(settings), "teacher": str(teacher), "student": str(student), "prep": prep,
+               "curation_check": curation_check(out / "prep", load_planted(out / "planted.json")),
+               "real": real_reference(settings, shards, classifier, settings.seed),
                "models": {"dinov2": str(dino), "classifier": str(classifier)}, "grid": str(grid),
-               "seconds": timings, "total_seconds": round(time.perf_counter() - started, 1), **evaluation}
+               "seconds": {name: entry["seconds"] for name, entry in timings.items()},
+               "reused": [name for name, entry in timings.items() if entry["reused"]],
+               "this_run_seconds": round(time.perf_counter() - started, 1), **evaluation}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return write_demo_report(out, summary)

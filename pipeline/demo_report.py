@@ -19,11 +19,11 @@ def plot_training(metrics_jsonl: Path, path: Path) -> Path | None:
         return None
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     plt = _plt()
-    figure, axes = plt.subplots(1, len(TRAINING_CURVES), figsize=(4 * len(TRAINING_CURVES), 3))
-    for axis, (key, title) in zip(axes, TRAINING_CURVES):
+    figure, axes = plt.subplots(2, 2, figsize=(10, 6.5))
+    for axis, (key, title) in zip(axes.flat, TRAINING_CURVES):
         points = [(r["step"], r[key]) for r in records if key in r]
         if points:
-            axis.plot(*zip(*points))
+            axis.plot(*zip(*points), marker="o" if len(points) < 20 else None)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("step")
     figure.tight_layout()
@@ -32,7 +32,29 @@ def plot_training(metrics_jsonl: Path, path: Path) -> Path | None:
     return path
 
 
-def metric_rows(metrics: dict[str, Any], baseline: str = "teacher-50") -> list[str]:
+def curation_lines(check: dict[str, Any] | None) -> list[str]:
+    """The curation judged against what the demo's web planted (pipeline/curation_check.py)."""
+    if not check:
+        return []
+    names = {"exact_copy": "byte-identical copies (exact filter)", "reencoding": "JPEG re-encodings (near-duplicate filter)"}
+    lines = ["How well it did against what the demo's web planted: precision = planted copies among the rows the filter "
+             "dropped; recall = share of the planted copies of a kept image that it dropped.", "",
+             "| planted | served | copies of a kept image | dropped by the filter | of them planted | precision | recall |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for kind, entry in check["dedup"].items():
+        share = lambda value: "" if value is None else f"{value:.0%}"  # noqa: E731
+        lines.append(f"| {names.get(kind, kind)} | {entry['planted']} | {entry['eligible']} | {entry['drops']} | "
+                     f"{entry['found']} | {share(entry['precision'])} | {share(entry['recall'])} |")
+    separation = check["caption_separation"]
+    lines += ["", f"CLIP score (the tiny CLIP trained on the served images and captions): mean cosine "
+              f"{separation['matching_mean']:.2f} with the image's own caption against {separation['shuffled_mean']:.2f} "
+              f"with another row's; a matching caption outscores a shuffled one with probability {separation['auc']:.1%} "
+              f"(ROC AUC). Median similarity of an image to its nearest earlier kept image: "
+              f"{check['nearest_similarity_median']:.4f}.", ""]
+    return lines
+
+
+def metric_rows(metrics: dict[str, Any], baseline: str = "teacher-50", real: dict[str, float] | None = None) -> list[str]:
     arms = metrics["arms"]
     base = arms.get(baseline, {}).get("latency_median_s")
     fields = sorted({f for entry in arms.values() for f in entry.get("adherence", {}) if f not in ("all", "counted")})
@@ -45,6 +67,9 @@ def metric_rows(metrics: dict[str, Any], baseline: str = "teacher-50") -> list[s
         lines.append(f"| {arm} | {entry['steps']} | {entry.get('guidance', 0)} | {entry.get('frechet_distance', float('nan')):.2f} | "
                      f"{adherence.get('all', float('nan')):.1%} | " + " | ".join(f"{adherence.get(f, float('nan')):.1%}" for f in fields)
                      + f" | {entry['latency_median_s']:.4f} | {speed} |")
+    if real:  # the floor: what the real images of these prompts score
+        lines.append(f"| real digits of these prompts | | | {real['frechet_distance']:.2f} | {real['adherence']:.1%} | "
+                     + " | ".join("" for _ in fields) + " | | |")
     return lines
 
 
@@ -55,16 +80,21 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     prep = summary["prep"]
+    seconds = {name: value for name, value in summary["seconds"].items() if value is not None}
     lines = ["# addpipe demo", "",
-             f"Total {summary['total_seconds']:.0f} s on this machine; per stage: "
-             + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ".", "",
+             f"Time on this machine, per stage, as measured by the run that did the work: "
+             + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+             + f" (total {sum(seconds.values()):.0f} s)."
+             + (f" This run reused: {', '.join(summary['reused'])} (finished earlier; its rerun took "
+                f"{summary['this_run_seconds']:.0f} s)." if summary.get("reused") else ""), "",
              "## Generated images", "",
-             "Top row: the teacher at 50 DDIM steps with guidance 3. Below: the ADD student at 1, 2 and 4 steps (no guidance), "
-             "same prompts.", "", "![image grid](demo_grid.png)", "",
+             "Top row: the teacher at 50 DDIM steps with guidance 3. Below: the ADD student at 1, 2 and 4 steps (no guidance); "
+             "same prompts and noise per column.", "", "![image grid](demo_grid.png)", "",
              "## Data curation (addpipe prep)", "",
-             f"{prep['input_rows']} URL rows in, {prep['kept']} samples kept in {prep['shards']} shards. Every row's fate:", "",
+             f"{prep['input_rows']} URL rows in, {prep['kept']} samples kept in {prep['shards']} shard{'' if prep['shards'] == 1 else 's'}. Every row's fate:", "",
              "| reason | rows |", "|---|---:|"]
     lines += [f"| {reason} | {count} |" for reason, count in prep["reasons"].items()]
+    lines += [""] + curation_lines(summary.get("curation_check"))
     prep_plots = [os.path.relpath(Path(p) if Path(p).is_absolute() else out / "prep" / p, out) for p in prep.get("plots", {}).values()]
     lines += ["", " ".join(f"![{Path(p).stem}]({p})" for p in prep_plots), ""] if prep_plots else [""]
     lines += ["## Models", "", "| model | trained on | held-out accuracy |", "|---|---|---|"]
@@ -77,17 +107,26 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     curves = plot_training(Path(summary["student"]).parent / "metrics.jsonl", plots / "training.png")
     if curves:
         lines += ["## ADD training", "", "![training curves](plots/training.png)", ""]
+    prompts = summary["settings"]["prompts"]
     lines += ["## Automated metrics", "",
               "FID: Fréchet distance to the curated images in the feature space of the content classifier (a CNN trained on "
               "the real data, not the discriminator's backbone). Adherence: the share of images in which that classifier "
               "sees what the prompt asked for.", ""]
-    lines += metric_rows(summary["metrics"]) + [""]
+    lines += metric_rows(summary["metrics"], real=summary.get("real")) + [""]
+    if summary.get("real"):
+        lines += [f"**Read FID with care at {prompts} images per arm.** The Fréchet distance of a finite sample is biased "
+                  "upwards, and at this count that small-sample term is most of the number: the *real* digits whose captions "
+                  f"are the prompts score {summary['real']['frechet_distance']:.1f}, not 0. Differences between arms smaller "
+                  "than a few points are not resolved here; the reproduction table (`addpipe demo --full`: 200 prompts, "
+                  "3 seeds) is the place to compare arms.", ""]
     ratings = summary.get("ratings")
     if ratings:
         judging = summary.get("judging", {})
+        answered = (f"{judging['votes']} votes on the study's {judging['pairs']} image pairs, "
+                    f"{judging['assignments']} assignments answered in this run" if "pairs" in judging else "")
         lines += ["## Pairwise study (judge-model raters)", "",
                   f"{len(judging.get('judges', []))} judge raters voted through the rating server and database "
-                  f"({judging.get('votes', 0)} pairs in this run); "
+                  f"({answered}); "
                   f"{sum(r['kept'] for r in ratings['raters'].values())} of {len(ratings['raters'])} passed the golden-pair screening. "
                   "Bradley–Terry ratings with 95% bootstrap intervals:", ""]
         for question, result in ratings["questions"].items():
@@ -101,7 +140,7 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
             lines.append("")
         report_plots = sorted((out / "study" / "report").glob("*.png"))
         lines += [" ".join(f"![{p.stem}]({os.path.relpath(p, out)})" for p in report_plots), "",
-                  "Full study report: study/report/report.html", ""]
+                  "Full study report: [study/report/report.html](study/report/report.html)", ""]
     markdown = "\n".join(lines)
     (out / "report.md").write_text(markdown)
     path = out / "report.html"

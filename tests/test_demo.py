@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from addpipe.pipeline.demo import FIELDS, PROMPT_PATTERN, DemoSettings, teacher_shards
+from conftest import TINY_CONFIG
 from test_train import cli
 
 
@@ -124,11 +125,12 @@ def test_judge_choice_follows_the_logistic_rule():
 
 
 def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
-    out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--images", "120", "--steps", "4", "--prompts", "4", "--judges", "2",
+    out = tmp_path / "demo_out"  # the README's default, so configs/tiny.yaml's paths find it below
+    args = ["demo", "--images", "120", "--steps", "4", "--prompts", "4", "--judges", "2", "--clip-steps", "20",
             "--backbone-steps", "30", "--classifier-steps", "30"]
-    result = cli(*args)
+    result = cli(*args, cwd=tmp_path)
     assert "demo finished" in result.stdout
+    assert "--resume" not in result.stderr  # a fresh run says nothing about resuming
     summary = json.loads((out / "demo_summary.json").read_text())
 
     # prep: every URL row has one fate; the planted bad rows got theirs; the shards hold exactly the kept samples
@@ -139,6 +141,13 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
     assert prep["reasons"]["exact_duplicate"] == 1                                        # row 59 copies row 58
     kept = shard_samples(out / "prep" / "shards")
     assert len(kept) == prep["kept"] and all(set(FIELDS) <= set(meta) for meta in kept)
+    # the curation judged against what the web planted: row 59 copies 58 byte for byte, row 69 re-encodes 62
+    check = summary["curation_check"]
+    assert json.loads((out / "planted.json").read_text()) == {"exact_copy": {"59": 58}, "reencoding": {"69": 62}}
+    assert check["dedup"]["exact_copy"]["drops"] == 1 and check["dedup"]["exact_copy"]["precision"] == 1.0
+    reencoding = check["dedup"]["reencoding"]
+    assert reencoding["planted"] == 1 and reencoding["drops"] == prep["reasons"].get("near_duplicate", 0)
+    assert 0 <= check["caption_separation"]["auc"] <= 1 and json.loads((out / "models" / "clip" / "DONE").read_text())["steps"] == 20
 
     # models and training
     assert (out / "models" / "dinov2" / "config.json").is_file() and (out / "models" / "classifier" / "classifier.pt").is_file()
@@ -173,18 +182,31 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
         per_rater[rater] = per_rater.get(rater, 0) + 1
     assert per_rater == {name: 2 * quota for name, quota in quotas.items()}
 
-    # report: the HTML page exists and every image it shows is there
+    # report: the HTML page exists, every image it shows is there, no Markdown leaks, the study report is a link
     page = (out / "report.html").read_text()
-    assert "Pairwise study" in page and "Data curation" in page
-    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert "Pairwise study" in page and "Data curation" in page and "real digits of these prompts" in page
+    sources = re.findall(r'<img class="\w+" src="([^"]+)"', page)
     assert "demo_grid.png" in sources and len(sources) >= 6
     assert all((out / src).is_file() for src in sources), sources
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "**" not in text and "`" not in text and "](" not in text
+    assert '<a href="study/report/report.html">' in page and "precision" in page
+    assert f"on the study's {summary['judging']['pairs']} image pairs" in page
+    with Image.open(out / "demo_grid.png") as grid:  # 4 rows x 6 prompts, upscaled to be seen
+        assert grid.width >= 6 * 128 and grid.height >= 4 * 128
 
-    # a rerun resumes: nothing is generated, voted or downloaded twice
-    cli(*args)
+    # a rerun resumes: nothing is generated, voted or downloaded twice, and the timings stay the first run's
+    cli(*args, cwd=tmp_path)
     assert vote_rows(out) == votes_before
     assert len((out / "study" / "generations.jsonl").read_text().splitlines()) == 20
-    assert json.loads((out / "demo_summary.json").read_text())["prep"] == prep
+    rerun = json.loads((out / "demo_summary.json").read_text())
+    assert rerun["prep"] == prep and rerun["seconds"] == summary["seconds"]
+    assert set(rerun["reused"]) == set(summary["seconds"]) and not summary["reused"]
+    assert "This run reused: prep" in (out / "report.md").read_text()
+
+    # the follow-up the config promises: configs/tiny.yaml trains on what the demo wrote, from the same directory
+    cli("train", "--config", str(TINY_CONFIG), "steps=2", "checkpoint.every=2", cwd=tmp_path)
+    assert (tmp_path / "runs" / "tiny" / "student" / "addpipe_student.json").is_file()
 
     # `addpipe eval judge` adds a third judge to the same study: only its votes are new
     result = cli("eval", "judge", "--study", str(out / "study"), "--classifier", str(out / "models" / "classifier"), "--judges", "3")

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import REPO, TINY_CONFIG, tiny_overrides
 
 LOSS_TERMS = ["loss/generator_adversarial", "loss/distillation", "loss/discriminator_real", "loss/discriminator_fake",
               "loss/r1", "lr/student", "lr/discriminator", "perf/images_per_second"]
@@ -25,9 +26,9 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def cli(*args, check=True):
+def cli(*args, check=True, cwd=None):
     result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", *args], capture_output=True, text=True,
-                            env=clean_env())
+                            env=clean_env(), cwd=cwd)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -72,6 +73,20 @@ def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino
     theirs = pipe("a red two", timesteps=[999], guidance_scale=0.0, height=16, width=16, latents=noise.clone(),
                   output_type="latent").images
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+
+    # The README's snippet, exactly as written but for the path, loads this student (SD or SDXL) and draws one step.
+    snippet = readme_python_block("exported student also loads in diffusers directly")
+    assert '"runs/x/student"' in snippet and '"fox.png"' in snippet
+    exec(snippet.replace('"runs/x/student"', repr(str(run / "student"))).replace('"fox.png"', repr(str(tmp_path / "fox.png"))), {})
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert Image.open(tmp_path / "fox.png").size == (size, size)
+
+
+def readme_python_block(after: str) -> str:
+    """The first ```python block of the README after the sentence `after`."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(after)
+    return text[text.index("```python\n", start) + len("```python\n"): text.index("```", text.index("```python\n", start) + 9)]
 
 
 def test_resume_equals_uninterrupted(tiny_sd, tiny_dino, digit_shards, tmp_path):

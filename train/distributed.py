@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -95,6 +98,17 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def announce_native_build() -> None:
+    """Say it before DeepSpeed goes quiet for a minute: on the CPU its process group compiles a native
+    shared-memory op at first use (a C++ compiler is needed; the build is cached in TORCH_EXTENSIONS_DIR)."""
+    if torch.cuda.is_available():
+        return
+    cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if not any(cache.glob("**/deepspeed_shm_comm*.so")) and rank() == 0:
+        logger.info("DeepSpeed compiles its CPU communication op once (about a minute; needs a C++ compiler), "
+                    "cached in %s", cache)
+
+
 def initialize(engine=None) -> torch.device:
     """Start the process group (once) and return this rank's device. `engine`: the training config's engine
     section (its process_group, and whether DeepSpeed should set the group up: it keeps its own handle on it)."""
@@ -112,6 +126,7 @@ def initialize(engine=None) -> torch.device:
         if getattr(engine, "backend", "deepspeed") == "deepspeed":
             import deepspeed
 
+            announce_native_build()
             deepspeed.init_distributed(dist_backend=group)
         else:
             dist.init_process_group(backend=group)

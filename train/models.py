@@ -29,7 +29,15 @@ class ModelLoadError(RuntimeError):
 
 
 def looks_local(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name))
+    """A path rather than a hub id: it exists, is spelled like a path, or is not `owner/name` (hub ids have exactly
+    one slash, e.g. `demo_out/models/teacher` cannot be one), or its first part is a local directory (`runs/x`)."""
+    if name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name)):
+        return True
+    return name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
+
+
+def missing_directory(name: str, needed_for: str) -> "ModelLoadError":
+    return ModelLoadError(f"directory not found: {name} (needed for {needed_for}; a hub id is `owner/name`)")
 
 
 def load_pretrained(cls, name: str, subfolder: Optional[str] = None, **kwargs):
@@ -39,7 +47,7 @@ def load_pretrained(cls, name: str, subfolder: Optional[str] = None, **kwargs):
         path = Path(os.path.expanduser(name))
         target = path / subfolder if subfolder else path
         if not target.exists():
-            raise ModelLoadError(f"model directory {target} does not exist (needed for {cls.__name__})")
+            raise missing_directory(str(target), cls.__name__)
         name = str(path)
     if subfolder:
         kwargs["subfolder"] = subfolder
@@ -56,6 +64,8 @@ def detect_architecture(teacher: str, revision: Optional[str] = None) -> str:
     """'sdxl' when the pipeline has a second text encoder, else 'sd'."""
     index: dict[str, Any]
     if looks_local(teacher):
+        if not os.path.isdir(os.path.expanduser(teacher)):
+            raise missing_directory(teacher, "the teacher pipeline")
         index_path = Path(os.path.expanduser(teacher)) / "model_index.json"
         if not index_path.is_file():
             raise ModelLoadError(f"{index_path} not found: {teacher} is not a diffusers pipeline directory")

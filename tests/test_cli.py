@@ -1,0 +1,55 @@
+"""The command line as a new user meets it: help from every level, a version, flags shown as flags, help that
+answers quickly, and a missing local model directory named as such."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from conftest import TINY_CONFIG
+from test_train import clean_env, cli
+
+
+def test_help_at_every_level_and_the_version():
+    root = cli("-h").stdout
+    for command in ("train", "pairs", "sample", "demo", "prep", "slurm", "eval"):
+        assert f"  {command} " in root, command
+    assert cli("--help").stdout == root
+    from addpipe import __version__
+
+    assert cli("--version").stdout.strip() == f"addpipe {__version__}"
+    assert cli("eval", "metrics", "-h").stdout.startswith("Usage: ")
+    assert "Usage: " in cli("prep", "download", "-h").stdout and "Usage: " in cli("slurm", "train", "-h").stdout
+
+
+def test_flags_are_shown_without_a_value():
+    text = cli("train", "-h").stdout
+    flags = [line for line in text.splitlines() if line.strip().startswith(("--resume", "--dry-run"))]
+    assert len(flags) == 2 and not any("<bool>" in line for line in flags), flags
+    assert "<int>" in next(line for line in text.splitlines() if line.strip().startswith("--zero"))
+
+
+def test_help_answers_in_under_a_second():
+    """Heavy libraries (torch, diffusers, deepspeed) are imported by the commands that run, never for help."""
+    def seconds(*args) -> float:
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "addpipe.pipeline", *args], capture_output=True, check=True, env=clean_env())
+        return time.perf_counter() - begin
+
+    for args in (("-h",), ("train", "-h"), ("eval", "metrics", "-h"), ("demo", "-h")):
+        best = min(seconds(*args) for _ in range(3))  # the best of three: a loaded machine slows one run, not all
+        assert best < 1.0, (args, best)
+    probe = "import sys, addpipe.pipeline.cli; sys.argv = ['addpipe', 'train', '-h']\n" \
+            "try:\n    addpipe.pipeline.cli.main()\nexcept SystemExit:\n    pass\n" \
+            "print(sorted(m for m in ('torch', 'diffusers', 'deepspeed', 'transformers') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=clean_env()).stdout
+    assert loaded.strip().splitlines()[-1] == "[]"
+
+
+def test_a_missing_local_model_directory_is_named_and_leaves_no_config(tmp_path):
+    result = cli("train", "--config", str(TINY_CONFIG), "run_dir=runs/tiny", check=False, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "directory not found: demo_out/models/teacher" in result.stderr
+    assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
