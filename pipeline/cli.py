@@ -616,6 +616,13 @@ def eval_export(study: Path = _STUDY, db: Optional[str] = _DB,
 
 
 def main() -> None:
+    from addpipe.threads import apply_thread_defaults
+
+    try:
+        apply_thread_defaults()  # torch's threads = the allotted CPUs; must precede any import of torch
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
     if sys.argv[1:2] == ["train"]:  # catch SIGUSR1/SIGTERM from here on, before seconds of imports
         from addpipe.train.preemption import STOP
 

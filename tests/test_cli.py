@@ -53,3 +53,37 @@ def test_a_missing_local_model_directory_is_named_and_leaves_no_config(tmp_path)
     assert "directory not found: demo_out/models/teacher" in result.stderr
     assert "Repo id" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
+
+
+def test_torch_threads_follow_the_allotted_cpus_and_can_be_overridden(tmp_path):
+    import os
+
+    import pytest
+
+    from addpipe.threads import allotted_cpus, cgroup_cpus, thread_defaults
+
+    assert allotted_cpus({}, affinity=16) == 16
+    assert allotted_cpus({"SLURM_CPUS_PER_TASK": "6"}, affinity=16) == 6
+    assert allotted_cpus({"LOCAL_WORLD_SIZE": "4"}, affinity=16, quota=8) == 2  # a quota of 8 shared by 4 ranks
+    assert allotted_cpus({"LOCAL_WORLD_SIZE": "8"}, affinity=4) == 1
+    assert thread_defaults({"ADDPIPE_THREADS": "3"}, affinity=16) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}
+    assert thread_defaults({"OMP_NUM_THREADS": "5"}, affinity=16) == {"MKL_NUM_THREADS": "16"}  # the user's stays
+    with pytest.raises(ValueError, match="ADDPIPE_THREADS"):
+        thread_defaults({"ADDPIPE_THREADS": "zero"}, affinity=2)
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert cgroup_cpus(tmp_path / "cpu.max") == 3
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpus(tmp_path / "cpu.max") is None
+
+    # through the real entry point: torch, imported after it, runs on the chosen count
+    probe = ("import sys, addpipe.pipeline.cli as cli; sys.argv = ['addpipe', '--version']\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\nimport torch; print('threads', torch.get_num_threads())")
+    env = {k: v for k, v in clean_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**env, "ADDPIPE_THREADS": "1"})
+    assert run.stdout.strip().splitlines()[-1] == "threads 1", run.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "--version"], capture_output=True, text=True,
+                         env={**env, "ADDPIPE_THREADS": "-2"})
+    assert bad.returncode == 2 and "ADDPIPE_THREADS must be a positive integer" in bad.stderr
+    if len(os.sched_getaffinity(0)) > 1:  # bound to one core (as SLURM binds a task): one thread
+        pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+        assert pinned.stdout.strip().splitlines()[-1] == "threads 1", pinned.stderr[-2000:]

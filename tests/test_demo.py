@@ -112,6 +112,21 @@ def test_missing_labels_and_wrong_directories_are_named(digit_shards, tiny_dino)
         load_classifier(tiny_dino)
 
 
+def test_prompts_name_classes_whatever_their_case_and_clashing_classes_are_refused():
+    from addpipe.eval.classifier import ContentClassifier, adherence
+
+    classes = {"digit": ["Zero", "One", "SEVEN"], "ink": ["red", "Blue"], "background": ["blue", "RED"]}
+    classifier = ContentClassifier(classes, prompt_pattern=PROMPT_PATTERN)
+    assert classifier.requested("A handwritten seven in Blue on a red background") == {"digit": "SEVEN", "ink": "Blue",
+                                                                                       "background": "RED"}
+    image = Image.new("RGB", (32, 32))
+    predicted = classifier.predict([image])
+    prompt = f"a handwritten {predicted['digit'][0].lower()} in {predicted['ink'][0].upper()} on a {predicted['background'][0]} background"
+    assert adherence(classifier, [image], [prompt]) == {"counted": 1, "all": 1.0, "digit": 1.0, "ink": 1.0, "background": 1.0}
+    with pytest.raises(ValueError, match="differ only in case"):
+        ContentClassifier({"ink": ["red", "Red"]})
+
+
 def test_judge_choice_follows_the_logistic_rule():
     from addpipe.eval.judge import choose
 
