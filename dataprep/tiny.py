@@ -6,13 +6,27 @@ JSON file plus a checkpoint file, and an aesthetic-predictor state dict with the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 TINY_CLIP_NAME = "addpipe-tiny-clip"
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """open_clip reports each step of building a model on the root logger (INFO, and a WARNING for random weights)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def build_tiny_clip(directory: Path, embed_dim: int = 32, image_size: int = 32, seed: int = 0) -> dict[str, str]:
@@ -29,7 +43,8 @@ def build_tiny_clip(directory: Path, embed_dim: int = 32, image_size: int = 32, 
     }))
     open_clip.add_model_config(str(config_path))
     torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_CLIP_NAME)
+    with quiet_open_clip():  # it logs "no pretrained weights ... initialized randomly", which is the point here
+        model = open_clip.create_model(TINY_CLIP_NAME)
     weights = directory / f"{TINY_CLIP_NAME}.pt"
     torch.save(model.state_dict(), weights)
     return {"model": TINY_CLIP_NAME, "model_config": str(config_path), "pretrained": str(weights)}
@@ -59,7 +74,8 @@ def train_clip(settings: dict[str, str], images: list, captions: list[str], step
         raise ValueError(f"train_clip needs at least two (image, caption) pairs of equal count, got {len(images)} "
                          f"images and {len(captions)} captions")
     open_clip.add_model_config(settings["model_config"])
-    model, _, preprocess = open_clip.create_model_and_transforms(settings["model"], pretrained=settings["pretrained"])
+    with quiet_open_clip():
+        model, _, preprocess = open_clip.create_model_and_transforms(settings["model"], pretrained=settings["pretrained"])
     tokenizer = open_clip.get_tokenizer(settings["model"])
     pixels = torch.stack([preprocess(image) for image in images])
     tokens = tokenizer(list(captions))
