@@ -53,13 +53,23 @@ def histograms(decisions: pd.DataFrame, config: PrepConfig, plot_dir: Path) -> d
         if values.dropna().empty:
             continue
         kept = values[downloaded.loc[values.index, "reason"] == KEPT].dropna()
+        threshold = threshold_of(config)
         figure, axis = plt.subplots(figsize=(6, 3.6))
-        bins = np.histogram_bin_edges(values.dropna(), bins=min(50, max(5, int(np.sqrt(len(values.dropna()))) * 2)))
+        count = min(50, max(5, int(np.sqrt(len(values.dropna()))) * 2))
+        if column == "nearest_similarity":
+            # what decides lies within a hair of 1 (duplicates at 0.99+): show the cosine distance on a log scale
+            values, kept = (1 - values).clip(lower=1e-6), (1 - kept).clip(lower=1e-6)
+            threshold = None if threshold is None else max(1 - threshold, 1e-6)
+            bins = np.geomspace(values.min(), max(values.max(), values.min() * 10), count)
+            axis.set_xscale("log")
+            title = "distance to nearest earlier kept image (1 - cosine)"
+        else:
+            bins = np.histogram_bin_edges(values.dropna(), bins=count)
         axis.hist(values.dropna(), bins=bins, color="0.75", label=f"downloaded ({values.notna().sum()})")
         axis.hist(kept, bins=bins, color="tab:blue", alpha=0.8, label=f"kept ({len(kept)})")
-        threshold = threshold_of(config)
         if threshold is not None:
-            axis.axvline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold:g}")
+            label = f"threshold {1 - threshold:g} (distance {threshold:.1g})" if column == "nearest_similarity" else f"threshold {threshold:g}"
+            axis.axvline(threshold, color="tab:red", linestyle="--", label=label)
         axis.set_title(title)
         axis.set_ylabel("rows")
         axis.legend(fontsize=8)

@@ -47,7 +47,7 @@ def curation_lines(check: dict[str, Any] | None) -> list[str]:
                      f"{entry['found']} | {share(entry['precision'])} | {share(entry['recall'])} |")
     separation = check["caption_separation"]
     lines += ["", f"CLIP score (the tiny CLIP trained on the served images and captions): mean cosine "
-              f"{separation['matching_mean']:.2f} with the image's own caption against {separation['shuffled_mean']:.2f} "
+              f"{separation['matching_mean']:.2f} with the image's own caption against {round(separation['shuffled_mean'], 2) + 0.0:.2f} "
               f"with another row's; a matching caption outscores a shuffled one with probability {separation['auc']:.1%} "
               f"(ROC AUC). Median similarity of an image to its nearest earlier kept image: "
               f"{check['nearest_similarity_median']:.4f}.", ""]
