@@ -63,6 +63,13 @@ def histograms(decisions: pd.DataFrame, config: PrepConfig, plot_dir: Path) -> d
             bins = np.geomspace(values.min(), max(values.max(), values.min() * 10), count)
             axis.set_xscale("log")
             title = "distance to nearest earlier kept image (1 - cosine)"
+        elif values.dropna().nunique() <= 12:
+            # a few distinct values (pixel sizes, word counts): one bar each, wide enough to see beside the threshold
+            present = np.sort(values.dropna().unique())
+            span = np.ptp(np.append(present, threshold if threshold is not None else present[0])) or 1.0
+            width = max(0.8 * np.diff(present).min() if len(present) > 1 else 0.0, 0.04 * span)
+            bins = np.sort(np.concatenate([present - width / 2, present + width / 2]))
+            bins = np.unique(bins)
         else:
             bins = np.histogram_bin_edges(values.dropna(), bins=count)
         axis.hist(values.dropna(), bins=bins, color="0.75", label=f"downloaded ({values.notna().sum()})")
