@@ -232,8 +232,8 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
         axis.legend(fontsize=8, loc="upper right")
     axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("FID (classifier features)")
-    axis.set_title("Teacher (grey), ADD student (blue), LoRA student (purple), Diffusion2GAN (red), ablations at 1 step "
-                   "(orange); dots: seeds", fontsize=9)
+    axis.set_title("Teacher (grey), ADD student (blue), LoRA student (purple), Diffusion2GAN (red),\n"
+                   "ablations at 1 step (orange); dots: seeds", fontsize=9)
     figure.tight_layout()
     figure.savefig(out / "reproduction_fid.png", dpi=110)
     plt.close(figure)
