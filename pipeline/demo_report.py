@@ -82,7 +82,7 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     prep = summary["prep"]
     seconds = {name: value for name, value in summary["seconds"].items() if value is not None}
     lines = ["# addpipe demo", "",
-             f"Time on this machine, per stage, as measured by the run that did the work: "
+             "Time on this machine, per stage, as measured by the run that did the work: "
              + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
              + f" (total {sum(seconds.values()):.0f} s)."
              + (f" This run reused: {', '.join(summary['reused'])} (finished earlier; its rerun took "
