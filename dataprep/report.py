@@ -68,8 +68,7 @@ def histograms(decisions: pd.DataFrame, config: PrepConfig, plot_dir: Path) -> d
             present = np.sort(values.dropna().unique())
             span = np.ptp(np.append(present, threshold if threshold is not None else present[0])) or 1.0
             width = max(0.8 * np.diff(present).min() if len(present) > 1 else 0.0, 0.04 * span)
-            bins = np.sort(np.concatenate([present - width / 2, present + width / 2]))
-            bins = np.unique(bins)
+            bins = np.unique(np.concatenate([present - width / 2, present + width / 2]))
         else:
             bins = np.histogram_bin_edges(values.dropna(), bins=count)
         axis.hist(values.dropna(), bins=bins, color="0.75", label=f"downloaded ({values.notna().sum()})")

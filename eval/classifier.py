@@ -35,13 +35,14 @@ class ContentClassifier(nn.Module):
     def __init__(self, classes: dict[str, list[str]], width: int = 16, feature_dim: int = 64, image_size: int = 32,
                  prompt_pattern: Optional[str] = None):
         super().__init__()
-        for field, names in classes.items():  # prompts are matched case-insensitively (requested)
-            folded = [str(name).lower() for name in names]
-            clashes = sorted({name for name in names if folded.count(str(name).lower()) > 1})
-            if clashes:
-                raise ValueError(f"classes of {field!r} differ only in case ({', '.join(map(str, clashes))}); prompts are "
-                                 "matched case-insensitively, so rename them")
         self.classes = {field: list(names) for field, names in classes.items()}
+        # prompt word (lower case) -> stored class, per field: requested() matches prompts case-insensitively
+        self.by_word = {field: {str(name).lower(): name for name in names} for field, names in self.classes.items()}
+        for field, names in self.classes.items():
+            if len(self.by_word[field]) < len(names):
+                clashes = sorted(str(n) for n in names if [str(m).lower() for m in names].count(str(n).lower()) > 1)
+                raise ValueError(f"classes of {field!r} differ only in case ({', '.join(clashes)}); prompts are "
+                                 "matched case-insensitively, so rename them")
         self.image_size = image_size
         self.prompt_pattern = prompt_pattern
         self.settings = {"width": width, "feature_dim": feature_dim}
@@ -81,13 +82,9 @@ class ContentClassifier(nn.Module):
         match = re.search(self.prompt_pattern, prompt, flags=re.IGNORECASE)
         if not match:
             return {}
-        found = {}
-        for field, value in match.groupdict().items():
-            if field in self.classes and value:  # "Red" in a prompt names a stored "red", and "seven" a stored "Seven"
-                stored = {str(name).lower(): name for name in self.classes[field]}
-                if value.lower() in stored:
-                    found[field] = stored[value.lower()]
-        return found
+        # "Red" in a prompt names a stored "red", and "seven" a stored "Seven"
+        return {field: self.by_word[field][value.lower()] for field, value in match.groupdict().items()
+                if field in self.by_word and value and value.lower() in self.by_word[field]}
 
     def save(self, directory: Path, **info) -> Path:
         """Weights plus the config `load_classifier` needs; `info` (training provenance) is stored beside it."""

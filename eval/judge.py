@@ -96,7 +96,7 @@ def judge_study(study_dir: Path, db_url: str, classifier_dir: str, judges: int =
     free loopback port for the duration. -> {"judges": [...], "assignments": pairs these judges answered in this
     call (both questions each), "pairs": pairs the study holds, "votes": vote rows of these judges in the database}.
     """
-    from addpipe.eval.db import Rater, connect, session_factory
+    from addpipe.eval.db import Pair, Rater, Vote, connect, session_factory
     from addpipe.eval.server import ServerThread, create_app
     from addpipe.eval.study import invite
 
@@ -128,8 +128,6 @@ def judge_study(study_dir: Path, db_url: str, classifier_dir: str, judges: int =
     else:
         with ServerThread(create_app(study_dir, db_url)) as server:
             answered = run(server.url)
-    from addpipe.eval.db import Pair, Vote
-
     engine = connect(db_url)
     with session_factory(engine)() as session:
         tokens = [j["token"] for j in record["judges"][:judges]]

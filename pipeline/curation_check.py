@@ -63,15 +63,16 @@ def caption_separation(rows: pd.DataFrame, images: np.ndarray, texts: np.ndarray
 def curation_check(prep_dir: Path, planted: dict[str, dict[int, int]]) -> dict[str, Any]:
     """The demo's curation quality from prep's decisions and embeddings (prep/shards/_decisions.parquet)."""
     from addpipe.dataprep.prep import embedding_reader
+    from addpipe.dataprep.report import summarise
 
     decisions = pd.read_parquet(prep_dir / "shards" / "_decisions.parquet")
     embedded = decisions[decisions["embedding_index"] >= 0].sort_values(["shard", "key"], kind="stable")
     images = embedding_reader(prep_dir, "img")(embedded)
     texts = embedding_reader(prep_dir, "text")(embedded)
-    nearest = decisions["nearest_similarity"].dropna()
+    nearest = summarise(decisions["nearest_similarity"])  # prep's own summary: rows with no earlier kept image left out
     return {"dedup": dedup_accuracy(decisions, planted),
             "caption_separation": caption_separation(embedded, images, texts),
-            "nearest_similarity_median": float(nearest[nearest >= -1].median()) if len(nearest) else None}
+            "nearest_similarity_median": nearest["median"] if nearest else None}
 
 
 def load_planted(path: Path) -> dict[str, dict[int, int]]:

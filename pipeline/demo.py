@@ -270,6 +270,7 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
                   overrides: Optional[list[str]] = None) -> Path:
     """ADD-distil `teacher` with configs/tiny.yaml; -> the exported student directory (skipped when it exists)."""
     from addpipe.config import load
+    from addpipe.train.checkpoint import latest
     from addpipe.train.config import TrainConfig
     from addpipe.train.loop import train
 
@@ -283,8 +284,6 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
         f"data.shards={shards}", f"data.resolution={settings.resolution}", f"checkpoint.every={every}",
         f"log.sample_every={every}", f"log.sample_prompts={json.dumps(GRID_PROMPTS[:4])}", *(overrides or []),
     ])
-    from addpipe.train.checkpoint import latest
-
     train(config, resume=latest(run_dir) is not None)  # continue an interrupted demo; a fresh one starts quietly
     return student
 

@@ -41,8 +41,10 @@ def curation_lines(check: dict[str, Any] | None) -> list[str]:
              "dropped; recall = share of the planted copies of a kept image that it dropped.", "",
              "| planted | served | copies of a kept image | dropped by the filter | of them planted | precision | recall |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    def share(value: float | None) -> str:
+        return "" if value is None else f"{value:.0%}"
+
     for kind, entry in check["dedup"].items():
-        share = lambda value: "" if value is None else f"{value:.0%}"  # noqa: E731
         lines.append(f"| {names.get(kind, kind)} | {entry['planted']} | {entry['eligible']} | {entry['drops']} | "
                      f"{entry['found']} | {share(entry['precision'])} | {share(entry['recall'])} |")
     separation = check["caption_separation"]
@@ -115,7 +117,7 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
     lines += metric_rows(summary["metrics"], real=summary.get("real")) + [""]
     if summary.get("real"):
         lines += [f"**Read FID with care at {prompts} images per arm.** The Fréchet distance of a finite sample is biased "
-                  "upwards, and at this count that small-sample term is most of the number: the *real* digits whose captions "
+                  "upwards, and at this count that small-sample term is most of the number: the real digits whose captions "
                   f"are the prompts score {summary['real']['frechet_distance']:.1f}, not 0. Differences between arms smaller "
                   "than a few points are not resolved here; the reproduction table (`addpipe demo --full`: 200 prompts, "
                   "3 seeds) is the place to compare arms.", ""]
