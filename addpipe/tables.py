@@ -34,7 +34,10 @@ def read_one(path: Path, fmt: str) -> pd.DataFrame:
         raise InputError(f"input file {path} is empty (0 bytes)")
     try:
         if base == "parquet":
-            return pd.read_parquet(path)
+            # No Arrow thread pool: its workers can still be finishing when a process that read a table exits right
+            # after (an error on an empty table), and then abort it ("terminate called without an active exception",
+            # apache/arrow#34314). A URL table is read once; the download that follows dwarfs the read.
+            return pd.read_parquet(path, use_threads=False)
         if base in ("csv", "tsv"):
             return pd.read_csv(path, sep="\t" if base == "tsv" else ",", compression=compression, keep_default_na=False,
                                na_values=[""], dtype_backend="numpy_nullable")

@@ -22,6 +22,9 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 STEPS = 16  # enough that a signal sent after step 2 (it takes a second or two to reach the tasks) lands mid-run
 LONG_STEPS = 200  # longer than one start trains under the time-limit test's 2-minute limit (about 120 steps)
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
+# Bitwise equality needs the same reductions on both sides, so the same thread count: torchrun would give each of its
+# two ranks one thread, the batch script one per CPU of the task (two here), and addpipe's defaults follow them.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 BACKENDS = {"deepspeed": {"engine.backend": "deepspeed", "engine.zero": 3},
             "fsdp2": {"engine.backend": "fsdp2"}}
 
@@ -52,7 +55,7 @@ def torchrun_reference(request, tmp_path_factory):
             run = tmp_path_factory.mktemp(f"torchrun-{backend}") / "run"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                        "addpipe.pipeline", "train", "-c", str(TINY_CONFIG), *settings(request, run, backend)]
-            result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
+            result = subprocess.run(command, capture_output=True, text=True, env={**clean_env(), **ONE_THREAD}, timeout=900)
             assert result.returncode == 0, result.stderr[-4000:]
             found[backend] = run
         return found[backend]
@@ -64,7 +67,7 @@ def submit(slurm, tmp_path: Path, overrides: list[str], *options: str) -> tuple[
     logs = tmp_path / "logs"
     result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--log-dir",
                                        str(logs), *options, *overrides],
-                            capture_output=True, text=True, env={**clean_env(), **{"SLURM_CONF": str(slurm.conf)}},
+                            capture_output=True, text=True, env={**clean_env(), **ONE_THREAD, "SLURM_CONF": str(slurm.conf)},
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     job = result.stdout.split("submitted job ")[1].split(";")[0]
