@@ -67,14 +67,51 @@ def analyse(votes: pd.DataFrame, generations: list[dict[str, Any]], min_accuracy
     return result
 
 
+MIN_FOR_DISTANCES = 8  # fewer samples per set: FD alone (KID's half subsets, FD∞'s range of N and k-NN need more)
+
+
+def distance_metrics(reference: np.ndarray, generated: np.ndarray, seed: int = 0, resamples: int = 25,
+                     network: str = "") -> dict[str, Any]:
+    """FD at the sets' counts, FD∞, KID, precision and recall, as metrics.json keeps them: each value under its
+    name, its 95% interval under "intervals", the counts under "samples" and FD's curve in N under "fd_curve".
+    `network` names the feature space (KID's kernel scale depends on it: eval/distances.kernel_scale)."""
+    from addpipe.eval.distances import compare, frechet, kernel_scale
+
+    if min(len(reference), len(generated)) < MIN_FOR_DISTANCES:
+        fd = frechet(reference, generated, resamples, seed)
+        return {"frechet_distance": fd.value, "intervals": {"frechet_distance": [fd.low, fd.high]},
+                "samples": {"generated": len(generated), "reference": len(reference)},
+                "distances_skipped": f"KID, FD-infinity, precision and recall need {MIN_FOR_DISTANCES} samples per set"}
+    found = compare(reference, generated, seed=seed, fd_resamples=resamples, kid_gamma=kernel_scale(reference, network))
+    names = {"fd": "frechet_distance", "fd_infinity": "fd_infinity", "kid": "kid", "precision": "precision", "recall": "recall"}
+    out: dict[str, Any] = {names[key]: estimate.value for key, estimate in found.items()}
+    out["intervals"] = {names[key]: [estimate.low, estimate.high] for key, estimate in found.items()}
+    out["samples"] = {"generated": len(generated), "reference": len(reference),
+                      "kid_subset_size": found["kid"].details["subset_size"], "kid_gamma": found["kid"].details["gamma"],
+                      "precision_recall_k": found["precision"].details["k"]}
+    out["fd_curve"] = {"sizes": found["fd_infinity"].details["sizes"], "fd": found["fd_infinity"].details["fd"]}
+    return out
+
+
+def share_interval(share: float, count: int, seed: int = 0) -> list[float]:
+    """A share of `count` yes/no outcomes (adherence), its percentile bootstrap interval."""
+    from addpipe.eval.distances import bootstrap as bootstrap_interval
+
+    hits = int(round(share * count))
+    estimate = bootstrap_interval(np.r_[np.ones(hits), np.zeros(count - hits)], seed=seed)
+    return [estimate.low, estimate.high]
+
+
 def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], reference: Optional[str], features: str,
                       clip_embedder=None, device: str = "cpu", limit: Optional[int] = None, batch_size: int = 32,
-                      classifier: Optional[str] = None) -> dict[str, Any]:
-    """Per arm: Fréchet distance to the reference set in `features` space, CLIP score, latency, and with a
-    content `classifier` directory the prompt adherence (share of images showing the requested classes)."""
+                      classifier: Optional[str] = None, resamples: int = 25, seed: int = 0) -> dict[str, Any]:
+    """Per arm: distances to the reference set in `features` space (FD at the stated counts, FD-infinity, KID,
+    precision, recall), CLIP score, latency, and with a content `classifier` directory the prompt adherence (share
+    of images showing the requested classes); every value with a 95% interval under "intervals"."""
     from PIL import Image
 
-    from addpipe.eval.metrics import clip_scores, features_of, frechet_between, iter_images, load_feature_network
+    from addpipe.eval.distances import bootstrap as bootstrap_interval  # (ratings' bootstrap resamples votes)
+    from addpipe.eval.metrics import clip_scores, features_of, iter_images, load_feature_network
 
     frame = pd.DataFrame(generations)
     arms = arm_table(generations)
@@ -91,14 +128,23 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
     for arm, rows in frame.groupby("arm"):
         images = [Image.open(Path(study_dir) / path).convert("RGB") for path in rows["image"]]
         entry: dict[str, Any] = dict(arms[str(arm)])
+        latency = bootstrap_interval(rows["latency_s"].to_numpy(), np.median, seed=seed)
+        entry["intervals"] = {"latency_median_s": [latency.low, latency.high]}
         if network is not None:
-            entry["frechet_distance"] = frechet_between(features_of(images, network, batch_size, f"{arm} features"), reference_features)
+            found = distance_metrics(reference_features, features_of(images, network, batch_size, f"{arm} features"),
+                                     seed, resamples, network.name)
+            entry["intervals"].update(found.pop("intervals"))
+            entry.update(found)
         if clip_embedder is not None:
             scores = np.concatenate([clip_scores(images[i:i + batch_size], list(rows["prompt"])[i:i + batch_size], clip_embedder)
                                      for i in range(0, len(images), batch_size)])
-            entry["clip_score"] = float(scores.mean())
+            score = bootstrap_interval(scores, seed=seed)
+            entry["clip_score"] = score.value
+            entry["intervals"]["clip_score"] = [score.low, score.high]
         if judge is not None:
             entry["adherence"] = adherence(judge, images, list(rows["prompt"]))
+            if "all" in entry["adherence"]:
+                entry["intervals"]["adherence"] = share_interval(entry["adherence"]["all"], entry["adherence"]["counted"], seed)
         out["arms"][str(arm)] = entry
     return out
 
@@ -129,8 +175,9 @@ def run_ratings(study_dir: Path, db_url: str, min_accuracy: float = 0.7, min_gol
 
 def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_model: Optional[str] = None,
                 device: str = "auto", limit: Optional[int] = None, batch_size: int = 32,
-                classifier: Optional[str] = None) -> dict[str, Any]:
-    """`addpipe eval metrics`: FD / CLIP score / latency -> metrics.json (and into the report)."""
+                classifier: Optional[str] = None, resamples: int = 25, seed: int = 0) -> dict[str, Any]:
+    """`addpipe eval metrics`: distances / CLIP score / adherence / latency with intervals -> metrics.json (and into
+    the report)."""
     from addpipe.eval.report import write_report
     from addpipe.eval.study import read_generations
     from addpipe.devices import resolve_device
@@ -142,7 +189,7 @@ def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_m
 
         embedder = load_clip(embed_config_from_spec(clip_model, target))
     metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size,
-                                classifier)
+                                classifier, resamples, seed)
     write_json(Path(study_dir) / "metrics.json", metrics)
     ratings_path = Path(study_dir) / "ratings.json"
     analysis = json.loads(ratings_path.read_text()) if ratings_path.exists() else {

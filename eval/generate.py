@@ -42,11 +42,13 @@ class Arm:
     resolution: Optional[int] = None
     lora: Optional[str] = None
     """A LoRA (diffusers format, e.g. an addpipe student_lora directory) loaded into the source pipeline and fused."""
+    prompts: Optional[int] = None
+    """Only the study's first N prompts (an expensive arm, such as a 50-step teacher, on a subset); None: all."""
 
     @classmethod
     def parse(cls, spec: str) -> "Arm":
         if "=" not in spec.split(":", 1)[0]:
-            raise ValueError(f"arm {spec!r} must look like name=SOURCE[+LORA][:steps=N][:cfg=G][:scheduler=S][:resolution=R]")
+            raise ValueError(f"arm {spec!r} must look like name=SOURCE[+LORA][:steps=N][:cfg=G][:scheduler=S][:resolution=R][:prompts=N]")
         name, rest = spec.split("=", 1)
         source, *options = rest.split(":")
         lora = None
@@ -65,10 +67,12 @@ class Arm:
                 arm.scheduler = value
             elif key == "resolution":
                 arm.resolution = int(value)
+            elif key == "prompts":
+                arm.prompts = int(value)
             else:
-                raise ValueError(f"unknown arm option {key!r} in {spec!r}; valid: steps, cfg, scheduler, resolution")
-        if not arm.name or not arm.source or arm.steps < 1:
-            raise ValueError(f"arm {spec!r} needs a name, a source and steps >= 1")
+                raise ValueError(f"unknown arm option {key!r} in {spec!r}; valid: steps, cfg, scheduler, resolution, prompts")
+        if not arm.name or not arm.source or arm.steps < 1 or (arm.prompts is not None and arm.prompts < 1):
+            raise ValueError(f"arm {spec!r} needs a name, a source, steps >= 1 and prompts >= 1 when given")
         return arm
 
 
@@ -170,7 +174,8 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
     call_kwargs = {arm.name: arm_call_kwargs(arm) for arm in arms}  # a bad step count fails before any image
     for arm in arms:
         previous = study["arms"].get(arm.name)
-        if previous and {"lora": None, **previous} != asdict(arm):  # studies from before arms had a LoRA
+        # studies from before arms had a LoRA or a prompt count; a new count only adds or leaves prompts
+        if previous and {"lora": None, **previous, "prompts": arm.prompts} != asdict(arm):
             raise ValueError(f"arm {arm.name} already exists in {study_file} with other settings {previous}; use a new name")
         study["arms"][arm.name] = asdict(arm)
     study_file.write_text(json.dumps(study, indent=2))
@@ -179,7 +184,7 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
     if generations.exists():
         done = {(g["arm"], g["prompt_id"]) for g in map(json.loads, generations.read_text().splitlines()) if g}
     for arm in arms:
-        todo = [p for p in prompts if (arm.name, p.id) not in done]
+        todo = [p for p in prompts[:arm.prompts] if (arm.name, p.id) not in done]
         if not todo:
             continue
         pipe = load_arm_pipeline(arm, target, torch_dtype)

@@ -101,6 +101,71 @@ def plot_quality_latency(analysis: dict[str, Any], path: Path, question: str = "
     return path
 
 
+# (name in metrics.json, column title, format): the distance columns of every report, in this order
+DISTANCES = (("frechet_distance", "FD", ".2f"), ("fd_infinity", "FD∞", ".2f"), ("kid", "KID ×10³", ".2f"),
+             ("precision", "precision", ".2f"), ("recall", "recall", ".2f"))
+
+
+def with_interval(entry: dict[str, Any], name: str, spec: str, scale: float = 1.0, value: Optional[float] = None) -> str:
+    """ "69.10 [66.02, 72.31]": a metric (entry[name], or `value`) with its 95% interval from entry["intervals"];
+    "" when there is no value."""
+    value = entry.get(name) if value is None else value
+    if not isinstance(value, (int, float)):
+        return ""
+    interval = entry.get("intervals", {}).get(name)
+    text = f"{value * scale:{spec}}"
+    return text + (f" [{interval[0] * scale:{spec}}, {interval[1] * scale:{spec}}]" if interval else "")
+
+
+def distance_cells(entry: dict[str, Any]) -> list[str]:
+    return [with_interval(entry, name, spec, 1000.0 if name == "kid" else 1.0) for name, _, spec in DISTANCES]
+
+
+def metrics_section(metrics: dict[str, Any]) -> list[str]:
+    arms = metrics["arms"]
+    counts = {(e.get("samples", {}).get("generated"), e.get("samples", {}).get("reference")) for e in arms.values()}
+    stated = "; ".join(f"{g} generated against {r} reference images" for g, r in sorted(counts, key=str) if g)
+    lines = ["## Automated metrics", "", f"Features: `{metrics['features']}`, reference: `{metrics.get('reference')}`"
+             + (f" (FD at {stated})" if stated else "") + ". Brackets: 95% intervals (FD: bootstrap of both sets; FD∞: "
+             "the extrapolation's fit; KID: half-size subsets; the rest: bootstrap of the images). FD depends on the sample "
+             "count and is biased upwards at few samples; FD∞ and KID are not: compare arms on those when counts differ.", "",
+             "| arm | steps | " + " | ".join(title for _, title, _ in DISTANCES) + " | CLIP score | adherence | median latency (s) | p90 latency (s) |",
+             "|---|---:|" + "---:|" * len(DISTANCES) + "---:|---:|---:|---:|"]
+    for arm, entry in arms.items():
+        ad = with_interval(entry, "adherence", ".1%", value=entry.get("adherence", {}).get("all"))
+        lines.append(f"| {arm} | {entry['steps']} | " + " | ".join(distance_cells(entry)) + f" | {with_interval(entry, 'clip_score', '.2f')} | "
+                     f"{ad} | {with_interval(entry, 'latency_median_s', '.3g')} | {entry['latency_p90_s']:.3g} |")
+    return lines + [""]
+
+
+def plot_distances(arms: dict[str, dict[str, Any]], path: Path) -> Optional[Path]:
+    """FD, FD∞, KID and precision/recall per arm, each with its interval as an error bar; None without distances."""
+    names = [arm for arm, entry in arms.items() if "kid" in entry]
+    if not names:
+        return None
+    plt = _plt()
+    panels = (("frechet_distance", "FD (at the stated counts)"), ("fd_infinity", "FD∞ (extrapolated)"),
+              ("kid", "KID ×10³"), ("precision", "precision (o) and recall (x)"))
+    figure, axes = plt.subplots(1, 4, figsize=(max(10, 1.1 * len(names) * 2), 3.2))
+    positions = np.arange(len(names))
+    for axis, (name, title) in zip(axes, panels):
+        series = [(name, "o", 0.0)] + ([("recall", "x", 0.15)] if name == "precision" else [])
+        for key, marker, shift in series:
+            scale = 1000.0 if key == "kid" else 1.0
+            values = np.array([arms[a][key] for a in names]) * scale
+            low = np.array([arms[a]["intervals"][key][0] for a in names]) * scale
+            high = np.array([arms[a]["intervals"][key][1] for a in names]) * scale
+            axis.errorbar(positions + shift, values, yerr=[values - low, high - values], fmt=marker, capsize=3)
+        if name == "kid":
+            axis.axhline(0.0, color="gray", linewidth=0.8)
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks(positions, names, rotation=45, ha="right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[dict[str, Any]] = None) -> dict[str, Path]:
     out = Path(study_dir) / "report"
     out.mkdir(exist_ok=True)
@@ -138,15 +203,11 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
                 lines.append(f"| {category} | {ratings['votes']} | {order} |")
         lines.append("")
     if metrics:
-        lines += ["## Automated metrics", "", f"Features: `{metrics['features']}`, reference: `{metrics.get('reference')}`", "",
-                  "| arm | steps | Fréchet distance | CLIP score | adherence | median latency (s) | p90 latency (s) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for arm, entry in metrics["arms"].items():
-            fd = f"{entry['frechet_distance']:.2f}" if "frechet_distance" in entry else ""
-            cs = f"{entry['clip_score']:.2f}" if "clip_score" in entry else ""
-            ad = f"{entry['adherence']['all']:.1%}" if "all" in entry.get("adherence", {}) else ""
-            lines.append(f"| {arm} | {entry['steps']} | {fd} | {cs} | {ad} | {entry['latency_median_s']:.3g} | {entry['latency_p90_s']:.3g} |")
-        lines.append("")
+        lines += metrics_section(metrics)
+        distances = plot_distances(metrics["arms"], out / "distances.png")
+        if distances:
+            plots["distances"] = distances
+            lines += ["![distances with their intervals](distances.png)", ""]
     if latency:
         lines += ["![quality against latency](quality_vs_latency.png)", ""]
     markdown = "\n".join(lines)

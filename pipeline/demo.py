@@ -307,11 +307,12 @@ def write_prompts(path: Path, count: int, seed: int) -> Path:
     return path
 
 
-def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: int) -> dict[str, float]:
+def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: int) -> dict[str, Any]:
     """The same metrics for the real digits whose captions are the held-out prompts (write_prompts): what real
     images score at this prompt count, the level below which a generator's FID is not resolvable by this metric."""
+    from addpipe.eval.analysis import distance_metrics, share_interval
     from addpipe.eval.classifier import adherence, load_classifier
-    from addpipe.eval.metrics import features_of, frechet_between, iter_images, load_feature_network
+    from addpipe.eval.metrics import features_of, iter_images, load_feature_network
     from addpipe.devices import resolve_device
 
     device = str(resolve_device(settings.device))
@@ -319,9 +320,10 @@ def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: 
     network = load_feature_network(f"classifier:{classifier}", device)
     reference = features_of(iter_images(shards), network, desc="reference features")
     images = [image for _, image in pairs]
-    share = adherence(load_classifier(classifier, device), images, [caption for caption, _ in pairs])["all"]
-    return {"frechet_distance": frechet_between(features_of(images, network, desc="real features"), reference),
-            "adherence": share}
+    shares = adherence(load_classifier(classifier, device), images, [caption for caption, _ in pairs])
+    found = distance_metrics(reference, features_of(images, network, desc="real features"), seed, network=network.name)
+    found["intervals"]["adherence"] = share_interval(shares["all"], shares["counted"], seed)
+    return {**found, "adherence": shares["all"]}
 
 
 def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, classifier: Path, judges: int,
@@ -337,7 +339,7 @@ def evaluate(study: Path, arms: list[str], settings: DemoSettings, shards: str, 
     # fp32 on every device: the table compares arms, and fp16 sampling would add its own error to the students'
     generate_study(study, [Arm.parse(a) for a in arms], prompts, seed=seed * 100_000, device=settings.device, dtype="fp32")
     features = f"classifier:{classifier}"
-    metrics = run_metrics(study, shards, features, device=settings.device, classifier=str(classifier))
+    metrics = run_metrics(study, shards, features, device=settings.device, classifier=str(classifier), seed=seed)
     result: dict[str, Any] = {"metrics": metrics}
     if judges:
         db_url = default_url(study)

@@ -56,27 +56,32 @@ def curation_lines(check: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def metric_rows(metrics: dict[str, Any], baseline: str = "teacher-50", real: dict[str, float] | None = None) -> list[str]:
+def metric_rows(metrics: dict[str, Any], baseline: str = "teacher-50", real: dict[str, Any] | None = None) -> list[str]:
+    """The demo's metrics table: distances (classifier features) with their 95% intervals, adherence per field,
+    latency; the real digits of the prompts last, as the floor the metric can resolve."""
+    from addpipe.eval.report import DISTANCES, distance_cells, with_interval
+
     arms = metrics["arms"]
     base = arms.get(baseline, {}).get("latency_median_s")
     fields = sorted({f for entry in arms.values() for f in entry.get("adherence", {}) if f not in ("all", "counted")})
-    lines = ["| arm | steps | guidance | FID (classifier features) | adherence, all | "
+    lines = ["| arm | steps | guidance | " + " | ".join(title for _, title, _ in DISTANCES) + " | adherence, all | "
              + " | ".join(f"adherence, {f}" for f in fields) + " | median latency (s) | speed-up vs " + baseline + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(fields) + "---:|---:|"]
+             "|---|---:|---:|" + "---:|" * len(DISTANCES) + "---:|" + "---:|" * len(fields) + "---:|---:|"]
     for arm, entry in arms.items():
         adherence = entry.get("adherence", {})
         speed = f"{base / entry['latency_median_s']:.1f}×" if base else ""
-        lines.append(f"| {arm} | {entry['steps']} | {entry.get('guidance', 0)} | {entry.get('frechet_distance', float('nan')):.2f} | "
-                     f"{adherence.get('all', float('nan')):.1%} | " + " | ".join(f"{adherence.get(f, float('nan')):.1%}" for f in fields)
+        lines.append(f"| {arm} | {entry['steps']} | {entry.get('guidance', 0)} | " + " | ".join(distance_cells(entry))
+                     + f" | {with_interval(entry, 'adherence', '.1%', value=adherence.get('all'))} | "
+                     + " | ".join(f"{adherence.get(f, float('nan')):.1%}" for f in fields)
                      + f" | {entry['latency_median_s']:.4f} | {speed} |")
     if real:  # the floor: what the real images of these prompts score
-        lines.append(f"| real digits of these prompts | | | {real['frechet_distance']:.2f} | {real['adherence']:.1%} | "
-                     + " | ".join("" for _ in fields) + " | | |")
+        lines.append("| real digits of these prompts | | | " + " | ".join(distance_cells(real))
+                     + f" | {with_interval(real, 'adherence', '.1%')} | " + " | ".join("" for _ in fields) + " | | |")
     return lines
 
 
 def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
-    from addpipe.eval.report import markdown_to_html
+    from addpipe.eval.report import markdown_to_html, plot_distances
 
     out = Path(out)
     plots = out / "plots"
@@ -111,16 +116,21 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
         lines += ["## ADD training", "", "![training curves](plots/training.png)", ""]
     prompts = summary["settings"]["prompts"]
     lines += ["## Automated metrics", "",
-              "FID: Fréchet distance to the curated images in the feature space of the content classifier (a CNN trained on "
-              "the real data, not the discriminator's backbone). Adherence: the share of images in which that classifier "
-              "sees what the prompt asked for.", ""]
+              "Distances to the curated images in the feature space of the content classifier (a CNN trained on the real "
+              "data, not the discriminator's backbone): FD (Fréchet distance, the FID of this feature space) at the arm's "
+              "image count, FD∞ (FD extrapolated to infinitely many images), KID (kernel distance, unbiased, ×10³), "
+              "precision (fidelity) and recall (diversity). Adherence: the share of images in which that classifier sees "
+              "what the prompt asked for. Brackets: 95% intervals.", ""]
     lines += metric_rows(summary["metrics"], real=summary.get("real")) + [""]
+    if plot_distances(summary["metrics"]["arms"], plots / "distances.png"):
+        lines += ["![distances with their 95% intervals](plots/distances.png)", ""]
     if summary.get("real"):
         lines += [f"**Read FID with care at {prompts} images per arm.** The Fréchet distance of a finite sample is biased "
                   "upwards, and at this count that small-sample term is most of the number: the real digits whose captions "
                   f"are the prompts score {summary['real']['frechet_distance']:.1f}, not 0. Differences between arms smaller "
-                  "than a few points are not resolved here; the reproduction table (`addpipe demo --full`: 200 prompts, "
-                  "3 seeds) is the place to compare arms.", ""]
+                  "than a few points are not resolved here: compare arms on KID and FD∞ (not biased by the count) and "
+                  "their intervals; the reproduction table (`addpipe demo --full`: 1,000 prompts, 3 seeds) is the place to "
+                  "compare arms.", ""]
     ratings = summary.get("ratings")
     if ratings:
         judging = summary.get("judging", {})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Optional
@@ -105,10 +106,16 @@ def ode_pairs(settings: DemoSettings, out: Path, shards: str, teacher: Path) -> 
 
 TEACHER_STEPS = (1, 2, 4, 50)
 GUIDANCE = 3.0
+# Images per arm in the table: FD's small-sample term is most of a 200-image FD here (real digits score 60-80 at
+# 200, about 25 at 1,000), so the table evaluates 1,000 prompts; the 50-step teacher, 100 UNet calls an image,
+# stays at the demo's count (--prompts), which FD-infinity and KID make comparable.
+FULL_PROMPTS = 1000
 
 
-def arms_for(teacher: Path, students: dict[str, Path]) -> list[str]:
-    arms = [f"teacher-{n}={teacher}:steps={n}:cfg={GUIDANCE}:scheduler=ddim" for n in TEACHER_STEPS]
+def arms_for(teacher: Path, students: dict[str, Path], slow_prompts: Optional[int] = None) -> list[str]:
+    """Every arm of the table; the 50-step teacher on the first `slow_prompts` prompts only (all when None)."""
+    arms = [f"teacher-{n}={teacher}:steps={n}:cfg={GUIDANCE}:scheduler=ddim"
+            + (f":prompts={slow_prompts}" if n == 50 and slow_prompts else "") for n in TEACHER_STEPS]
     arms += [f"add-{n}={students['add']}:steps={n}" for n in (1, 2, 4)]
     if "lora" in students:  # the adapters on their base, loaded by diffusers (the export users get)
         arms += [f"lora-{n}={teacher}+{students['lora'].parent / 'student_lora'}:steps={n}" for n in (1, 2, 4)]
@@ -116,8 +123,19 @@ def arms_for(teacher: Path, students: dict[str, Path]) -> list[str]:
     return arms
 
 
+def kid_ratio(arms: dict[str, dict[str, Any]], a: str, b: str) -> tuple[float, list[float]]:
+    """KID(a) / KID(b) and a conservative interval for it: the two intervals' worst cases, [low_a / high_b,
+    high_a / low_b] (the upper end is infinite when b's interval reaches 0: b is not told apart from the reference)."""
+    (low_a, high_a), (low_b, high_b) = arms[a]["intervals"]["kid"], arms[b]["intervals"]["kid"]
+    value = arms[a]["kid"] / arms[b]["kid"] if arms[b]["kid"] > 0 else math.inf
+    upper = high_a / low_b if low_b > 0 else math.inf
+    lower = low_a / high_b if high_b > 0 else -math.inf
+    return value, [lower, upper]
+
+
 def check_targets(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The issue's targets on one seed's metrics, those whose arms were run; each -> {"value", "target", "met"}."""
+    """The issue's targets on one seed's metrics, those whose arms were run; each -> {"value", "target", "met"},
+    on FID and, where the arms have KID, on KID with its interval (met when the interval's upper end meets it)."""
     fid = {arm: entry["frechet_distance"] for arm, entry in arms.items()}
     found = {}
 
@@ -125,6 +143,12 @@ def check_targets(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if a in fid and b in fid:
             value = fid[a] / fid[b]
             found[name] = {"value": value, "target": target, "met": value < limit if strict else value <= limit}
+        if a in arms and b in arms and "kid" in arms[a] and "kid" in arms[b]:
+            value, interval = kid_ratio(arms, a, b)
+            upper = interval[1]
+            found[name.replace("FID", "KID") + (" (on KID)" if "FID" not in name else "")] = {
+                "value": value, "interval": interval, "target": target, "metric": "kid",
+                "met": upper < limit if strict else upper <= limit}
 
     ratio("1-step student FID <= 0.5 x teacher 1-step FID", "add-1", "teacher-1", "<= 0.5", 0.5)
     ratio("1-step student beats distillation-only", "add-1", "distillation-only-1", "< 1", 1.0, strict=True)
@@ -136,45 +160,56 @@ def check_targets(arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                                                    "met": adherence >= 0.95}
     ratio("stretch: 1-step student FID <= teacher 4-step FID", "add-1", "teacher-4", "<= 1", 1.0)
     if "d2g-1" in fid:
-        found.update(d2g_targets(fid))
-    return found
-
-
-def d2g_targets(fid: dict[str, float]) -> dict[str, dict[str, Any]]:
-    """Diffusion2GAN's targets on one seed; its standing against ADD and the 4-step teacher is reported, not a target."""
-    found = {"1-step D2G FID <= 0.5 x teacher 1-step FID": {
-        "value": fid["d2g-1"] / fid["teacher-1"], "target": "<= 0.5", "met": fid["d2g-1"] <= 0.5 * fid["teacher-1"]}}
-    if "d2g-regression-1" in fid:
-        found["1-step D2G beats its regression-only ablation"] = {
-            "value": fid["d2g-1"] / fid["d2g-regression-1"], "target": "< 1", "met": fid["d2g-1"] < fid["d2g-regression-1"]}
-    found["reported: 1-step D2G FID / 1-step ADD FID"] = {
-        "value": fid["d2g-1"] / fid["add-1"], "target": "(reported)", "met": None}
-    found["reported: 1-step D2G FID / teacher 4-step FID"] = {
-        "value": fid["d2g-1"] / fid["teacher-4"], "target": "(reported)", "met": None}
+        ratio("1-step D2G FID <= 0.5 x teacher 1-step FID", "d2g-1", "teacher-1", "<= 0.5", 0.5)
+        ratio("1-step D2G beats its regression-only ablation", "d2g-1", "d2g-regression-1", "< 1", 1.0, strict=True)
+        found["reported: 1-step D2G FID / 1-step ADD FID"] = {
+            "value": fid["d2g-1"] / fid["add-1"], "target": "(reported)", "met": None}
+        found["reported: 1-step D2G FID / teacher 4-step FID"] = {
+            "value": fid["d2g-1"] / fid["teacher-4"], "target": "(reported)", "met": None}
     return found
 
 
 def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per arm across seeds: FID mean ± std and per seed; KID, FD-infinity, precision and recall per seed with their
+    intervals; the sample counts; per target, each seed's value (and interval) and whether it was met."""
     arms = list(next(iter(per_seed.values()))["metrics"]["arms"])
     table = {}
     for arm in arms:
-        fids = [s["metrics"]["arms"][arm]["frechet_distance"] for s in per_seed.values()]
-        adh = [s["metrics"]["arms"][arm]["adherence"]["all"] for s in per_seed.values()]
-        lat = [s["metrics"]["arms"][arm]["latency_median_s"] for s in per_seed.values()]
-        entry = per_seed[next(iter(per_seed))]["metrics"]["arms"][arm]
+        entries = [s["metrics"]["arms"][arm] for s in per_seed.values()]
+        fids = [e["frechet_distance"] for e in entries]
+        entry = entries[0]
         table[arm] = {"steps": entry["steps"], "guidance": entry.get("guidance", 0.0), "fid": fids,
                       "fid_mean": mean(fids), "fid_std": stdev(fids) if len(fids) > 1 else 0.0,
-                      "adherence_mean": mean(adh), "latency_median_s": mean(lat)}
+                      "adherence_mean": mean(e["adherence"]["all"] for e in entries),
+                      "latency_median_s": mean(e["latency_median_s"] for e in entries),
+                      "samples": entry.get("samples", {})}
+        table[arm].update(per_seed_distances(entries))
     targets = {}
     for seed, result in per_seed.items():
         for name, check in result["targets"].items():
-            targets.setdefault(name, {"target": check["target"], "values": {}, "met": {}})
+            targets.setdefault(name, {"target": check["target"], "values": {}, "met": {}, "intervals": {}})
             targets[name]["values"][seed] = check["value"]
             targets[name]["met"][seed] = check["met"]
-    real = [s["real"]["frechet_distance"] for s in per_seed.values() if "real" in s]
-    reference = {"fid": real, "fid_mean": mean(real), "fid_std": stdev(real) if len(real) > 1 else 0.0,
-                 "adherence_mean": mean(s["real"]["adherence"] for s in per_seed.values())} if real else None
+            if "interval" in check:
+                targets[name]["intervals"][seed] = check["interval"]
+    real = [s["real"] for s in per_seed.values() if "real" in s]
+    reference = None
+    if real:
+        fids = [r["frechet_distance"] for r in real]
+        reference = {"fid": fids, "fid_mean": mean(fids), "fid_std": stdev(fids) if len(fids) > 1 else 0.0,
+                     "adherence_mean": mean(r["adherence"] for r in real), "samples": real[0].get("samples", {}),
+                     **per_seed_distances(real)}
     return {"seeds": sorted(per_seed), "arms": table, "targets": targets, "real": reference}
+
+
+def per_seed_distances(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"kid": [per seed], "kid_intervals": [[low, high] per seed], ...} for the distances the entries have."""
+    out: dict[str, Any] = {}
+    for name in ("kid", "fd_infinity", "precision", "recall"):
+        if all(name in e for e in entries):
+            out[name] = [e[name] for e in entries]
+            out[f"{name}_intervals"] = [e["intervals"][name] for e in entries]
+    return out
 
 
 FAMILIES = {"teacher": (0, "tab:gray"), "add": (1, "tab:blue"), "lora": (2, "tab:purple"), "d2g": (3, "tab:red")}
@@ -189,28 +224,53 @@ def order(arm: str) -> tuple[int, int]:
     return family(arm)[0], int(arm.rsplit("-", 1)[1])
 
 
+def seed_cells(row: dict[str, Any], name: str, spec: str, scale: float = 1.0) -> str:
+    """ "1.20 [0.80, 1.60]; 0.90 [...]": a distance per seed with its 95% interval."""
+    if name not in row:
+        return ""
+    return "; ".join(f"{v * scale:{spec}} [{lo * scale:{spec}}, {hi * scale:{spec}}]"
+                     for v, (lo, hi) in zip(row[name], row[f"{name}_intervals"]))
+
+
 def write_table(out: Path, summary: dict[str, Any]) -> Path:
-    from addpipe.eval.report import _plt, markdown_to_html
+    from addpipe.eval.report import markdown_to_html
 
     seeds = summary["seeds"]
-    lines = ["# ADD reproduction at small scale", "",
-             f"Seeds: {', '.join(map(str, seeds))}. FID: Fréchet distance to the curated images in the content classifier's "
-             "feature space (lower is better), mean ± std over seeds. Adherence: share of images showing the requested "
-             "digit, ink and background colour. `real images of the prompts`: the real digits whose captions are the "
-             "held-out prompts, scored the same way (the metric's level for real data at this prompt count).", "",
-             "| arm | steps | guidance | FID | FID per seed | adherence | median latency (s) |", "|---|---:|---:|---:|---|---:|---:|"]
     arms = sorted(summary["arms"], key=order)
     real = summary.get("real")
+    counts = sorted({(row["samples"].get("generated"), row["samples"].get("reference")) for row in summary["arms"].values()
+                     if row.get("samples")}, key=str)
+    lines = ["# ADD reproduction at small scale", "",
+             f"Seeds: {', '.join(map(str, seeds))}. All distances are to the curated images in the content classifier's "
+             "feature space (lower is better). FID: Fréchet distance at the stated counts ("
+             + ("; ".join(f"{g} generated against {r} reference images" for g, r in counts) or "see metrics.json")
+             + "), mean ± std over seeds; it is biased upwards at few samples, so arms on different counts compare on "
+             "FD∞ (FD extrapolated to infinitely many samples) and KID (unbiased; ×10³) instead. Brackets: 95% intervals "
+             "per seed (KID: half-size subsets; FD∞: the fit; precision and recall: bootstrap, k = 3). Adherence: share "
+             "of images showing the requested digit, ink and background colour. `real images of the prompts`: the real "
+             "digits whose captions are the held-out prompts, scored the same way.", "",
+             "| arm | steps | guidance | images | FID | FID per seed | FD∞ per seed | KID ×10³ per seed | precision | recall | "
+             "adherence | median latency (s) |", "|---|---:|---:|---:|---:|---|---|---|---|---|---:|---:|"]
+
+    def row_line(name: str, row: dict[str, Any], steps: str, guidance: str, latency: str) -> str:
+        return (f"| {name} | {steps} | {guidance} | {row.get('samples', {}).get('generated', '')} | "
+                f"{row['fid_mean']:.2f} ± {row['fid_std']:.2f} | " + ", ".join(f"{v:.2f}" for v in row["fid"])
+                + f" | {seed_cells(row, 'fd_infinity', '.2f')} | {seed_cells(row, 'kid', '.2f', 1000.0)} | "
+                f"{seed_cells(row, 'precision', '.2f')} | {seed_cells(row, 'recall', '.2f')} | {row['adherence_mean']:.1%} | {latency} |")
+
     if real:
-        lines.append(f"| real images of the prompts | | | {real['fid_mean']:.2f} ± {real['fid_std']:.2f} | "
-                     + ", ".join(f"{v:.2f}" for v in real["fid"]) + f" | {real['adherence_mean']:.1%} | |")
+        lines.append(row_line("real images of the prompts", real, "", "", ""))
     for arm in arms:
         row = summary["arms"][arm]
-        lines.append(f"| {arm} | {row['steps']} | {row['guidance']:g} | {row['fid_mean']:.2f} ± {row['fid_std']:.2f} | "
-                     + ", ".join(f"{v:.2f}" for v in row["fid"]) + f" | {row['adherence_mean']:.1%} | {row['latency_median_s']:.4f} |")
-    lines += ["", "## Targets (checked on each seed)", "", "| target | required | value per seed | met on all seeds |", "|---|---|---|---|"]
+        lines.append(row_line(arm, row, str(row["steps"]), f"{row['guidance']:g}", f"{row['latency_median_s']:.4f}"))
+    lines += ["", "## Targets (checked on each seed)", "",
+              "On FID as before, and on KID with its interval: a KID target holds on a seed when the upper end of the ratio's "
+              "conservative interval [low_a / high_b, high_a / low_b] meets it (for \"beats\": the two KID intervals do not "
+              "overlap).", "", "| target | required | value per seed | met on all seeds |", "|---|---|---|---|"]
     for name, check in summary["targets"].items():
-        values = ", ".join(f"{v:.3f}" for v in check["values"].values())
+        intervals = check.get("intervals", {})
+        values = ", ".join(f"{v:.3f}" + (f" [{intervals[seed][0]:.3f}, {intervals[seed][1]:.3f}]" if seed in intervals else "")
+                           for seed, v in check["values"].items())
         if any(m is None for m in check["met"].values()):  # a comparison the table reports, not a target
             lines.append(f"| {name} | {check['target']} | {values} | |")
             continue
@@ -220,29 +280,55 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
     if cost:
         lines += ["", "## Training cost (this machine, wall time)", "", "| what | cost |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in cost.items()]
+    plot_table(out / "reproduction_fid.png", summary, arms)
+    lines += ["", "![FID and KID per arm](reproduction_fid.png)", ""]
+    markdown = "\n".join(lines)
+    (out / "reproduction.md").write_text(markdown)
+    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "reproduction.html").write_text(markdown_to_html(markdown, "ADD reproduction"))
+    return out / "reproduction.md"
+
+
+def plot_table(path: Path, summary: dict[str, Any], arms: list[str]) -> Path:
+    """FID per arm (bars: mean over seeds, dots: seeds) beside KID per arm and seed with its interval."""
+    from addpipe.eval.report import _plt
+
     plt = _plt()
-    figure, axis = plt.subplots(figsize=(max(6, 0.7 * len(arms)), 3.5))
+    real = summary.get("real")
+    with_kid = all("kid" in summary["arms"][arm] for arm in arms)
+    figure, axes = plt.subplots(1, 2 if with_kid else 1, figsize=(max(6, 0.7 * len(arms)) * (2 if with_kid else 1), 3.8),
+                                squeeze=False)
+    axis = axes[0][0]
     for i, arm in enumerate(arms):
         row = summary["arms"][arm]
-        colour = family(arm)[1]
-        axis.bar(i, row["fid_mean"], color=colour, alpha=0.6)
+        axis.bar(i, row["fid_mean"], color=family(arm)[1], alpha=0.6)
         axis.scatter([i] * len(row["fid"]), row["fid"], color="black", s=10, zorder=3)
     if real:
         axis.axhline(real["fid_mean"], color="tab:green", linestyle="--", linewidth=1, label="real images of the prompts")
         axis.legend(fontsize=8, loc="upper right")
     axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("FID (classifier features)")
-    axis.set_title("Teacher (grey), ADD student (blue), LoRA student (purple), Diffusion2GAN (red),\n"
+    axis.set_title("FID: teacher (grey), ADD (blue), LoRA (purple), Diffusion2GAN (red),\n"
                    "ablations at 1 step (orange); dots: seeds", fontsize=9)
+    if with_kid:
+        axis = axes[0][1]
+        seeds = len(summary["seeds"])
+        for i, arm in enumerate(arms):
+            row = summary["arms"][arm]
+            for k, (value, (low, high)) in enumerate(zip(row["kid"], row["kid_intervals"])):
+                x = i + (k - (seeds - 1) / 2) * 0.18
+                axis.errorbar(x, value * 1000, yerr=[[(value - low) * 1000], [(high - value) * 1000]], fmt="o",
+                              color=family(arm)[1], markersize=3, capsize=2)
+        if real and "kid" in real:
+            axis.axhline(mean(real["kid"]) * 1000, color="tab:green", linestyle="--", linewidth=1)
+        axis.axhline(0.0, color="gray", linewidth=0.8)
+        axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
+        axis.set_ylabel("KID ×10³ (classifier features)")
+        axis.set_title("KID per seed with its 95% interval (unbiased: 0 = the reference's distribution)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(out / "reproduction_fid.png", dpi=110)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
-    lines += ["", "![FID per arm](reproduction_fid.png)", ""]
-    markdown = "\n".join(lines)
-    (out / "reproduction.md").write_text(markdown)
-    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "reproduction.html").write_text(markdown_to_html(markdown, "ADD reproduction"))
-    return out / "reproduction.md"
+    return path
 
 
 def check_runs(only: Optional[list[str]]) -> list[str]:
@@ -276,6 +362,7 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3, only: Optional[list
                                                          f"{pair_cost['teacher_unet_evaluations']:,} teacher UNet evaluations "
                                                          f"({pair_cost['sampler']}), {pair_cost['seconds']:.0f} s")
     runs = {name: overrides for name, overrides in runs.items() if name in wanted}
+    table_settings = replace(settings, prompts=max(settings.prompts, FULL_PROMPTS))
     for k in range(seeds):
         seed = settings.seed + k
         students = {}
@@ -285,12 +372,12 @@ def run_reproduction(settings: DemoSettings, seeds: int = 3, only: Optional[list
             if seconds is not None and name in ("add", "lora", "d2g", "d2g-regression"):
                 cost.setdefault(f"{name} training, {settings.steps} steps (per seed)", [])
                 cost[f"{name} training, {settings.steps} steps (per seed)"].append(f"{seconds:.0f} s")
-        result = evaluate(full / f"seed{seed}" / "study", arms_for(teacher, students), settings, shards, classifier,
-                          judges=0, seed=seed)
+        result = evaluate(full / f"seed{seed}" / "study", arms_for(teacher, students, settings.prompts), table_settings,
+                          shards, classifier, judges=0, seed=seed)
         if any(math.isnan(e.get("frechet_distance", math.nan)) for e in result["metrics"]["arms"].values()):
             raise RuntimeError(f"a Fréchet distance is NaN in {full / f'seed{seed}' / 'study' / 'metrics.json'}")
         per_seed[seed] = {"metrics": result["metrics"], "targets": check_targets(result["metrics"]["arms"]),
-                          "real": real_reference(settings, shards, classifier, seed)}
+                          "real": real_reference(table_settings, shards, classifier, seed)}
         report = write_table(full, {**summarise(per_seed), "cost": {k: ", ".join(v) if isinstance(v, list) else v
                                                                     for k, v in cost.items()}})
     return report

@@ -184,9 +184,12 @@ def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
     assert [line.split("\t")[0] for line in prompts] == [caption for caption, _, _ in held_out_digits(4, DemoSettings().resolution, 0)]
     from addpipe.shards import shard_pattern
 
-    real = real_reference(DemoSettings(out=str(out), prompts=4), shard_pattern(sorted((out / "prep" / "shards").glob("*.tar"))),
+    real = real_reference(DemoSettings(out=str(out), prompts=12), shard_pattern(sorted((out / "prep" / "shards").glob("*.tar"))),
                           out / "models" / "classifier", 0)
     assert np.isfinite(real["frechet_distance"]) and 0 <= real["adherence"] <= 1
+    assert real["samples"]["generated"] == 12 and real["samples"]["reference"] == prep["kept"]
+    for name in ("frechet_distance", "fd_infinity", "kid", "precision", "recall", "adherence"):  # each inside its interval
+        assert real["intervals"][name][0] <= real[name] <= real["intervals"][name][1], name
 
     # votes: each judge answered both questions on every pair of its queue, through the server into the database
     votes_before = vote_rows(out)
@@ -314,7 +317,7 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
     for arm_summary in summary["arms"].values():
         arm_summary["guidance"] = 0.0
     table = write_table(tmp_path, summary).read_text()
-    assert "| real images of the prompts | | | 75.00 ± 7.07 | 70.00, 80.00 | 95.0% | |" in table
+    assert "| real images of the prompts |  |  |  | 75.00 ± 7.07 | 70.00, 80.00 |  |  |  |  | 95.0% |  |" in table
     assert (tmp_path / "reproduction_fid.png").is_file()
     # Diffusion2GAN: its two runs on the pairs, its targets, and its comparisons reported without a verdict
     runs = d2g_variants(tmp_path / "pairs", tmp_path / "lpips.pth")
@@ -331,6 +334,35 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
     assert "| reported: 1-step D2G FID / 1-step ADD FID | (reported) | 0.900 | |" in table
     assert "| 1-step D2G beats its regression-only ablation | < 1 | 0.750 | yes |" in table
     assert "| ODE pairs | 1200 pairs |" in table
+
+    # on KID a target holds when the upper end of the ratio's interval meets it: [low_a / high_b, high_a / low_b]
+    def kid_arm(fid, kid, low, high):
+        return {**arm(fid), "kid": kid, "intervals": {"kid": [low, high]}}
+
+    with_kid = {"teacher-1": kid_arm(200, 0.040, 0.030, 0.050), "teacher-4": kid_arm(80, 0.010, 0.006, 0.014),
+                "add-1": kid_arm(100, 0.012, 0.010, 0.014), "add-2": kid_arm(99, 0.011, 0.0, 0.02),
+                "add-4": kid_arm(90, 0.009, 0.007, 0.011), "distillation-only-1": kid_arm(101, 0.013, 0.011, 0.015),
+                "adversarial-only-1": kid_arm(150, 0.030, 0.020, 0.040)}
+    found = check_targets(with_kid)
+    half = found["1-step student KID <= 0.5 x teacher 1-step KID"]
+    assert half["value"] == pytest.approx(0.3) and half["interval"] == pytest.approx([0.010 / 0.050, 0.014 / 0.030])
+    assert half["met"] and found["1-step student FID <= 0.5 x teacher 1-step FID"]["met"]
+    # overlapping intervals do not beat: 0.014 > 0.011, though the point values order the arms
+    assert not found["1-step student beats distillation-only (on KID)"]["met"]
+    assert found["1-step student beats distillation-only"]["met"]                         # FID 100 < 101
+    assert found["1-step student beats adversarial-only (on KID)"]["met"]                 # 0.014 < 0.020
+    assert found["2-step student KID <= 1.25 x teacher 4-step KID"]["interval"][1] == pytest.approx(0.02 / 0.006)
+    assert found["stretch: 1-step student KID <= teacher 4-step KID"]["interval"][1] == pytest.approx(0.014 / 0.006)
+    # a denominator whose interval reaches 0 (not told apart from the reference): the upper end is infinite, not met
+    zero = check_targets(dict(with_kid, **{"teacher-4": kid_arm(80, 0.001, -0.002, 0.004)}))
+    assert zero["stretch: 1-step student KID <= teacher 4-step KID"]["interval"][1] == float("inf")
+    assert not zero["stretch: 1-step student KID <= teacher 4-step KID"]["met"]
+    summary = summarise({0: {"metrics": {"arms": {name: dict(entry, guidance=0.0) for name, entry in with_kid.items()}},
+                             "targets": found}})
+    assert summary["arms"]["add-1"]["kid_intervals"] == [[0.010, 0.014]]
+    table = write_table(tmp_path, summary).read_text()
+    assert "| 1-step student KID <= 0.5 x teacher 1-step KID | <= 0.5 | 0.300 [0.200, 0.467] | yes |" in table
+    assert "12.00 [10.00, 14.00]" in table  # add-1's KID x 10^3 with its interval
 
 
 def test_demo_refuses_a_device_name_before_any_work():

@@ -117,3 +117,42 @@ def test_invite_vote_rate_report_metrics_and_export(study, tiny_dino, tmp_path):
     cli("eval", "export", "--study", str(directory), "--out", str(tmp_path / "votes.csv"))
     rows = list(csv.DictReader((tmp_path / "votes.csv").open()))
     assert rows and {"rater", "arm_a", "arm_b", "question", "choice", "golden"} <= set(rows[0])
+
+
+def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_dino, tmp_path):
+    """`:prompts=N` draws an expensive arm on the first N prompts only (a rerun with a larger N adds the rest); `eval
+    metrics` gives every arm FD at its count, FD-infinity, KID, precision and recall, each inside its interval."""
+    directory = tmp_path / "study"
+    base = ["eval", "generate", "--study", str(directory), "--prompts", "bundled", "--limit", "10", "--seed", "3",
+            "--model", f"all={tiny_sd}:steps=1"]
+    cli(*base, "--model", f"some={tiny_sd}:steps=2:prompts=4")
+    counts = lambda: {arm: sum(json.loads(l)["arm"] == arm for l in (directory / "generations.jsonl").read_text().splitlines())
+                      for arm in ("all", "some")}
+    assert counts() == {"all": 10, "some": 4}
+    cli(*base, "--model", f"some={tiny_sd}:steps=2:prompts=9")  # more of the same arm: only the new prompts are drawn
+    assert counts() == {"all": 10, "some": 9}
+    bad = cli("eval", "generate", "--study", str(directory), "--model", f"x={tiny_sd}:prompts=0", check=False)
+    assert bad.returncode == 2 and "prompts >= 1" in bad.stderr
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(10):  # the reference is the `all` arm's own images: its FD-infinity and KID sit near 0
+        (reference / f"{i}.png").write_bytes((directory / f"images/all/{i:05d}.png").read_bytes())
+    result = cli("eval", "metrics", "--study", str(directory), "--reference", str(reference), "--features",
+                 f"dinov2:{tiny_dino}", "--resamples", "5", "--device", "cpu")
+    metrics = json.loads((directory / "metrics.json").read_text())
+    for arm, count in (("all", 10), ("some", 9)):
+        entry = metrics["arms"][arm]
+        assert entry["samples"]["generated"] == count and entry["samples"]["reference"] == 10
+        for name in ("frechet_distance", "fd_infinity", "kid", "precision", "recall", "latency_median_s"):
+            low, high = entry["intervals"][name]
+            assert low <= entry[name] <= high, (arm, name)
+        assert entry["fd_curve"]["sizes"][-1] == count
+    identical = metrics["arms"]["all"]
+    assert identical["frechet_distance"] == pytest.approx(0.0, abs=1e-3) and identical["precision"] == 1.0 == identical["recall"]
+    assert identical["intervals"]["kid"][0] <= 0.0 <= identical["intervals"]["kid"][1]
+    assert "FD@9/10" in result.stdout and "KID x1e3" in result.stdout and "[" in result.stdout
+    report = (directory / "report" / "report.md").read_text()
+    assert "| FD | FD∞ | KID ×10³ | precision | recall |" in report and (directory / "report" / "distances.png").is_file()
+    assert cli("eval", "metrics", "--study", str(directory), "--reference", str(reference), "--features",
+               f"dinov2:{tiny_dino}", "--resamples", "1", check=False).returncode == 2

@@ -1,0 +1,132 @@
+"""eval/distances.py against hand-written formulas and planted distributions: KID equals the closed-form unbiased
+MMD² with the cubic kernel and is about 0 for two draws of one distribution (FD is not); its interval covers the
+large-sample value; FD∞ recovers a distance hidden under a planted 1/N term; precision and recall separate a
+collapsed generator (faithful, not diverse) from a faithful one and a disjoint one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from addpipe.eval.distances import (bootstrap, frechet, frechet_infinity, kernel_scale, kid, precision_recall, sizes_for)
+from addpipe.eval.metrics import frechet_between
+
+
+def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Squared MMD, unbiased, kernel (x·y / D + 1)^3: the within-set sums leave out i = j."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def gaussian(rng, n: int, d: int, shift: float = 0.0, scale: float = 1.0) -> np.ndarray:
+    mean = np.zeros(d)
+    mean[0] = shift
+    return rng.normal(size=(n, d)) * scale + mean
+
+
+def test_kid_equals_the_closed_form_unbiased_mmd2_on_random_features():
+    rng = np.random.default_rng(1)
+    x, y = gaussian(rng, 40, 5), gaussian(rng, 40, 5, shift=0.7, scale=1.3)
+    # subsets as large as the sets: every subset is the whole set, so each subset's value is the formula's
+    whole = kid(x, y, subsets=5, subset_size=40)
+    assert whole.value == pytest.approx(mmd2_unbiased(x, y), rel=1e-9)
+    assert whole.details["std"] == pytest.approx(0.0, abs=1e-9) and whole.low == pytest.approx(whole.value)
+    # the default: half-size subsets, averaged; their mean estimates the same quantity
+    half = kid(x, y, subsets=200, seed=3)
+    assert half.details["subset_size"] == 20 and half.low < mmd2_unbiased(x, y) < half.high
+    assert kid(x, y, seed=3).value == kid(x, y, seed=3).value  # seeded: the same subsets
+
+
+def test_kid_is_about_zero_for_two_draws_of_one_distribution_and_fd_is_not():
+    rng = np.random.default_rng(2)
+    kids, fds = [], []
+    for _ in range(12):
+        a, b = gaussian(rng, 100, 16), gaussian(rng, 100, 16)
+        kids.append(kid(a, b, subsets=20).value)
+        fds.append(frechet_between(a, b))
+    kids, fds = np.array(kids), np.array(fds)
+    assert abs(kids.mean()) < 3 * kids.std(ddof=1) / np.sqrt(len(kids)) and (kids < 0).any()
+    assert fds.min() > 1.0  # the 1/N term: d = 16 dimensions at N = 100 give an FD near 2.6 with nothing to find
+
+
+def test_kid_interval_covers_the_large_sample_value():
+    rng = np.random.default_rng(3)
+    truth = mmd2_unbiased(gaussian(rng, 3000, 4), gaussian(rng, 3000, 4, shift=0.5))
+    covered = sum(estimate.low <= truth <= estimate.high for estimate in
+                  (kid(gaussian(rng, 200, 4), gaussian(rng, 200, 4, shift=0.5), subsets=50, seed=i) for i in range(30)))
+    assert covered >= 24, covered  # a 95% interval: 30 tries, fewer than 24 covering would be p < 0.001
+
+
+def test_fd_infinity_recovers_a_distance_under_a_planted_one_over_n_term():
+    rng = np.random.default_rng(4)
+    reference, generated = gaussian(rng, 2500, 32), gaussian(rng, 2500, 32, shift=1.0)  # true FD: 1.0
+    # Two unit Gaussians of d dimensions at N samples each: E[FD_N] = FD + (d^2 + 5d) / (2N) to first order (2d/N
+    # from the means, (d^2 + d)/(2N) from the covariances' square-root term): 592/N here, more than the distance at 500
+    planted = (32 ** 2 + 5 * 32) / 2
+    at_small_n = frechet(reference[:500], generated[:500], resamples=10)
+    assert at_small_n.value - 1.0 == pytest.approx(planted / 500, rel=0.25)
+    extrapolated = frechet_infinity(reference, generated, seed=0)
+    assert extrapolated.low <= 1.0 <= extrapolated.high and abs(extrapolated.value - 1.0) < 0.2
+    sizes, values = extrapolated.details["sizes"], extrapolated.details["fd"]
+    assert sizes == sorted(sizes) and sizes[-1] == 2500 and values[0] > values[-1]  # FD falls as N grows
+    assert extrapolated.details["slope"] == pytest.approx(planted, rel=0.25)
+
+
+def test_sizes_are_even_in_one_over_n_and_errors_say_what_is_wrong():
+    sizes = sizes_for(1000, points=5)
+    assert sizes[0] == 200 and sizes[-1] == 1000
+    steps = np.diff(1.0 / np.array(sizes[::-1]))
+    assert np.allclose(steps, steps[0], rtol=0.05)
+    with pytest.raises(ValueError, match="need a \\(N, D\\) feature array"):
+        kid(np.zeros(10), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="subset size 50 must be between 2 and the smaller set's count \\(10\\)"):
+        kid(np.zeros((10, 2)), np.zeros((12, 2)), subset_size=50)
+
+
+def test_precision_and_recall_separate_fidelity_from_diversity():
+    rng = np.random.default_rng(5)
+    reference = gaussian(rng, 800, 8)
+    faithful_p, faithful_r = precision_recall(reference, gaussian(rng, 800, 8))
+    collapsed_p, collapsed_r = precision_recall(reference, gaussian(rng, 800, 8, scale=0.15))
+    disjoint_p, disjoint_r = precision_recall(reference, gaussian(rng, 800, 8, shift=30.0))
+    assert faithful_p.value > 0.8 and faithful_r.value > 0.8
+    assert collapsed_p.value > 0.95 and collapsed_r.value < 0.15  # a mode-collapsed generator: faithful, not diverse
+    assert disjoint_p.value == 0.0 and disjoint_r.value == 0.0
+    assert faithful_p.low <= faithful_p.value <= faithful_p.high and faithful_p.high - faithful_p.low < 0.1
+    assert faithful_p.details == {"k": 3, "samples": 800}
+
+
+def test_precision_is_the_share_inside_k_nn_balls_by_hand():
+    # 1-D, k = 1: reference at 0, 1, 2, 10 -> radii 1, 1, 1, 8 (to 2); generated at 0.5 (inside), 5 (inside the
+    # ball of 10), 30 (outside): precision 2/3
+    reference = np.array([[0.0], [1.0], [2.0], [10.0]])
+    generated = np.array([[0.5], [5.0], [30.0], [31.0]])
+    precision, recall = precision_recall(reference, generated, k=1, resamples=10)
+    assert precision.value == pytest.approx(2 / 4)  # 0.5 and 5.0 inside; 30 and 31 outside
+    # generated radii: 0.5 -> 4.5 (to 5), 5 -> 4.5, 30 -> 1, 31 -> 1: reference 0, 1, 2 within 4.5 of 0.5; 10 not
+    assert recall.value == pytest.approx(3 / 4)
+
+
+def test_bootstrap_interval_holds_the_value_and_narrows_with_more_samples():
+    rng = np.random.default_rng(6)
+    small, large = bootstrap(rng.random(50)), bootstrap(rng.random(5000))
+    assert small.low <= small.value <= small.high and large.low <= large.value <= large.high
+    assert (large.high - large.low) < (small.high - small.low) / 5
+    fd = frechet(gaussian(rng, 300, 4), gaussian(rng, 300, 4, shift=1.0), resamples=20)
+    assert fd.low < fd.value < fd.high and fd.details == {"generated": 300, "reference": 300}
+
+
+def test_kid_kernel_scale_is_inceptions_for_inception_and_unit_mean_square_norm_elsewhere():
+    rng = np.random.default_rng(7)
+    x, y = gaussian(rng, 60, 6, shift=30.0) * 10, gaussian(rng, 60, 6, shift=31.0) * 10  # features far from unit scale
+    assert kernel_scale(x, "inception") is None  # the published KID: gamma = 1/D
+    gamma = kernel_scale(x, "classifier")
+    assert gamma == pytest.approx(1.0 / np.mean(np.sum(x ** 2, axis=1)))
+    # gamma on x is the default 1/D on x rescaled by sqrt(gamma D): the same kernel values, the same KID
+    c = np.sqrt(gamma * x.shape[1])
+    assert kid(x, y, subsets=10, seed=1, gamma=gamma).value == pytest.approx(kid(x * c, y * c, subsets=10, seed=1).value, rel=1e-9)
+    assert kid(x, y, subsets=10, subset_size=60, gamma=gamma).value == pytest.approx(
+        mmd2_unbiased(x * c, y * c), rel=1e-9)
