@@ -67,6 +67,7 @@ def analyse(votes: pd.DataFrame, generations: list[dict[str, Any]], min_accuracy
     return result
 
 
+FEATURES_FILE = "features.npz"  # the reference's and each arm's features, with the arms' prompt ids
 MIN_FOR_DISTANCES = 8  # fewer samples per set: FD alone (KID's half subsets, FD∞'s range of N and k-NN need more)
 
 
@@ -125,14 +126,16 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
     reference_features = features_of(iter_images(reference, limit), network, batch_size, "reference features") if network else None
     if reference_features is not None:
         out["reference_images"] = int(len(reference_features))
+    kept: dict[str, np.ndarray] = {}
     for arm, rows in frame.groupby("arm"):
         images = [Image.open(Path(study_dir) / path).convert("RGB") for path in rows["image"]]
         entry: dict[str, Any] = dict(arms[str(arm)])
         latency = bootstrap_interval(rows["latency_s"].to_numpy(), np.median, seed=seed)
         entry["intervals"] = {"latency_median_s": [latency.low, latency.high]}
         if network is not None:
-            found = distance_metrics(reference_features, features_of(images, network, batch_size, f"{arm} features"),
-                                     seed, resamples, network.name)
+            generated = features_of(images, network, batch_size, f"{arm} features")
+            kept[f"features::{arm}"], kept[f"prompt_ids::{arm}"] = generated.astype(np.float32), rows["prompt_id"].to_numpy()
+            found = distance_metrics(reference_features, generated, seed, resamples, network.name)
             entry["intervals"].update(found.pop("intervals"))
             entry.update(found)
         if clip_embedder is not None:
@@ -146,7 +149,27 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
             if "all" in entry["adherence"]:
                 entry["intervals"]["adherence"] = share_interval(entry["adherence"]["all"], entry["adherence"]["counted"], seed)
         out["arms"][str(arm)] = entry
+    if kept:  # for paired comparisons later (arms on the same prompts and noise): no feature pass again
+        np.savez(Path(study_dir) / FEATURES_FILE, reference=reference_features.astype(np.float32), **kept)
+        out["features_file"] = FEATURES_FILE
     return out
+
+
+def paired_features(study_dir: Path, a: str, b: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(reference, a's rows, b's rows) from the study's features file, a and b on the prompts both drew, row for
+    row; None when the file or an arm is missing."""
+    path = Path(study_dir) / FEATURES_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        if f"features::{a}" not in stored or f"features::{b}" not in stored:
+            return None
+        rows = []
+        for arm in (a, b):
+            rows.append(dict(zip(stored[f"prompt_ids::{arm}"].tolist(), stored[f"features::{arm}"])))
+        common = sorted(set(rows[0]) & set(rows[1]))
+        return (stored["reference"].astype(np.float64), np.stack([rows[0][i] for i in common]).astype(np.float64),
+                np.stack([rows[1][i] for i in common]).astype(np.float64))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -363,6 +363,17 @@ def test_reproduction_ablates_the_weightings_the_config_does_not_use_and_checks_
     table = write_table(tmp_path, summary).read_text()
     assert "| 1-step student KID <= 0.5 x teacher 1-step KID | <= 0.5 | 0.300 [0.200, 0.467] | yes |" in table
     assert "12.00 [10.00, 14.00]" in table  # add-1's KID x 10^3 with its interval
+    # with the study's features the KID targets are judged on the paired margin, over the prompts both arms drew
+    rng = np.random.default_rng(0)
+    reference, base = rng.normal(size=(300, 4)), rng.normal(size=(300, 4))
+    study = tmp_path / "study"
+    study.mkdir()
+    np.savez(study / "features.npz", reference=reference, **{
+        "features::add-1": base, "prompt_ids::add-1": np.arange(300),
+        "features::teacher-1": base[:200] + 2.0, "prompt_ids::teacher-1": np.arange(200)})  # drawn on 200 prompts only
+    paired = check_targets(with_kid, study)["1-step student KID <= 0.5 x teacher 1-step KID"]
+    assert paired["pairs"] == 200 and paired["margin"][1] < 0 and paired["met"] and "interval" not in paired
+    assert "margin" not in check_targets(with_kid, tmp_path / "nowhere")["1-step student KID <= 0.5 x teacher 1-step KID"]
 
 
 def test_demo_refuses_a_device_name_before_any_work():

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from addpipe.eval.distances import (bootstrap, frechet, frechet_infinity, kernel_scale, kid, precision_recall, sizes_for)
+from addpipe.eval.distances import (bootstrap, frechet, frechet_infinity, kernel_scale, kid, paired_kid_margin, precision_recall,
+                                    sizes_for)
 from addpipe.eval.metrics import frechet_between
 
 
@@ -130,3 +131,24 @@ def test_kid_kernel_scale_is_inceptions_for_inception_and_unit_mean_square_norm_
     assert kid(x, y, subsets=10, seed=1, gamma=gamma).value == pytest.approx(kid(x * c, y * c, subsets=10, seed=1).value, rel=1e-9)
     assert kid(x, y, subsets=10, subset_size=60, gamma=gamma).value == pytest.approx(
         mmd2_unbiased(x * c, y * c), rel=1e-9)
+
+
+def test_paired_kid_margin_is_the_difference_of_the_formulas_and_resolves_what_separate_intervals_cannot():
+    rng = np.random.default_rng(9)
+    reference, base = gaussian(rng, 40, 5), gaussian(rng, 40, 5)
+    shifted = base + np.array([0.5, 0, 0, 0, 0])
+    whole = paired_kid_margin(reference, shifted, base, scale=0.7, subsets=3, subset_size=40)
+    assert whole.value == pytest.approx(mmd2_unbiased(reference, shifted) - 0.7 * mmd2_unbiased(reference, base), rel=1e-9)
+    # two arms answering the same prompts from the same noise, one worse on every row: the two KIDs' intervals
+    # overlap (judging by overlap adds both half-widths), the margin's own interval (one for the difference itself,
+    # on shared subsets) does not reach 0
+    rng = np.random.default_rng(9)
+    reference, base = gaussian(rng, 600, 4), gaussian(rng, 600, 4)
+    worse = base + np.array([0.4, 0, 0, 0])
+    a, b = kid(reference, worse), kid(reference, base)
+    assert a.low < b.high  # not told apart one at a time
+    margin = paired_kid_margin(reference, worse, base)
+    assert margin.low > 0 and margin.value == pytest.approx(a.value - b.value, abs=0.5 * (margin.high - margin.low))
+    assert paired_kid_margin(reference, base, worse).high < 0  # base beats worse
+    with pytest.raises(ValueError, match="one row per pair, got 600 and 599"):
+        paired_kid_margin(reference, base, worse[:599])

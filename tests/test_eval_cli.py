@@ -148,6 +148,9 @@ def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_di
             low, high = entry["intervals"][name]
             assert low <= entry[name] <= high, (arm, name)
         assert entry["fd_curve"]["sizes"][-1] == count
+    with np.load(directory / "features.npz") as stored:  # kept for paired comparisons: rows and their prompts
+        assert stored["features::some"].shape[0] == 9 and stored["prompt_ids::some"].tolist() == list(range(9))
+        assert stored["reference"].shape[0] == 10
     identical = metrics["arms"]["all"]
     assert identical["frechet_distance"] == pytest.approx(0.0, abs=1e-3) and identical["precision"] == 1.0 == identical["recall"]
     assert identical["intervals"]["kid"][0] <= 0.0 <= identical["intervals"]["kid"][1]
