@@ -61,16 +61,18 @@ def bootstrap(values: Sequence[float], statistic: Callable[[np.ndarray], float] 
 
 def frechet(reference: np.ndarray, generated: np.ndarray, resamples: int = 25, seed: int = 0) -> Estimate:
     """FD between the two sets as given (stated with both counts: FD depends on them), and value ± 1.96 x the
-    standard deviation of FD over bootstrap resamples of both sets. The resampled FDs sit above the value (a
-    resample repeats samples, which acts like a smaller N), so their spread, not their percentiles, is used."""
+    standard deviation of FD over bootstrap resamples of the generated set, the reference held fixed as the
+    yardstick every arm is measured against. Resampling both sets was measured 2x too wide (64-d Gaussians, 1,000
+    per set: std 0.47 against 0.22 between independent draws; repeated samples shift both sets' finite-sample
+    terms); the generated set alone gives 0.29 against 0.23 with the reference fixed. The resampled FDs sit above the
+    value (repeats act like a smaller N), so their spread, not their percentiles, is used."""
     reference, generated = _as_array(reference, "reference"), _as_array(generated, "generated")
     value = frechet_between(generated, reference)
     rng = np.random.default_rng(seed)
-    draws = [frechet_between(generated[rng.integers(0, len(generated), len(generated))],
-                             reference[rng.integers(0, len(reference), len(reference))]) for _ in range(resamples)]
+    draws = [frechet_between(generated[rng.integers(0, len(generated), len(generated))], reference) for _ in range(resamples)]
     spread = float(np.std(draws, ddof=1)) if resamples > 1 else 0.0
     return Estimate(value, value - Z95 * spread, value + Z95 * spread,
-                    f"value ± 1.96 x bootstrap std ({resamples} resamples of both sets)",
+                    f"value ± 1.96 x bootstrap std ({resamples} resamples of the generated set, the reference fixed)",
                     {"generated": len(generated), "reference": len(reference)})
 
 
@@ -126,8 +128,10 @@ def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 100, subset
     k(x, y) = (gamma x·y + 1)^3 (gamma = 1/D unless given: kernel_scale), averaged over `subsets` random subsets of `subset_size` samples from each set
     (torchmetrics' KernelInceptionDistance on these features). The default subset size is half the smaller set
     (at most 1000): the spread of half-size subsets estimates the full set's sampling spread (half-sampling, the
-    delete-N/2 jackknife), so the interval is mean ± 1.96 x std. Above 2000 samples per set the subsets stay at
-    1000 and the interval is that of a 1000-sample estimate: wider than the full set's, never narrower."""
+    delete-N/2 jackknife), so the interval is mean ± 1.96 x std. That holds where KID's variance falls like 1/N (an
+    arm unlike the reference); near KID = 0 it falls like 1/N^2 and the half-size spread overstates the full set's by
+    up to sqrt(3): conservative. Above 2000 samples per set the subsets stay at 1000 and the interval is that of a
+    1000-sample estimate: wider than the full set's, never narrower."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     reference, generated = _as_array(reference, "reference"), _as_array(generated, "generated")

@@ -126,7 +126,7 @@ def metrics_section(metrics: dict[str, Any]) -> list[str]:
     counts = {(e.get("samples", {}).get("generated"), e.get("samples", {}).get("reference")) for e in arms.values()}
     stated = "; ".join(f"{g} generated against {r} reference images" for g, r in sorted(counts, key=str) if g)
     lines = ["## Automated metrics", "", f"Features: `{metrics['features']}`, reference: `{metrics.get('reference')}`"
-             + (f" (FD at {stated})" if stated else "") + ". Brackets: 95% intervals (FD: bootstrap of both sets; FD∞: "
+             + (f" (FD at {stated})" if stated else "") + ". Brackets: 95% intervals (FD: bootstrap of the generated images, the reference fixed; FD∞: "
              "the extrapolation's fit; KID: half-size subsets; the rest: bootstrap of the images). FD depends on the sample "
              "count and is biased upwards at few samples; FD∞ and KID are not: compare arms on those when counts differ.", "",
              "| arm | steps | " + " | ".join(title for _, title, _ in DISTANCES) + " | CLIP score | adherence | median latency (s) | p90 latency (s) |",

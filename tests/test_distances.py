@@ -152,3 +152,34 @@ def test_paired_kid_margin_is_the_difference_of_the_formulas_and_resolves_what_s
     assert paired_kid_margin(reference, base, worse).high < 0  # base beats worse
     with pytest.raises(ValueError, match="one row per pair, got 600 and 599"):
         paired_kid_margin(reference, base, worse[:599])
+
+
+def test_paired_margin_interval_covers_the_large_sample_margin():
+    rng = np.random.default_rng(10)
+
+    def arms(n):  # arm b, and arm a = b moved and squeezed a little on every row: paired rows
+        b = gaussian(rng, n, 4, shift=0.3)
+        return b * 0.9 + np.array([0.2, 0, 0, 0]), b
+
+    big_a, big_b = arms(3000)
+    big_reference = gaussian(rng, 3000, 4)
+    truth = mmd2_unbiased(big_reference, big_a) - mmd2_unbiased(big_reference, big_b)
+    covered = 0
+    for i in range(30):
+        a, b = arms(200)
+        margin = paired_kid_margin(gaussian(rng, 200, 4), a, b, subsets=50, seed=i)
+        covered += margin.low <= truth <= margin.high
+    assert covered >= 24, covered
+
+
+def test_fd_interval_is_as_wide_as_fd_varies_between_independent_draws():
+    rng = np.random.default_rng(11)
+    mixing = np.linalg.qr(rng.normal(size=(16, 16)))[0] * np.linspace(0.3, 2.0, 16)  # anisotropic features
+    reference = rng.normal(size=(400, 16)) @ mixing
+
+    def generated():
+        return rng.normal(size=(400, 16)) @ mixing + np.r_[1.0, np.zeros(15)]
+
+    spread = np.std([frechet_between(generated(), reference) for _ in range(25)], ddof=1)
+    estimate = frechet(reference, generated(), resamples=40)
+    assert 0.7 < (estimate.high - estimate.value) / 1.959963984540054 / spread < 1.6
