@@ -306,7 +306,7 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
         lines += ["", "## Training cost (this machine, wall time)", "", "| what | cost |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in cost.items()]
     plot_table(out / "reproduction_fid.png", summary, arms)
-    lines += ["", "![FID and KID per arm](reproduction_fid.png)", ""]
+    lines += ["", "![FID, FD∞ and KID per arm](reproduction_fid.png)", ""]
     markdown = "\n".join(lines)
     (out / "reproduction.md").write_text(markdown)
     (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -315,41 +315,49 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
 
 
 def plot_table(path: Path, summary: dict[str, Any], arms: list[str]) -> Path:
-    """FID per arm (bars: mean over seeds, dots: seeds) beside KID per arm and seed with its interval."""
+    """FID per arm (bars: mean over seeds, dots: seeds; the image count where an arm had fewer), then FD∞ and KID
+    per arm and seed with their 95% intervals (both comparable across image counts)."""
     from addpipe.eval.report import _plt
 
     plt = _plt()
     real = summary.get("real")
-    with_kid = all("kid" in summary["arms"][arm] for arm in arms)
-    figure, axes = plt.subplots(1, 2 if with_kid else 1, figsize=(max(6, 0.7 * len(arms)) * (2 if with_kid else 1), 3.8),
-                                squeeze=False)
+    panels = [name for name in ("fd_infinity", "kid") if all(name in summary["arms"][arm] for arm in arms)]
+    width = max(6, 0.7 * len(arms))
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(width * (1 + len(panels)), 3.8), squeeze=False)
     axis = axes[0][0]
+    most = max((summary["arms"][arm].get("samples", {}).get("generated") or 0) for arm in arms)
     for i, arm in enumerate(arms):
         row = summary["arms"][arm]
         axis.bar(i, row["fid_mean"], color=family(arm)[1], alpha=0.6)
         axis.scatter([i] * len(row["fid"]), row["fid"], color="black", s=10, zorder=3)
+        count = row.get("samples", {}).get("generated")
+        if count and count < most:  # FD rises at fewer images: say so where the bar stands
+            axis.annotate(f"{count} images", (i, max(row["fid"])), textcoords="offset points", xytext=(0, 4),
+                          ha="center", fontsize=7)
     if real:
         axis.axhline(real["fid_mean"], color="tab:green", linestyle="--", linewidth=1, label="real images of the prompts")
         axis.legend(fontsize=8, loc="upper right")
     axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
     axis.set_ylabel("FID (classifier features)")
-    axis.set_title("FID: teacher (grey), ADD (blue), LoRA (purple), Diffusion2GAN (red),\n"
-                   "ablations at 1 step (orange); dots: seeds", fontsize=9)
-    if with_kid:
-        axis = axes[0][1]
-        seeds = len(summary["seeds"])
+    axis.set_title("FID at each arm's image count: teacher (grey), ADD (blue), LoRA (purple),\n"
+                   "Diffusion2GAN (red), ablations (orange); dots: seeds", fontsize=9)
+    seeds = len(summary["seeds"])
+    titles = {"fd_infinity": ("FD∞ (classifier features)", 1.0, "FD∞ per seed with its 95% interval (extrapolated to infinitely many images)"),
+              "kid": ("KID ×10³ (classifier features)", 1000.0, "KID per seed with its 95% interval (unbiased: 0 = the reference's distribution)")}
+    for axis, name in zip(axes[0][1:], panels):
+        label, scale, title = titles[name]
         for i, arm in enumerate(arms):
             row = summary["arms"][arm]
-            for k, (value, (low, high)) in enumerate(zip(row["kid"], row["kid_intervals"])):
+            for k, (value, (low, high)) in enumerate(zip(row[name], row[f"{name}_intervals"])):
                 x = i + (k - (seeds - 1) / 2) * 0.18
-                axis.errorbar(x, value * 1000, yerr=[[(value - low) * 1000], [(high - value) * 1000]], fmt="o",
+                axis.errorbar(x, value * scale, yerr=[[(value - low) * scale], [(high - value) * scale]], fmt="o",
                               color=family(arm)[1], markersize=3, capsize=2)
-        if real and "kid" in real:
-            axis.axhline(mean(real["kid"]) * 1000, color="tab:green", linestyle="--", linewidth=1)
+        if real and name in real:
+            axis.axhline(mean(real[name]) * scale, color="tab:green", linestyle="--", linewidth=1)
         axis.axhline(0.0, color="gray", linewidth=0.8)
         axis.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=8)
-        axis.set_ylabel("KID ×10³ (classifier features)")
-        axis.set_title("KID per seed with its 95% interval (unbiased: 0 = the reference's distribution)", fontsize=9)
+        axis.set_ylabel(label)
+        axis.set_title(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
