@@ -78,6 +78,9 @@ def distance_metrics(reference: np.ndarray, generated: np.ndarray, seed: int = 0
     `network` names the feature space (KID's kernel scale depends on it: eval/distances.kernel_scale)."""
     from addpipe.eval.distances import compare, frechet, kernel_scale
 
+    if len(generated) < 2:  # one image has no spread: nothing to fit a distance to, the other arms still get theirs
+        return {"samples": {"generated": len(generated), "reference": len(reference)},
+                "distances_skipped": "an arm with fewer than 2 images gets no distances"}
     if min(len(reference), len(generated)) < MIN_FOR_DISTANCES:
         fd = frechet(reference, generated, resamples, seed)
         return {"frechet_distance": fd.value, "intervals": {"frechet_distance": [fd.low, fd.high]},

@@ -43,7 +43,9 @@ class Estimate:
 def _as_array(features: np.ndarray, name: str) -> np.ndarray:
     array = np.asarray(features, dtype=np.float64)
     if array.ndim != 2 or len(array) < 2:
-        raise ValueError(f"{name}: need a (N, D) feature array with N >= 2, got shape {array.shape}")
+        count = len(array) if array.ndim == 2 else "no"
+        raise ValueError(f"{name} set: distances need at least 2 feature vectors (an (N, D) array), got {count} "
+                         f"(shape {array.shape})")
     return array
 
 

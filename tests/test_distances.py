@@ -81,8 +81,10 @@ def test_sizes_are_even_in_one_over_n_and_errors_say_what_is_wrong():
     assert sizes[0] == 200 and sizes[-1] == 1000
     steps = np.diff(1.0 / np.array(sizes[::-1]))
     assert np.allclose(steps, steps[0], rtol=0.05)
-    with pytest.raises(ValueError, match="need a \\(N, D\\) feature array"):
+    with pytest.raises(ValueError, match="reference set: distances need at least 2 feature vectors .* got no"):
         kid(np.zeros(10), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="generated set: distances need at least 2 feature vectors .* got 1 "):
+        frechet(np.zeros((10, 2)), np.zeros((1, 2)))
     with pytest.raises(ValueError, match="subset size 50 must be between 2 and the smaller set's count \\(10\\)"):
         kid(np.zeros((10, 2)), np.zeros((12, 2)), subset_size=50)
 
@@ -183,3 +185,19 @@ def test_fd_interval_is_as_wide_as_fd_varies_between_independent_draws():
     spread = np.std([frechet_between(generated(), reference) for _ in range(25)], ddof=1)
     estimate = frechet(reference, generated(), resamples=40)
     assert 0.7 < (estimate.high - estimate.value) / 1.959963984540054 / spread < 1.6
+
+
+def test_metrics_json_entries_for_small_sets_say_what_was_skipped():
+    from addpipe.eval.analysis import distance_metrics
+
+    rng = np.random.default_rng(12)
+    reference = gaussian(rng, 50, 3)
+    alone = distance_metrics(reference, gaussian(rng, 1, 3))
+    assert "frechet_distance" not in alone and "fewer than 2 images" in alone["distances_skipped"]
+    few = distance_metrics(reference, gaussian(rng, 5, 3), resamples=5)
+    assert set(few["intervals"]) == {"frechet_distance"} and "need 8 samples per set" in few["distances_skipped"]
+    full = distance_metrics(reference, gaussian(rng, 40, 3), resamples=5, network="classifier")
+    assert set(full["intervals"]) == {"frechet_distance", "fd_infinity", "kid", "precision", "recall"}
+    assert full["samples"]["kid_gamma"] == pytest.approx(kernel_scale(reference, "classifier"))
+    with pytest.raises(ValueError, match="reference set: distances need at least 2"):
+        distance_metrics(gaussian(rng, 1, 3), gaussian(rng, 40, 3))
