@@ -55,20 +55,21 @@ class Arm:
         if "+" in source and not Path(source).exists():  # base+lora (a path with a '+' of its own stays whole)
             source, lora = source.rsplit("+", 1)
         arm = cls(name.strip(), source, lora=lora or None)
+        numbers = {"steps": ("steps", int), "cfg": ("guidance", float), "guidance": ("guidance", float),
+                   "resolution": ("resolution", int), "prompts": ("prompts", int)}
         for option in options:
             key, _, value = option.partition("=")
-            if key == "steps":
-                arm.steps = int(value)
-            elif key in ("cfg", "guidance"):
-                arm.guidance = float(value)
+            if key in numbers:
+                field, kind = numbers[key]
+                try:
+                    setattr(arm, field, kind(value))
+                except ValueError:
+                    raise ValueError(f"arm {spec!r}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                                     f"got {value!r}") from None
             elif key == "scheduler":
                 if value not in SCHEDULERS:
                     raise ValueError(f"unknown scheduler {value!r} in arm {name}; choose from {', '.join(SCHEDULERS)}")
                 arm.scheduler = value
-            elif key == "resolution":
-                arm.resolution = int(value)
-            elif key == "prompts":
-                arm.prompts = int(value)
             else:
                 raise ValueError(f"unknown arm option {key!r} in {spec!r}; valid: steps, cfg, scheduler, resolution, prompts")
         if not arm.name or not arm.source or arm.steps < 1 or (arm.prompts is not None and arm.prompts < 1):

@@ -133,6 +133,11 @@ def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_di
     assert counts() == {"all": 10, "some": 9}
     bad = cli("eval", "generate", "--study", str(directory), "--model", f"x={tiny_sd}:prompts=0", check=False)
     assert bad.returncode == 2 and "prompts >= 1" in bad.stderr
+    from addpipe.eval.generate import Arm
+
+    with pytest.raises(ValueError, match="prompts must be an integer, got 'half'"):
+        Arm.parse("x=model:prompts=half")
+    assert Arm.parse("x=model:steps=4:cfg=7.5:prompts=200") == Arm("x", "model", 4, 7.5, prompts=200)
 
     reference = tmp_path / "reference"
     reference.mkdir()
