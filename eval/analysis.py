@@ -11,7 +11,7 @@ import pandas as pd
 
 from addpipe.eval.db import QUESTIONS
 from addpipe.eval.ratings import (EloSettings, bootstrap, bradley_terry, online_elo, rater_accuracy, reliable_raters,
-                                  win_rate_matrix)
+                                  wilson_interval, win_rate_matrix)
 
 
 def arm_table(generations: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -97,13 +97,9 @@ def distance_metrics(reference: np.ndarray, generated: np.ndarray, seed: int = 0
     return out
 
 
-def share_interval(share: float, count: int, seed: int = 0) -> list[float]:
-    """A share of `count` yes/no outcomes (adherence), its percentile bootstrap interval."""
-    from addpipe.eval.distances import bootstrap as bootstrap_interval
-
-    hits = int(round(share * count))
-    estimate = bootstrap_interval(np.r_[np.ones(hits), np.zeros(count - hits)], seed=seed)
-    return [estimate.low, estimate.high]
+def share_interval(share: float, count: int) -> list[float]:
+    """A share of `count` yes/no outcomes (adherence): its Wilson score interval, which stays open at 0% and 100%."""
+    return list(wilson_interval(share * count, count))
 
 
 def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], reference: Optional[str], features: str,
@@ -150,7 +146,7 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
         if judge is not None:
             entry["adherence"] = adherence(judge, images, list(rows["prompt"]))
             if "all" in entry["adherence"]:
-                entry["intervals"]["adherence"] = share_interval(entry["adherence"]["all"], entry["adherence"]["counted"], seed)
+                entry["intervals"]["adherence"] = share_interval(entry["adherence"]["all"], entry["adherence"]["counted"])
         out["arms"][str(arm)] = entry
     if kept:  # for paired comparisons later (arms on the same prompts and noise): no feature pass again
         np.savez(Path(study_dir) / FEATURES_FILE, reference=reference_features.astype(np.float32), **kept)

@@ -214,13 +214,15 @@ def _inside(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, c
     return torch.cat(found).numpy()
 
 
-def precision_recall(reference: np.ndarray, generated: np.ndarray, k: int = 3, resamples: int = 1000,
-                     seed: int = 0) -> tuple[Estimate, Estimate]:
+def precision_recall(reference: np.ndarray, generated: np.ndarray, k: int = 3, seed: int = 0) -> tuple[Estimate, Estimate]:
     """Improved precision and recall (Kynkäänniemi et al., NeurIPS 2019): each set's manifold is the union of balls
     around its samples reaching their k-th nearest neighbour; precision = share of generated samples inside the
     reference manifold (fidelity), recall = share of reference samples inside the generated one (diversity). The
-    larger set is subsampled to the smaller one's count (the radii depend on N). Intervals: percentile bootstrap
-    over the samples tested against a manifold; the manifold's own sampling variability is not in them."""
+    larger set is subsampled to the smaller one's count (the radii depend on N). Intervals: Wilson score intervals
+    over the samples tested against a manifold (a bootstrap collapses to a point at a share of 1); the manifold's
+    own sampling variability is not in them."""
+    from addpipe.eval.ratings import wilson_interval
+
     reference, generated = _as_array(reference, "reference"), _as_array(generated, "generated")
     count = min(len(reference), len(generated))
     if count <= k:
@@ -228,13 +230,12 @@ def precision_recall(reference: np.ndarray, generated: np.ndarray, k: int = 3, r
     rng = np.random.default_rng(seed)
     real = torch.from_numpy(reference[np.sort(rng.choice(len(reference), count, replace=False))])
     fake = torch.from_numpy(generated[np.sort(rng.choice(len(generated), count, replace=False))])
-    fidelity = _inside(fake, real, _kth_neighbour_radii(real, k))
-    diversity = _inside(real, fake, _kth_neighbour_radii(fake, k))
-    details = {"k": k, "samples": count}
-    precision = bootstrap(fidelity.astype(np.float64), resamples=resamples, seed=seed)
-    recall = bootstrap(diversity.astype(np.float64), resamples=resamples, seed=seed + 1)
-    return (Estimate(precision.value, precision.low, precision.high, precision.method, details),
-            Estimate(recall.value, recall.low, recall.high, recall.method, details))
+    shares = []
+    for inside in (_inside(fake, real, _kth_neighbour_radii(real, k)), _inside(real, fake, _kth_neighbour_radii(fake, k))):
+        hits = int(inside.sum())
+        low, high = wilson_interval(hits, count)
+        shares.append(Estimate(hits / count, low, high, "Wilson score interval", {"k": k, "samples": count}))
+    return shares[0], shares[1]
 
 
 def compare(reference: np.ndarray, generated: np.ndarray, seed: int = 0, fd_resamples: int = 25,

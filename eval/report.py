@@ -127,7 +127,8 @@ def metrics_section(metrics: dict[str, Any]) -> list[str]:
     stated = "; ".join(f"{g} generated against {r} reference images" for g, r in sorted(counts, key=str) if g)
     lines = ["## Automated metrics", "", f"Features: `{metrics['features']}`, reference: `{metrics.get('reference')}`"
              + (f" (FD at {stated})" if stated else "") + ". Brackets: 95% intervals (FD: bootstrap of the generated images, the reference fixed; FD∞: "
-             "the extrapolation's fit; KID: half-size subsets; the rest: bootstrap of the images). FD depends on the sample "
+             "the extrapolation's fit; KID: half-size subsets; precision, recall and adherence: Wilson; CLIP score and latency: "
+             "bootstrap of the images). FD depends on the sample "
              "count and is biased upwards at few samples; FD∞ and KID are not: compare arms on those when counts differ.", "",
              "| arm | steps | " + " | ".join(title for _, title, _ in DISTANCES) + " | CLIP score | adherence | median latency (s) | p90 latency (s) |",
              "|---|---:|" + "---:|" * len(DISTANCES) + "---:|---:|---:|---:|"]

@@ -605,7 +605,8 @@ def eval_metrics(
         if "all" in entry.get("adherence", {}):
             parts.append(f"adherence {with_interval(entry, 'adherence', '.1%', value=entry['adherence']['all'])}")
         typer.echo("  ".join(parts))
-    typer.echo("intervals: 95% (FD: bootstrap; FD-inf: fit; KID: subsets; precision, recall, CLIP, adherence, latency: bootstrap)")
+    typer.echo("intervals: 95% (FD: bootstrap; FD-inf: fit; KID: subsets; precision, recall, adherence: Wilson; CLIP, latency: "
+               "bootstrap)")
 
 
 @eval_app.command("export")

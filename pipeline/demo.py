@@ -322,7 +322,7 @@ def real_reference(settings: DemoSettings, shards: str, classifier: Path, seed: 
     images = [image for _, image in pairs]
     shares = adherence(load_classifier(classifier, device), images, [caption for caption, _ in pairs])
     found = distance_metrics(reference, features_of(images, network, desc="real features"), seed, network=network.name)
-    found["intervals"]["adherence"] = share_interval(shares["all"], shares["counted"], seed)
+    found["intervals"]["adherence"] = share_interval(shares["all"], shares["counted"])
     return {**found, "adherence": shares["all"]}
 
 

@@ -266,7 +266,7 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
              + ("; ".join(f"{g} generated against {r} reference images" for g, r in counts) or "see metrics.json")
              + "), mean ± std over seeds; it is biased upwards at few samples, so arms on different counts compare on "
              "FD∞ (FD extrapolated to infinitely many samples) and KID (unbiased; ×10³) instead. Brackets: 95% intervals "
-             "per seed (KID: half-size subsets; FD∞: the fit; precision and recall: bootstrap, k = 3). Adherence: share "
+             "per seed (FID: bootstrap; KID: half-size subsets; FD∞: the fit; precision and recall: Wilson, k = 3). Adherence: share "
              "of images showing the requested digit, ink and background colour. `real images of the prompts`: the real "
              "digits whose captions are the held-out prompts, scored the same way.", "",
              "| arm | steps | guidance | images | FID | FID per seed | FD∞ per seed | KID ×10³ per seed | precision | recall | "
