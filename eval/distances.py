@@ -118,7 +118,7 @@ def kernel_scale(reference: np.ndarray, network: str) -> Optional[float]:
     """KID's kernel takes x·y·gamma: the published KID uses gamma = 1/D on Inception's pool features (None here:
     torchmetrics' default). The cubic kernel is not scale-free, and other feature spaces have other scales (the demo's
     classifier: x·y/D near 40, so the kernel's values are about 10^5 and KID is noise); there gamma is one over the
-    reference's mean squared norm, which puts x·y·gamma near cos(x, y), where Inception's 1/D puts it."""
+    reference's mean squared norm, which puts x·y·gamma near cos(x, y)."""
     if network == "inception":
         return None
     return float(1.0 / np.mean(np.sum(np.asarray(reference, dtype=np.float64) ** 2, axis=1)))
