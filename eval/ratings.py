@@ -95,7 +95,8 @@ def wilson_interval(successes: float, trials: float, z: float = 1.959964) -> tup
     p = successes / trials
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the bounds hold p itself: at p = 1 (or 0) rounding could leave the upper (lower) bound a hair inside it
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
 
 
 def win_rate_matrix(votes: pd.DataFrame, arms: list[str]) -> dict[str, list[list[Optional[float]]]]:

@@ -156,7 +156,9 @@ def plot_distances(arms: dict[str, dict[str, Any]], path: Path) -> Optional[Path
             values = np.array([arms[a][key] for a in names]) * scale
             low = np.array([arms[a]["intervals"][key][0] for a in names]) * scale
             high = np.array([arms[a]["intervals"][key][1] for a in names]) * scale
-            axis.errorbar(positions + shift, values, yerr=[values - low, high - values], fmt=marker, capsize=3)
+            # clipped at 0: a bound equal to its value can land a rounding error on the wrong side
+            axis.errorbar(positions + shift, values, yerr=[np.clip(values - low, 0, None), np.clip(high - values, 0, None)],
+                          fmt=marker, capsize=3)
         if name == "kid":
             axis.axhline(0.0, color="gray", linewidth=0.8)
         axis.set_title(title, fontsize=9)

@@ -350,7 +350,7 @@ def plot_table(path: Path, summary: dict[str, Any], arms: list[str]) -> Path:
             row = summary["arms"][arm]
             for k, (value, (low, high)) in enumerate(zip(row[name], row[f"{name}_intervals"])):
                 x = i + (k - (seeds - 1) / 2) * 0.18
-                axis.errorbar(x, value * scale, yerr=[[(value - low) * scale], [(high - value) * scale]], fmt="o",
+                axis.errorbar(x, value * scale, yerr=[[max(value - low, 0) * scale], [max(high - value, 0) * scale]], fmt="o",
                               color=family(arm)[1], markersize=3, capsize=2)
         if real and name in real:
             axis.axhline(mean(real[name]) * scale, color="tab:green", linestyle="--", linewidth=1)

@@ -201,3 +201,13 @@ def test_metrics_json_entries_for_small_sets_say_what_was_skipped():
     assert full["samples"]["kid_gamma"] == pytest.approx(kernel_scale(reference, "classifier"))
     with pytest.raises(ValueError, match="reference set: distances need at least 2"):
         distance_metrics(gaussian(rng, 1, 3), gaussian(rng, 40, 3))
+
+
+def test_share_intervals_hold_the_share_at_zero_and_one():
+    from addpipe.eval.ratings import wilson_interval
+
+    for n in range(1, 400):  # before: rounding left the upper bound a hair below 1 for some n (a negative error bar)
+        low, high = wilson_interval(n, n)
+        assert low < 1.0 <= high and high == 1.0
+        low, high = wilson_interval(0, n)
+        assert low == 0.0 < high

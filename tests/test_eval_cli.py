@@ -112,7 +112,9 @@ def test_invite_vote_rate_report_metrics_and_export(study, tiny_dino, tmp_path):
     assert metrics["arms"]["fast"]["frechet_distance"] == pytest.approx(0.0, abs=1e-3)  # the reference is the fast arm itself
     assert metrics["arms"]["slow"]["frechet_distance"] > metrics["arms"]["fast"]["frechet_distance"]
     assert 0 <= metrics["arms"]["slow"]["clip_score"] <= 100 and metrics["arms"]["slow"]["steps"] == 4
-    assert "Fréchet distance" in (directory / "report/report.md").read_text()
+    report = (directory / "report/report.md").read_text()
+    assert "| arm | steps | FD | FD∞ | KID ×10³ | precision | recall | CLIP score |" in report  # 4 images: FD alone
+    assert f"| fast | 2 | {metrics['arms']['fast']['frechet_distance']:.2f} [" in report
 
     cli("eval", "export", "--study", str(directory), "--out", str(tmp_path / "votes.csv"))
     rows = list(csv.DictReader((tmp_path / "votes.csv").open()))
