@@ -87,9 +87,8 @@ def distance_metrics(reference: np.ndarray, generated: np.ndarray, seed: int = 0
                 "samples": {"generated": len(generated), "reference": len(reference)},
                 "distances_skipped": f"KID, FD-infinity, precision and recall need {MIN_FOR_DISTANCES} samples per set"}
     found = compare(reference, generated, seed=seed, fd_resamples=resamples, kid_gamma=kernel_scale(reference, network))
-    names = {"fd": "frechet_distance", "fd_infinity": "fd_infinity", "kid": "kid", "precision": "precision", "recall": "recall"}
-    out: dict[str, Any] = {names[key]: estimate.value for key, estimate in found.items()}
-    out["intervals"] = {names[key]: [estimate.low, estimate.high] for key, estimate in found.items()}
+    out: dict[str, Any] = {name: estimate.value for name, estimate in found.items()}
+    out["intervals"] = {name: [estimate.low, estimate.high] for name, estimate in found.items()}
     out["samples"] = {"generated": len(generated), "reference": len(reference),
                       "kid_subset_size": found["kid"].details["subset_size"], "kid_gamma": found["kid"].details["gamma"],
                       "precision_recall_k": found["precision"].details["k"]}
@@ -154,21 +153,24 @@ def automated_metrics(study_dir: Path, generations: list[dict[str, Any]], refere
     return out
 
 
-def paired_features(study_dir: Path, a: str, b: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(reference, a's rows, b's rows) from the study's features file, a and b on the prompts both drew, row for
-    row; None when the file or an arm is missing."""
+def load_features(study_dir: Path) -> dict[str, np.ndarray]:
+    """The study's features file as arrays ({} when there is none), read once for any number of paired_features."""
     path = Path(study_dir) / FEATURES_FILE
     if not path.is_file():
-        return None
+        return {}
     with np.load(path) as stored:
-        if f"features::{a}" not in stored or f"features::{b}" not in stored:
-            return None
-        rows = []
-        for arm in (a, b):
-            rows.append(dict(zip(stored[f"prompt_ids::{arm}"].tolist(), stored[f"features::{arm}"])))
-        common = sorted(set(rows[0]) & set(rows[1]))
-        return (stored["reference"].astype(np.float64), np.stack([rows[0][i] for i in common]).astype(np.float64),
-                np.stack([rows[1][i] for i in common]).astype(np.float64))
+        return dict(stored)
+
+
+def paired_features(stored: dict[str, np.ndarray], a: str, b: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(reference, a's rows, b's rows) from load_features, a and b on the prompts both drew, row for row; None when
+    an arm is missing."""
+    if f"features::{a}" not in stored or f"features::{b}" not in stored:
+        return None
+    rows = [dict(zip(stored[f"prompt_ids::{arm}"].tolist(), stored[f"features::{arm}"])) for arm in (a, b)]
+    common = sorted(set(rows[0]) & set(rows[1]))
+    return (stored["reference"].astype(np.float64), np.stack([rows[0][i] for i in common]).astype(np.float64),
+            np.stack([rows[1][i] for i in common]).astype(np.float64))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

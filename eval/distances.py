@@ -15,13 +15,13 @@ the same inputs give the same numbers. An interval is the central 95% (`low`, `h
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from addpipe.eval.metrics import frechet_between
+from addpipe.eval.metrics import frechet_between, frechet_distance, statistics
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -35,9 +35,6 @@ class Estimate:
     high: float
     method: str
     details: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _as_array(features: np.ndarray, name: str) -> np.ndarray:
@@ -69,9 +66,11 @@ def frechet(reference: np.ndarray, generated: np.ndarray, resamples: int = 25, s
     terms); the generated set alone gives 0.29 against 0.23 with the reference fixed. The resampled FDs sit above the
     value (repeats act like a smaller N), so their spread, not their percentiles, is used."""
     reference, generated = _as_array(reference, "reference"), _as_array(generated, "generated")
-    value = frechet_between(generated, reference)
+    fixed = statistics(reference)  # the yardstick's mean and covariance: once, not per resample
+    value = frechet_distance(*statistics(generated), *fixed)
     rng = np.random.default_rng(seed)
-    draws = [frechet_between(generated[rng.integers(0, len(generated), len(generated))], reference) for _ in range(resamples)]
+    draws = [frechet_distance(*statistics(generated[rng.integers(0, len(generated), len(generated))]), *fixed)
+             for _ in range(resamples)]
     spread = float(np.std(draws, ddof=1)) if resamples > 1 else 0.0
     return Estimate(value, value - Z95 * spread, value + Z95 * spread,
                     f"value ± 1.96 x bootstrap std ({resamples} resamples of the generated set, the reference fixed)",
@@ -156,17 +155,6 @@ def kid(reference: np.ndarray, generated: np.ndarray, subsets: int = 100, subset
                      "gamma": gamma if gamma is not None else 1.0 / reference.shape[1]})
 
 
-def _cubic_kernel(x: torch.Tensor, y: torch.Tensor, gamma: float) -> torch.Tensor:
-    return (x @ y.T * gamma + 1.0) ** 3
-
-
-def _mmd2_unbiased(k_xx: torch.Tensor, k_yy: torch.Tensor, k_xy: torch.Tensor) -> float:
-    """Unbiased squared MMD from kernel matrices: the within-set means leave out the diagonal."""
-    m, n = len(k_xx), len(k_yy)
-    within = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1)) + (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
-    return float(within - 2.0 * k_xy.mean())
-
-
 def paired_kid_margin(reference: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float = 1.0, subsets: int = 100,
                       subset_size: Optional[int] = None, seed: int = 0, gamma: Optional[float] = None) -> Estimate:
     """KID(a) - scale x KID(b) for two arms whose rows are paired (row i of each: the same prompt from the same
@@ -174,6 +162,8 @@ def paired_kid_margin(reference: np.ndarray, a: np.ndarray, b: np.ndarray, scale
     reference draw, the prompts, the noise) then cancels in the difference, which the two KIDs' separate intervals
     cannot see: "a beats b" holds when the interval's upper end is below 0 (scale 1), "KID(a) <= c KID(b)" when it
     is at or below 0 (scale c). Subsets of half the pairs (at most 1000), interval mean ± 1.96 x std as for kid()."""
+    from torchmetrics.image.kid import maximum_mean_discrepancy, poly_kernel  # what kid() computes, per subset
+
     reference, a, b = _as_array(reference, "reference"), _as_array(a, "a"), _as_array(b, "b")
     if len(a) != len(b):
         raise ValueError(f"paired arms need one row per pair, got {len(a)} and {len(b)} rows")
@@ -187,8 +177,9 @@ def paired_kid_margin(reference: np.ndarray, a: np.ndarray, b: np.ndarray, scale
     for _ in range(subsets):
         r = ref[torch.randperm(len(ref), generator=generator)[:size]]
         pick = torch.randperm(len(xa), generator=generator)[:size]
-        k_rr = _cubic_kernel(r, r, gamma)
-        kids = [_mmd2_unbiased(k_rr, _cubic_kernel(x[pick], x[pick], gamma), _cubic_kernel(r, x[pick], gamma)) for x in (xa, xb)]
+        k_rr = poly_kernel(r, r, gamma=gamma)  # shared by both arms
+        kids = [float(maximum_mean_discrepancy(k_rr, poly_kernel(r, x[pick], gamma=gamma), poly_kernel(x[pick], x[pick], gamma=gamma)))
+                for x in (xa, xb)]
         margins.append(kids[0] - scale * kids[1])
     mean, std = float(np.mean(margins)), float(np.std(margins))
     return Estimate(mean, mean - Z95 * std, mean + Z95 * std,
@@ -240,8 +231,9 @@ def precision_recall(reference: np.ndarray, generated: np.ndarray, k: int = 3, s
 
 def compare(reference: np.ndarray, generated: np.ndarray, seed: int = 0, fd_resamples: int = 25,
             kid_subsets: int = 100, k: int = 3, kid_gamma: Optional[float] = None) -> dict[str, Estimate]:
-    """Every distance of this module between the two sets: {"fd", "fd_infinity", "kid", "precision", "recall"}."""
-    found = {"fd": frechet(reference, generated, fd_resamples, seed),
+    """Every distance of this module between the two sets, under the names metrics.json gives them:
+    {"frechet_distance", "fd_infinity", "kid", "precision", "recall"}."""
+    found = {"frechet_distance": frechet(reference, generated, fd_resamples, seed),
              "kid": kid(reference, generated, kid_subsets, seed=seed, gamma=kid_gamma)}
     found["fd_infinity"] = frechet_infinity(reference, generated, seed=seed)
     found["precision"], found["recall"] = precision_recall(reference, generated, k, seed=seed)

@@ -139,10 +139,11 @@ def check_targets(arms: dict[str, dict[str, Any]], study: Optional[Path] = None)
     them), a KID target "KID(a) <= c KID(b)" is judged on the paired margin KID(a) - c KID(b) over the prompts both
     arms drew (met when its interval's upper end is at or below 0, below 0 for "beats"); without them, on the ratio's
     conservative interval from the two KIDs' own intervals."""
-    from addpipe.eval.analysis import paired_features
+    from addpipe.eval.analysis import load_features, paired_features
     from addpipe.eval.distances import paired_kid_margin
 
     fid = {arm: entry["frechet_distance"] for arm, entry in arms.items()}
+    stored = load_features(study) if study is not None else {}
     found = {}
 
     def ratio(name: str, a: str, b: str, target: str, limit: float, strict: bool = False) -> None:
@@ -153,7 +154,7 @@ def check_targets(arms: dict[str, dict[str, Any]], study: Optional[Path] = None)
             return
         value, interval = kid_ratio(arms, a, b)
         check: dict[str, Any] = {"value": value, "target": target, "metric": "kid"}
-        paired = paired_features(study, a, b) if study is not None else None
+        paired = paired_features(stored, a, b)
         if paired is not None:
             reference, features_a, features_b = paired
             margin = paired_kid_margin(reference, features_a, features_b, scale=limit,
@@ -197,8 +198,6 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                       "adherence_mean": mean(e["adherence"]["all"] for e in entries),
                       "latency_median_s": mean(e["latency_median_s"] for e in entries),
                       "samples": entry.get("samples", {})}
-        if all("frechet_distance" in e.get("intervals", {}) for e in entries):
-            table[arm]["fid_intervals"] = [e["intervals"]["frechet_distance"] for e in entries]
         table[arm].update(per_seed_distances(entries))
     targets = {}
     for seed, result in per_seed.items():
@@ -217,14 +216,15 @@ def summarise(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         reference = {"fid": fids, "fid_mean": mean(fids), "fid_std": stdev(fids) if len(fids) > 1 else 0.0,
                      "adherence_mean": mean(r["adherence"] for r in real), "samples": real[0].get("samples", {}),
                      **per_seed_distances(real)}
-        if all("frechet_distance" in r.get("intervals", {}) for r in real):
-            reference["fid_intervals"] = [r["intervals"]["frechet_distance"] for r in real]
     return {"seeds": sorted(per_seed), "arms": table, "targets": targets, "real": reference}
 
 
 def per_seed_distances(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"kid": [per seed], "kid_intervals": [[low, high] per seed], ...} for the distances the entries have."""
+    """{"kid": [per seed], "kid_intervals": [[low, high] per seed], ...} for the distances the entries have; FD's
+    intervals as "fid_intervals" (its values are the table's "fid")."""
     out: dict[str, Any] = {}
+    if all("frechet_distance" in e.get("intervals", {}) for e in entries):
+        out["fid_intervals"] = [e["intervals"]["frechet_distance"] for e in entries]
     for name in ("kid", "fd_infinity", "precision", "recall"):
         if all(name in e for e in entries):
             out[name] = [e[name] for e in entries]
