@@ -392,11 +392,38 @@ def slurm_train(
     allocation = Allocation(nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node,
                             cpus_per_task=cpus_per_task, time=time, partition=partition, account=account,
                             signal_before=signal_before, log_dir=log_dir, extra=list(sbatch or []))
-    script, job = _slurm_errors(lambda: submit_train(config, list(ctx.args), allocation, dry_run))
+    if config.is_file():  # refused here, as `addpipe train` would refuse it, not on every rank after the queue
+        _check_train_arguments(config, list(ctx.args))
+    notes: list[str] = []
+    script, job = _slurm_errors(lambda: submit_train(config, list(ctx.args), allocation, dry_run, notes))
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     if dry_run:
-        typer.echo(script + "\n# submit with:\n" + job)
+        typer.echo(script + "\n# save the script above as train.sbatch and submit it with:\n" + job)
     else:
         typer.echo(f"submitted job {job}; log: {log_dir / f'addpipe-train-{job}.out'}")
+
+
+def _check_train_arguments(config: Path, args: list[str]) -> None:
+    """Parse `args` with `addpipe train`'s own command line and load the config with its overrides, as the job would."""
+    from typer.main import get_command
+
+    from addpipe.config import load
+    from addpipe.train.config import TrainConfig
+
+    command = get_command(app).get_command(None, "train")
+    try:
+        with command.make_context("addpipe train", ["--config", str(config), *args]) as context:
+            params = dict(context.params)
+    except Exception as error:  # typer's own click: a usage error (unknown option, bad value), or --help's exit
+        message = error.format_message() if hasattr(error, "format_message") else "see `addpipe train --help`"
+        raise UserError(f"addpipe train would refuse these arguments: {message}") from None
+    extra = list(params["overrides"] or [])  # the same translation as `addpipe train`'s
+    for option, key in (("backend", "engine.backend"), ("zero", "engine.zero"), ("offload", "engine.offload_optimizer"),
+                        ("run_dir", "run_dir")):
+        if params.get(option) is not None:
+            extra.append(f"{key}={params[option]}")
+    load(TrainConfig, config, extra)
 
 
 @slurm_app.command("prep")
@@ -415,12 +442,18 @@ def slurm_prep(
     options = (["--config", str(Path(config).resolve())] if config else []) + [a for o in overrides or [] for a in ("--set", o)]
     allocation = Allocation(gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, time=time, partition=partition,
                             account=account, log_dir=log_dir, extra=list(sbatch or []))
-    scripts, jobs = _slurm_errors(lambda: submit_prep(urls, out, tasks, options, allocation, dry_run))
+    _prep_config(out, urls, config, overrides)  # the settings, refused here as `addpipe prep` would refuse them
+    notes: list[str] = []
+    scripts, jobs = _slurm_errors(lambda: submit_prep(urls, out, tasks, options, allocation, dry_run, notes))
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
     if dry_run:
-        for script, command in zip(scripts, jobs):
-            typer.echo(script + "\n# submit with:\n" + command + "\n")
+        for script, command, name in zip(scripts, jobs, ("prep_download", "prep_embed", "prep_merge")):
+            typer.echo(script + f"\n# save the script above as {name}.sbatch and submit it with:\n" + command + "\n")
     else:
-        typer.echo(f"submitted download {jobs[0]} -> embed array {jobs[1]} ({tasks} tasks) -> merge {jobs[2]}; logs in {log_dir}")
+        typer.echo(f"submitted download {jobs[0]} -> embed array {jobs[1]} ({tasks} tasks) -> merge {jobs[2]}; logs in {log_dir}\n"
+                   "a stage that fails or is cancelled makes SLURM cancel the stages after it; resubmitting the same "
+                   "command resumes where the work stopped")
 
 
 @slurm_app.command("pairs", context_settings={"allow_extra_args": True,
@@ -444,7 +477,7 @@ def slurm_pairs(
                             account=account, log_dir=log_dir, extra=list(sbatch or []))
     script, job = _slurm_errors(lambda: submit_pairs(config, prompts, out, tasks, list(ctx.args), allocation, dry_run))
     if dry_run:
-        typer.echo(script + "\n# submit with:\n" + job)
+        typer.echo(script + "\n# save the script above as pairs.sbatch and submit it with:\n" + job)
     else:
         typer.echo(f"submitted pairs array {job} ({tasks} tasks); logs in {log_dir}")
 

@@ -88,6 +88,87 @@ class Allocation:
             seconds(self.time)
 
 
+@dataclass
+class Partition:
+    """What `sinfo` says about the partition a job goes to."""
+
+    name: str
+    cpus: list[int]
+    """CPUs of each node."""
+    gpus: list[int]
+    """GPUs (gres gpu) of each node."""
+
+
+def parse_sinfo(text: str, partition: Optional[str]) -> Optional[Partition]:
+    """`sinfo -h -N -o '%N|%P|%c|%G'` -> the asked partition (else the default one, marked `*`), or None."""
+    rows = [line.split("|") for line in text.splitlines() if line.count("|") == 3]
+    wanted = partition or next((p.rstrip("*") for _, p, _, _ in rows if p.endswith("*")), None)
+    nodes: dict[str, tuple[int, int]] = {}
+    for node, name, cpus, gres in rows:
+        if name.rstrip("*") != wanted or not cpus.strip().isdigit():
+            continue
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[\w.-]+)?:(\d+)", gres))
+        nodes[node] = (int(cpus), gpus)
+    if wanted is None or not nodes:
+        return None
+    return Partition(wanted, [c for c, _ in nodes.values()], [g for _, g in nodes.values()])
+
+
+def query_partition(partition: Optional[str]) -> Optional[Partition]:
+    """The partition as `sinfo` sees it, or None where sinfo is not reachable (off the cluster, a dry run)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        found = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%G"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0:
+        return None
+    found_partition = parse_sinfo(found.stdout, partition)
+    if found_partition is None and partition is not None and found.stdout.strip():
+        names = sorted({line.split("|")[1].rstrip("*") for line in found.stdout.splitlines() if line.count("|") == 3})
+        raise SlurmError(f"partition {partition!r} not found; sinfo lists {', '.join(names)}")
+    return found_partition
+
+
+def fit_cpus(what: str, asked: Optional[int], default: Optional[int], tasks_per_node: int, allocation: "Allocation",
+             partition: Optional[Partition], notes: list[str]) -> Optional[int]:
+    """CPUs per task for one job: what was asked (refused where no node of the partition has that many), else the
+    template's default cut down to the nodes that can run the job (a request no node can meet pends forever with
+    reason PartitionConfig), else the node's share per task. None: leave it to the template."""
+    if partition is None:
+        return asked if asked is not None else default
+    eligible = [c for c, g in zip(partition.cpus, partition.gpus) if g >= allocation.gpus_per_node]
+    if len(eligible) < allocation.nodes:
+        gpus = f" with {allocation.gpus_per_node} GPU(s)" if allocation.gpus_per_node else ""
+        raise SlurmError(f"{what}: partition {partition.name} has {len(eligible)} node(s){gpus}, the job asks for "
+                         f"{allocation.nodes}: it would pend forever")
+    # the job's nodes can be any `nodes` of the eligible ones: what every such choice can give
+    largest = sorted(eligible, reverse=True)[allocation.nodes - 1] // tasks_per_node
+    if asked is not None:
+        if asked > largest:
+            raise SlurmError(f"{what}: {tasks_per_node} task(s) of {asked} CPUs per node do not fit partition "
+                             f"{partition.name}, whose nodes have at most {largest * tasks_per_node} CPUs: it would pend "
+                             f"forever (PartitionConfig). Ask for --cpus-per-task {max(1, largest)} or less")
+        return asked
+    if default is None:  # the node's share per task
+        share = max(1, min(eligible) // tasks_per_node)
+        notes.append(f"{what}: {share} CPU(s) per task, the node's share ({min(eligible)} CPUs, {tasks_per_node} "
+                     f"task(s) per node, partition {partition.name})")
+        return share
+    if default > largest:
+        fitted = max(1, largest)
+        notes.append(f"{what}: the script asks for {default} CPUs per task; the nodes of partition {partition.name} have "
+                     f"at most {largest * tasks_per_node}: asking for {fitted}")
+        return fitted
+    return default
+
+
+def template_cpus(name: str) -> Optional[int]:
+    found = re.search(r"^#SBATCH\s+--cpus-per-task=(\d+)", (TEMPLATES / name).read_text(), re.M)
+    return int(found.group(1)) if found else None
+
+
 def directives(template: str, allocation: Allocation, array: Optional[str] = None, gpus: bool = True,
                requeue_signal: bool = False) -> list[str]:
     """The #SBATCH lines: the template's, with the allocation's values in place of its defaults."""
@@ -133,10 +214,13 @@ def render(name: str, allocation: Allocation, array: Optional[str] = None, gpus:
 def sbatch(script: str, name: str, args: list[str], allocation: Allocation, dependency: Optional[str] = None,
            dry_run: bool = False) -> str:
     """Write the rendered script beside the logs and submit it; the job id (or the command, on a dry run)."""
-    command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dependency}"] if dependency else [])
+    # afterok: a stage starts only after the one before succeeded; kill-on-invalid-dep: when that one failed or was
+    # cancelled, SLURM cancels this job too instead of leaving it pending forever (DependencyNeverSatisfied)
+    command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{dependency}", "--kill-on-invalid-dep=yes"]
+                                          if dependency else [])
     stem = Path(name).stem
-    if dry_run:
-        return shlex.join(command + [str(allocation.log_dir / f"{stem}-JOBID.sbatch"), *args])
+    if dry_run:  # nothing is written: the script is the one printed above, saved under any name
+        return shlex.join(command + [f"{stem}.sbatch", *args])
     if shutil.which("sbatch") is None:
         raise SlurmError("sbatch not found: submit from a SLURM login node (or pass --dry-run to see the script)")
     allocation.log_dir.mkdir(parents=True, exist_ok=True)  # SLURM opens the output file before the script runs
@@ -152,12 +236,17 @@ def sbatch(script: str, name: str, args: list[str], allocation: Allocation, depe
     return job
 
 
-def submit_train(config: Path, overrides: list[str], allocation: Allocation, dry_run: bool = False) -> tuple[str, str]:
-    """-> (the rendered script, the job id or, on a dry run, the sbatch command)."""
+def submit_train(config: Path, overrides: list[str], allocation: Allocation, dry_run: bool = False,
+                 notes: Optional[list[str]] = None) -> tuple[str, str]:
+    """-> (the rendered script, the job id or, on a dry run, the sbatch command). The arguments must have been
+    checked the way `addpipe train` checks them (the command line does). `notes`: what was adapted, to print."""
     allocation.check()
     if not Path(config).is_file():
         raise SlurmError(f"config not found: {config}")
-    script = render("train.sbatch", allocation, requeue_signal=True)
+    tasks = allocation.gpus_per_node or allocation.tasks_per_node or 1
+    cpus = fit_cpus("train", allocation.cpus_per_task, None, tasks, allocation, query_partition(allocation.partition),
+                    notes if notes is not None else [])
+    script = render("train.sbatch", dataclasses.replace(allocation, cpus_per_task=cpus), requeue_signal=True)
     return script, sbatch(script, "train.sbatch", [str(Path(config).resolve()), *overrides], allocation, dry_run=dry_run)
 
 
@@ -172,25 +261,39 @@ def submit_pairs(config: Path, prompts: str, out: Path, tasks: int, overrides: l
         raise SlurmError(f"prompt table not found: {prompts}")
     if tasks < 1:
         raise SlurmError(f"--tasks must be at least 1, got {tasks}")
-    script = render("pairs.sbatch", allocation, array=f"0-{tasks - 1}")
+    cpus = fit_cpus("pairs", allocation.cpus_per_task, template_cpus("pairs.sbatch"), 1, allocation,
+                    query_partition(allocation.partition), [])
+    script = render("pairs.sbatch", dataclasses.replace(allocation, cpus_per_task=cpus), array=f"0-{tasks - 1}")
     args = [str(Path(config).resolve()), str(Path(prompts).resolve()), str(Path(out).resolve()), *overrides]
     return script, sbatch(script, "pairs.sbatch", args, allocation, dry_run=dry_run)
 
 
 def submit_prep(urls: str, out: Path, tasks: int, options: list[str], allocation: Allocation,
-                dry_run: bool = False) -> tuple[list[str], list[str]]:
-    """download -> embed array of `tasks` -> merge, each after the one before succeeded.
-    -> (the three rendered scripts, their job ids or sbatch commands)."""
+                dry_run: bool = False, notes: Optional[list[str]] = None) -> tuple[list[str], list[str]]:
+    """download -> embed array of `tasks` -> merge, each after the one before succeeded (and cancelled by SLURM
+    when that one failed). -> (the three rendered scripts, their job ids or sbatch commands). `notes`: what was
+    adapted to the partition, to print."""
     allocation.check()
     allocation = dataclasses.replace(allocation, nodes=1)  # each stage's job (and array task) is one node
-    if Path(urls).exists():
+    if "://" not in urls:  # a local table (or directory of tables) must exist before three jobs wait on it
+        if not Path(urls).exists():
+            raise SlurmError(f"URL table not found: {urls}")
         urls = str(Path(urls).resolve())
     if tasks < 1:
         raise SlurmError(f"--tasks must be at least 1, got {tasks}")
     out = Path(out).resolve()
-    download = render("prep_download.sbatch", allocation, gpus=False)
-    embed = render("prep_embed.sbatch", allocation, array=f"0-{tasks - 1}")
-    merge = render("prep_merge.sbatch", allocation, gpus=False)
+    partition = query_partition(allocation.partition)
+    notes = notes if notes is not None else []
+
+    def fitted(name: str, gpus: bool) -> Allocation:
+        stage = allocation if gpus else dataclasses.replace(allocation, gpus_per_node=0)
+        cpus = fit_cpus(f"prep {name.split('_')[1].split('.')[0]}", allocation.cpus_per_task, template_cpus(name), 1,
+                        stage, partition, notes)
+        return dataclasses.replace(stage, cpus_per_task=cpus)
+
+    download = render("prep_download.sbatch", fitted("prep_download.sbatch", False), gpus=False)
+    embed = render("prep_embed.sbatch", fitted("prep_embed.sbatch", True), array=f"0-{tasks - 1}")
+    merge = render("prep_merge.sbatch", fitted("prep_merge.sbatch", False), gpus=False)
     ids = [sbatch(download, "prep_download.sbatch", [urls, str(out), *options], allocation, dry_run=dry_run)]
     ids.append(sbatch(embed, "prep_embed.sbatch", [str(out), *options], allocation,
                       "DOWNLOAD_JOB" if dry_run else ids[0], dry_run))

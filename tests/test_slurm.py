@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -81,13 +82,20 @@ def test_slurm_train_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=4" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].endswith(f"{TINY_CONFIG} --zero 3 steps=10")
     assert not (tmp_path / "logs").exists()
+    (tmp_path / "urls.parquet").write_bytes(b"")  # it must exist: a missing table is refused before sbatch
     prep = subprocess.run(ADDPIPE + ["slurm", "prep", "--urls", "urls.parquet", "--out", str(tmp_path / "out"), "--tasks",
                                      "3", "--dry-run", "--set", "embed.batch_size=4"],
                           capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
     assert prep.returncode == 0, prep.stderr
     commands = [line for line in prep.stdout.splitlines() if line.startswith("sbatch ")]
-    assert len(commands) == 3 and "--dependency=afterok:DOWNLOAD_JOB" in commands[1] and "EMBED_JOB" in commands[2]
+    assert len(commands) == 3 and "--dependency=afterok:DOWNLOAD_JOB --kill-on-invalid-dep=yes" in commands[1]
+    assert "--dependency=afterok:EMBED_JOB --kill-on-invalid-dep=yes" in commands[2]
     assert "#SBATCH --array=0-2" in prep.stdout and commands[1].endswith("--set embed.batch_size=4")
+    # a dry run writes nothing, so it names no file in the log directory: the script printed, saved under a name
+    for output in (result.stdout, prep.stdout):
+        assert not re.search(re.escape(str(tmp_path / "logs")) + r"\S*\.sbatch", output) and "JOBID" not in output
+    assert "# save the script above as prep_embed.sbatch" in prep.stdout and commands[1].startswith(
+        "sbatch --parsable --dependency=afterok:DOWNLOAD_JOB --kill-on-invalid-dep=yes prep_embed.sbatch ")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -109,3 +117,79 @@ def test_slurm_commands_off_a_cluster_say_so(tmp_path):
     result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG)], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert result.returncode == 2 and "sbatch not found" in result.stderr, result.stderr
+
+
+def test_slurm_train_refuses_what_addpipe_train_refuses_before_submitting(tmp_path):
+    """A typo in an override or an option of `addpipe train` is refused in-process, with `addpipe train`'s own
+    message, before sbatch (here there is none: the check must come first) and on a dry run."""
+    env = {**clean_env(), "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent"}
+    direct = subprocess.run(ADDPIPE + ["train", "--config", str(TINY_CONFIG), "stepz=4"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert direct.returncode == 2 and "unknown config key stepz" in direct.stderr
+    for dry in ([], ["--dry-run"]):
+        result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "3", "stepz=4"],
+                                capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr == direct.stderr, result.stderr
+        zero = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "7"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert zero.returncode == 2 and "engine.zero must be 0, 1, 2 or 3, got 7" in zero.stderr, zero.stderr
+        option = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zeroo", "3"],
+                                capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert option.returncode == 2 and "addpipe train would refuse these arguments: No such option: --zeroo" in \
+            option.stderr and "Traceback" not in option.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_slurm_prep_refuses_a_missing_table_and_bad_settings_before_submitting(tmp_path):
+    env = {**clean_env(), "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent"}
+    base = ADDPIPE + ["slurm", "prep", "--out", str(tmp_path / "out"), "--dry-run"]
+    missing = subprocess.run(base + ["--urls", str(tmp_path / "nope.parquet")], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and f"URL table not found: {tmp_path / 'nope.parquet'}" in missing.stderr
+    (tmp_path / "urls.parquet").write_bytes(b"")
+    typo = subprocess.run(base + ["--urls", str(tmp_path / "urls.parquet"), "--set", "embed.batch_sise=4"],
+                          capture_output=True, text=True, env=env)
+    assert typo.returncode == 2 and "unknown config key embed.batch_sise" in typo.stderr, typo.stderr
+
+
+def test_requests_are_fitted_to_the_partition_as_sinfo_describes_it():
+    from addpipe.slurm.submit import fit_cpus, parse_sinfo
+
+    text = "n1|cpu*|2|(null)\nn2|cpu*|4|(null)\ng1|gpu|64|gpu:a100:8(S:0-1)\ng2|gpu|48|gpu:8\n"
+    cpu, gpu = parse_sinfo(text, None), parse_sinfo(text, "gpu")
+    assert (cpu.name, sorted(cpu.cpus), cpu.gpus) == ("cpu", [2, 4], [0, 0])
+    assert (gpu.name, sorted(gpu.cpus), gpu.gpus) == ("gpu", [48, 64], [8, 8]) and parse_sinfo(text, "nope") is None
+    notes: list[str] = []
+    # the template's 16 CPUs fit no node of the cpu partition: cut to what one node has, and said
+    assert fit_cpus("prep download", None, 16, 1, Allocation(), cpu, notes) == 4 and "asking for 4" in notes[0]
+    assert fit_cpus("prep merge", None, 16, 1, Allocation(nodes=2), cpu, []) == 2  # two nodes: the smaller one's
+    with pytest.raises(SlurmError, match="do not fit partition cpu, whose nodes have at most 4 CPUs"):
+        fit_cpus("prep embed", 16, 8, 1, Allocation(), cpu, [])
+    with pytest.raises(SlurmError, match="partition cpu has 2 node"):
+        fit_cpus("train", None, None, 1, Allocation(nodes=3), cpu, [])
+    with pytest.raises(SlurmError, match="has 0 node.* with 4 GPU"):
+        fit_cpus("train", None, None, 4, Allocation(gpus_per_node=4), cpu, [])
+    # training: the node's share per GPU, as `--help` promises
+    assert fit_cpus("train", None, None, 8, Allocation(nodes=2, gpus_per_node=8), gpu, notes) == 6
+    assert fit_cpus("train", None, None, 1, Allocation(), None, []) is None  # no sinfo: the template's
+
+
+def test_a_signal_after_the_run_is_ignored_for_the_rest_of_the_process():
+    """A time-limit SIGUSR1 during the exit of a finished run used to kill the task (exit 138: Python puts back the
+    default action while it shuts down). Once the loop's scope ends, the command line's request ignores them."""
+    import signal
+
+    from addpipe.train.preemption import StopRequest
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    request = StopRequest()
+    try:
+        with request:  # the command line's, held to the end of the process
+            with request:  # the training loop's
+                assert signal.getsignal(signal.SIGUSR1) == request._handle
+            assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+            signal.raise_signal(signal.SIGUSR1)  # a no-op now, not the end of this process
+            with request:  # a second run in the same process catches them again
+                assert signal.getsignal(signal.SIGTERM) == request._handle
+        assert signal.getsignal(signal.SIGUSR1) == previous
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

@@ -5,6 +5,11 @@ all-reduce on a CPU group, so no GPU sync), writes a complete checkpoint and end
 script (slurm/train.sbatch) requeues the job on that status, and the requeued job resumes from the checkpoint.
 Because the handler never interrupts work, a signal that arrives during a checkpoint write lets the write finish;
 checkpoints are renamed into place only when complete (train/checkpoint.py) in any case.
+
+Once the training loop has ended (exported, checkpointed for a requeue, or failed) while the command line still
+holds the request, the signals are ignored for the rest of the process: a time-limit SIGUSR1 that comes during
+the exit (Python restores the default action, which kills, while it shuts down) must not turn a finished run into
+a failed job (exit 138).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class StopRequest:
         self.previous: dict[int, object] = {}
         self._group = None
         self.owner = os.getpid()
+        self.finished = False
 
     def _handle(self, number: int, frame) -> None:
         if os.getpid() != self.owner:  # a forked child (a loader worker before its init ran): the trainer decides
@@ -54,6 +60,10 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         self.depth += 1
         if self.depth > 1:  # installed already (by the command line, before its imports): keep what it caught
+            if self.finished and threading.current_thread() is threading.main_thread():
+                for number in self.signals:  # a second run in the same process: catch them again
+                    signal.signal(number, self._handle)
+            self.finished = False
             return self
         self.owner = os.getpid()
         if threading.current_thread() is threading.main_thread():
@@ -63,7 +73,11 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.depth -= 1
-        if self.depth:
+        if self.depth:  # the run inside is over; the command line still holds the request until the process ends
+            self.finished = True
+            if threading.current_thread() is threading.main_thread():
+                for number in self.signals:  # SIG_IGN, unlike a Python handler, survives the interpreter's exit
+                    signal.signal(number, signal.SIG_IGN)
             return
         for number, handler in self.previous.items():
             signal.signal(number, handler)
