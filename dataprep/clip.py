@@ -1,4 +1,13 @@
-"""open_clip image and caption embeddings, L2-normalised, as the CLIP-similarity and aesthetic scores use them."""
+"""open_clip image and caption embeddings, L2-normalised, as the CLIP-similarity and aesthetic scores use them.
+
+Batch-invariant: a sample's embedding must not depend on which samples share its forward pass, or a requeued or
+rerun array task (other batch boundaries, another embed.batch_size, another thread count) would write other bits
+than the first run (issue 31: one clip_similarity differed in its 7th digit). CPU kernels pick their blocking by
+the matrix shape: a ViT's rows for 1 image and for 4 differ in the last bit. So the model always runs on
+`forward_rows` samples at a time, the last chunk padded with copies of its last sample: every forward has the same
+shape and each row is computed alone. On the CPU that is a fixed 8 rows whatever embed.batch_size says (as fast
+as larger batches there); on a GPU it is embed.batch_size (the same setting and device give the same bits).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,8 @@ from addpipe.dataprep.config import EmbedConfig
 from addpipe.devices import resolve_device
 
 logger = logging.getLogger(__name__)
+CPU_FORWARD_ROWS = 8
+"""Samples per forward pass on the CPU, a constant so that scores do not depend on embed.batch_size there."""
 
 
 @dataclass
@@ -25,25 +36,35 @@ class ClipEmbedder:
     tokenizer: Callable[[list[str]], torch.Tensor]
     device: torch.device
     precision: str
+    forward_rows: int = CPU_FORWARD_ROWS
+    """Every forward pass sees exactly this many samples (the last chunk padded)."""
 
     def _autocast(self):
         if self.device.type != "cuda" or self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
+    def _fixed_shape(self, encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> np.ndarray:
+        """`encode` over `inputs` in chunks of exactly forward_rows rows; -> L2-normalised float32 rows."""
+        rows = self.forward_rows
+        parts = []
+        for start in range(0, len(inputs), rows):
+            chunk = inputs[start : start + rows]
+            real = len(chunk)
+            if real < rows:  # pad with copies of the last sample: the same shape as every other forward
+                chunk = torch.cat([chunk, chunk[-1:].expand(rows - real, *chunk.shape[1:])])
+            with self._autocast():
+                features = encode(chunk.to(self.device)).float()
+            parts.append(torch.nn.functional.normalize(features, dim=-1)[:real].cpu())
+        return torch.cat(parts).numpy()
+
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> np.ndarray:
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        with self._autocast():
-            features = self.model.encode_image(batch).float()
-        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+        return self._fixed_shape(self.model.encode_image, torch.stack([self.preprocess(image) for image in images]))
 
     @torch.no_grad()
     def texts(self, captions: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(captions).to(self.device)
-        with self._autocast():
-            features = self.model.encode_text(tokens).float()
-        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()
+        return self._fixed_shape(self.model.encode_text, self.tokenizer(captions))
 
 
 def load_clip(config: EmbedConfig) -> ClipEmbedder:
@@ -61,11 +82,26 @@ def load_clip(config: EmbedConfig) -> ClipEmbedder:
             raise FileNotFoundError(f"embed.pretrained {pretrained} does not exist")
     device = resolve_device(config.device)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=pretrained, device=device)
+        with quiet_root_logger():
+            model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=pretrained, device=device)
     except RuntimeError as error:
         raise RuntimeError(f"could not load open_clip {config.model} with pretrained={pretrained!r}: {error}") from error
     model.eval()
-    return ClipEmbedder(model, preprocess, open_clip.get_tokenizer(config.model), device, config.precision)
+    rows = CPU_FORWARD_ROWS if device.type == "cpu" else config.batch_size
+    return ClipEmbedder(model, preprocess, open_clip.get_tokenizer(config.model), device, config.precision, rows)
+
+
+@contextlib.contextmanager
+def quiet_root_logger():
+    """open_clip reports each step of building a model with `logging.info` on the root logger ("INFO root: Loaded
+    ViT-L-14 model config.", "Loading pretrained ... weights"): noise in every prep log. Its warnings still pass."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def embed_config_from_spec(spec: str, device: str = "auto") -> EmbedConfig:

@@ -113,7 +113,8 @@ def downloaded_shards(root: Path) -> list[int]:
 
 
 def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> list[int]:
-    """Embed and score the downloaded shards whose id % task_count == task_index; -> the shards done."""
+    """Embed and score the downloaded shards whose id % task_count == task_index; -> the shards this run embedded
+    (a rerun or requeued task skips those already scored, and says so)."""
     if not 0 <= task_index < task_count:
         raise PrepError(f"task index {task_index} is outside 0..{task_count - 1}")
     root = out_dir(config)
@@ -125,6 +126,8 @@ def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> l
         else:  # array tasks must not delete each other's work: a mismatch is an error there
             check_fingerprint(directory, settings, rebuild=False)
     todo = [s for s in mine if not (root / "scores" / f"{s:05d}.parquet").exists()]
+    logger.info("embed task %d/%d: %d shard(s), %d already scored (skipped), %d to embed", task_index, task_count,
+                len(mine), len(mine) - len(todo), len(todo))
     if todo:
         from addpipe.dataprep.aesthetic import load_aesthetic
         from addpipe.dataprep.clip import load_clip
@@ -134,7 +137,7 @@ def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> l
         refused = read_refused(root)
         for shard in tqdm(todo, desc="embed + score shards", disable=None):
             embed_shard(shard, root / "download", root, embedder, aesthetic, config.embed.batch_size, refused)
-    return mine
+    return todo
 
 
 def load_scores(root: Path) -> pd.DataFrame:

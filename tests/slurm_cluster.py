@@ -9,6 +9,9 @@ Settings that matter for the tests: `proctrack/linuxproc` and `task/none` (no cg
 `AuthInfo=cred_expire=` short, because a requeued job is held for that long before it may run again (120 s by
 default), `sched_interval=1` so that it then starts within a second (the main scheduling pass runs every 60 s by
 default), and `KillWait`, the grace between SIGTERM and SIGKILL that a preempted trainer has to checkpoint in.
+A second partition, `urgent`, on the same nodes and of a higher priority tier, preempts jobs of the default one
+(`preempt/partition_prio`, `PreemptMode=CANCEL`: the preempted job is cancelled, PreemptTime set, unless it requeues
+itself): the tests preempt a training job by submitting there.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 {nodes}
-PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
+PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4 PriorityTier=1
+PartitionName=urgent Nodes={','.join(self.nodes)} Default=NO MaxTime=INFINITE State=UP OverSubscribe=NO PriorityTier=2
 """)
 
     def _spawn(self, args: list[str], log: str) -> int:

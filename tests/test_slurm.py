@@ -193,3 +193,83 @@ def test_a_signal_after_the_run_is_ignored_for_the_rest_of_the_process():
         assert signal.getsignal(signal.SIGUSR1) == previous
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_clip_scores_do_not_depend_on_batches_resume_points_or_threads(tmp_path):
+    """A requeued embed task restarts its shard with other batch boundaries, maybe another embed.batch_size or
+    thread count; its embeddings (and so the float16 files and every score) must be the same bits. Without the fixed
+    forward shape, a batch of 8 differed from single images in the last bit of float32 (1 in 4 rows)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from addpipe.dataprep.clip import CPU_FORWARD_ROWS, load_clip
+    from addpipe.dataprep.config import EmbedConfig
+    from addpipe.dataprep.tiny import build_tiny_clip
+
+    tiny = build_tiny_clip(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(21)]
+    captions = [f"photo {i} of a {'very ' * (i % 6)}small thing" for i in range(21)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for batch_size, count, start in ((1, 1, 0), (64, 2, 0), (8, 1, 0), (5, 2, 0), (3, 1, 7), (16, 2, 13)):
+            torch.set_num_threads(count)
+            embedder = load_clip(EmbedConfig(model=tiny["model"], model_config=tiny["model_config"],
+                                             pretrained=tiny["pretrained"], device="cpu", batch_size=batch_size))
+            assert embedder.forward_rows == CPU_FORWARD_ROWS  # on the CPU, whatever embed.batch_size says
+            chunks = range(start, len(images), batch_size)  # `start`: a task resumed part-way
+            image = np.concatenate([embedder.images(images[i : i + batch_size]) for i in chunks])
+            text = np.concatenate([embedder.texts(captions[i : i + batch_size]) for i in chunks])
+            results.append((start, image, text))
+    finally:
+        torch.set_num_threads(threads)
+    _, reference_image, reference_text = results[0]
+    for start, image, text in results[1:]:
+        assert np.array_equal(image, reference_image[start:]) and np.array_equal(text, reference_text[start:])
+
+
+def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp_path, caplog):
+    """One cache per Python/torch/DeepSpeed version; a process that waits for another's build says whose, and
+    keeps saying it; a lock file that torch's killed build left behind is removed (torch would wait forever)."""
+    import fcntl
+    import logging
+    import threading
+
+    import torch
+
+    from addpipe.train.distributed import BUILD_LOCK, CACHE_ROOT, native_build_lock, native_ops_cache
+
+    tag = native_ops_cache().name
+    assert native_ops_cache().parent == CACHE_ROOT and f"torch{torch.__version__.split('+')[0]}" in tag
+    assert f"py{sys.version_info.major}{sys.version_info.minor}" in tag and "deepspeed0." in tag
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    holder = open(cache / BUILD_LOCK, "a+")  # another process's build (a flock is per open file, like a process's)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    holder.write("host node7 pid 4242 rank 0 since 2026-12-03T10:00:00\n")
+    holder.flush()
+    entered = threading.Event()
+
+    def build():
+        with native_build_lock(cache, report_every=0.3):
+            entered.set()
+    caplog.set_level(logging.INFO, logger="addpipe.train.distributed")
+    waiter = threading.Thread(target=build)
+    waiter.start()
+    try:
+        assert not entered.wait(1.0)  # it waits ...
+        waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+        assert len(waits) >= 2 and "host node7 pid 4242 rank 0" in waits[0] and str(cache) in waits[0]  # ... and says so
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+        waiter.join(10)
+    assert entered.is_set() and any("is free after" in r.getMessage() for r in caplog.records)
+    # torch's lock file, left by a killed build: removed only in addpipe's own cache, else named
+    (cache / "deepspeed_shm_comm").mkdir()
+    (cache / "deepspeed_shm_comm" / "lock").touch()
+    with native_build_lock(cache):
+        pass
+    assert (cache / "deepspeed_shm_comm" / "lock").exists() and "torch waits until it goes" in caplog.text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
+import io
 import logging
 import os
 import re
@@ -10,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ def prepare_environment() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "addpipe" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(native_ops_cache()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -98,15 +102,109 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def announce_native_build() -> None:
-    """Say it before DeepSpeed goes quiet for a minute: on the CPU its process group compiles a native
-    shared-memory op at first use (a C++ compiler is needed; the build is cached in TORCH_EXTENSIONS_DIR)."""
+CACHE_ROOT = Path.home() / ".cache" / "addpipe" / "torch_extensions"
+
+
+def native_ops_cache(root: Path = CACHE_ROOT) -> Path:
+    """Where DeepSpeed's JIT-built native ops are kept unless TORCH_EXTENSIONS_DIR says otherwise: one directory per
+    Python, torch and DeepSpeed version (and CUDA build), so that two installs never rebuild, or wait on, each other's."""
+    try:
+        from importlib.metadata import version
+
+        deepspeed_version = version("deepspeed")
+    except Exception:  # not installed: nothing will be built
+        deepspeed_version = "none"
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}-{cuda}-deepspeed{deepspeed_version}"
+    return root / tag
+
+
+BUILD_LOCK = ".addpipe-build.lock"
+"""flock()ed by the process that builds (or checks) the ops in a cache; it holds 'host pid rank since' of that process.
+Unlike torch's own lock file, the kernel releases it when its holder dies."""
+
+
+@contextlib.contextmanager
+def native_build_lock(cache: Path, report_every: float = 30.0):
+    """Hold the cache's build lock; while another process holds it, say who, and keep saying so every
+    `report_every` seconds. Inside, a torch `lock` file left in an op's build directory can only be a build that
+    was killed (every addpipe build holds this lock): torch would wait on it forever without a word, so it goes."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / BUILD_LOCK, "a+") as handle:
+        started = time.monotonic()
+        reported = None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - started
+                if reported is None or waited - reported >= report_every:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    logger.warning("waiting %.0f s so far for %s, which is building or loading DeepSpeed's native ops "
+                                   "in %s", waited, holder, cache)
+                    reported = waited
+                time.sleep(0.2)
+        if reported is not None:
+            logger.info("the build lock of %s is free after %.0f s", cache, time.monotonic() - started)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        handle.flush()
+        for stale in cache.glob("*/lock"):
+            age = time.time() - stale.stat().st_mtime
+            if cache.resolve().is_relative_to(CACHE_ROOT.resolve()):  # addpipe's own cache: only we build there
+                logger.warning("removing %s, left %.0f s ago by a build that was killed (torch would wait on it "
+                               "forever)", stale, age)
+                stale.unlink(missing_ok=True)
+            else:
+                logger.warning("%s exists (%.0f s old): torch waits until it goes. If no build is running (one "
+                               "was killed), delete it", stale, age)
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_native_ops(engine=None) -> None:
+    """Build (once per cache) or load DeepSpeed's native CPU ops before the process group starts, under the cache's
+    build lock: the shared-memory communication op (its first build takes about a minute on a small machine and
+    needs a C++ compiler) and, with CPU offload, cpu_adam. The log says when a build starts and how long it took.
+    Only rank 0 prints DeepSpeed's and torch's build messages; the other ranks keep theirs unless the build fails."""
     if torch.cuda.is_available():
         return
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    names = ["ShareMemCommBuilder"]
+    if getattr(engine, "offload_optimizer", "none") != "none":
+        names.append("CPUAdamBuilder")
+    builders = [b for b in (get_accelerator().create_op_builder(n) for n in names)
+                if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False)]
+    if not builders:
+        return
     cache = Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    if not any(cache.glob("**/deepspeed_shm_comm*.so")) and rank() == 0:
-        logger.info("DeepSpeed compiles its CPU communication op once (about a minute; needs a C++ compiler), "
-                    "cached in %s", cache)
+    quiet = rank() != 0
+    with native_build_lock(cache):
+        for builder in builders:
+            built = any(cache.glob(f"{builder.NAME}/*.so"))
+            if not built and not quiet:
+                logger.info("building DeepSpeed's %s op (once per install: about a minute, needs a C++ compiler) in %s",
+                            builder.NAME, cache)
+            started = time.monotonic()
+            captured = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(captured) if quiet else contextlib.nullcontext():
+                    builder.load(verbose=False)
+            except BaseException:
+                sys.stdout.write(captured.getvalue())
+                raise
+            if not built and not quiet:
+                logger.info("DeepSpeed's %s op built in %.0f s", builder.NAME, time.monotonic() - started)
 
 
 def initialize(engine=None) -> torch.device:
@@ -126,8 +224,10 @@ def initialize(engine=None) -> torch.device:
         if getattr(engine, "backend", "deepspeed") == "deepspeed":
             import deepspeed
 
-            announce_native_build()
-            deepspeed.init_distributed(dist_backend=group)
+            build_native_ops(engine)
+            # its "built successfully" line, once per rank: rank 0's is enough
+            with contextlib.redirect_stdout(io.StringIO()) if rank() != 0 else contextlib.nullcontext():
+                deepspeed.init_distributed(dist_backend=group)
         else:
             dist.init_process_group(backend=group)
     if torch.cuda.is_available():
