@@ -72,6 +72,31 @@ def test_bad_values_are_clear_errors():
     assert load(TrainConfig, None, ["student.timestep_weights=[2, 1, 1, 1]"]).student.timestep_weights == (2, 1, 1, 1)
 
 
+BOUNDS = [  # (override, the key its error must name)
+    ("optim.discriminator_interval=0", "optim.discriminator_interval"), ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("optim.student_lr=0", "optim.student_lr"), ("optim.discriminator_lr=-1e-4", "optim.discriminator_lr"),
+    ("optim.gradient_clipping=-1", "optim.gradient_clipping"), ("optim.student_betas=[0.9, 1.0]", "optim.student_betas"),
+    ("optim.discriminator_betas=[-0.1, 0.99]", "optim.discriminator_betas"), ("optim.ema_decay=1.0", "optim.ema_decay"),
+    ("data.resolution=4", "data.resolution"), ("data.batch_size=0", "data.batch_size"),
+    ("data.num_workers=-1", "data.num_workers"), ("log.every=0", "log.every"), ("log.sample_every=-1", "log.sample_every"),
+    ("checkpoint.every=0", "checkpoint.every"), ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("discriminator.kernel_size=8", "discriminator.kernel_size"), ("discriminator.projection_dim=0", "discriminator.projection_dim"),
+    ("discriminator.virtual_batch_size=0", "discriminator.virtual_batch_size"), ("discriminator.r1_gamma=-1", "discriminator.r1_gamma"),
+    ("distill.weight=-2.5", "distill.weight"), ("distill.teacher_guidance=-1", "distill.teacher_guidance"),
+    ("distill.t_min=990", "distill.t_min"), ("pairs.steps=0", "pairs.steps"), ("pairs.guidance=-1", "pairs.guidance"),
+    ("d2g.gan_weight=-1", "d2g.gan_weight"), ("student.num_timesteps=0", "student.num_timesteps"),
+    ("student.backward_simulation=2", "student.backward_simulation"), ("steps=0", "steps"),
+]
+
+
+@pytest.mark.parametrize("override, key", BOUNDS, ids=[key for _, key in BOUNDS])
+def test_each_bound_is_refused_naming_its_key(override, key):
+    """A value out of range is refused at load, naming the key (discriminator_interval 0 once divided by zero in the
+    loop; a check placed after a return never ran)."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load(TrainConfig, None, [override])
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     config = load(TrainConfig, REPO / "configs/sdxl_add.yaml", ["steps=7"])
     path = tmp_path / "c.yaml"

@@ -131,7 +131,12 @@ def test_training_runs_both_phases_and_a_resume_equals_the_uninterrupted_run(tin
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
     info = json.loads((tmp_path / "whole" / "student" / "addpipe_student.json").read_text())
-    assert info["timesteps"] == [999]  # a one-step generator
+    assert info["timesteps"] == [999]  # a one-step generator, reading z at the pairs' first ODE timestep
+    from addpipe.train.models import load_teacher
+    from addpipe.train.pairs import ode_scheduler
+
+    first = ode_scheduler(load_teacher(config(tmp_path / "x", 1).model).scheduler_config, 50).timesteps[0].item()
+    assert info["timesteps"] == [first]
 
 
 def test_the_regression_only_ablation_has_no_discriminator(tiny_sd, pairs, lpips_weights, tmp_path):

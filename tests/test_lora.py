@@ -189,3 +189,49 @@ def test_target_modules_that_match_nothing_are_refused_by_name(request, tmp_path
 def test_lora_with_a_student_init_is_refused():
     with pytest.raises(Exception, match="student.lora adapts the teacher's own UNet"):
         load(TrainConfig, TINY_CONFIG, ["student.lora.rank=4", "model.student_init=/somewhere"])
+
+
+@pytest.mark.parametrize("architecture", ["sd", "sdxl"])
+def test_a_lora_with_convolutions_loads_whole_in_diffusers(request, architecture, tmp_path):
+    """student.lora.convolutions (the setting of the LoRA configs): diffusers' load_lora_weights loads every adapter,
+    attention and convolution alike, without a warning, and the loaded UNet equals the fused export. (Exported with
+    attention keys renamed and convolution keys not, diffusers skipped all attention adapters.)"""
+    import warnings
+
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    from addpipe.train.config import StudentLoraConfig
+    from addpipe.train.lora import adapter_metadata, add_adapters, split_state
+
+    teacher = request.getfixturevalue(f"tiny_{architecture}")
+    config = StudentLoraConfig(rank=4, convolutions=True)
+    unet = UNet2DConditionModel.from_pretrained(teacher / "unet")
+    add_adapters(unet, config)
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in unet.named_parameters():  # a trained adapter: B is no longer zero
+        if "lora_B" in name:
+            parameter.data = 0.1 * torch.randn(parameter.shape, generator=generator)
+    adapted_modules = {name.rsplit(".lora_B", 1)[0] for name, _ in unet.named_parameters() if "lora_B" in name}
+    assert any(m.endswith(".conv1") for m in adapted_modules) and any(m.endswith(".to_q") for m in adapted_modules)
+    lora, fused_state = split_state(unet.state_dict(), unet.config, config)
+
+    pipe = DiffusionPipeline.from_pretrained(teacher, safety_checker=None) if architecture == "sd" else \
+        DiffusionPipeline.from_pretrained(teacher)
+    type(pipe).save_lora_weights(tmp_path, unet_lora_layers=lora, unet_lora_adapter_metadata=adapter_metadata(config))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.load_lora_weights(tmp_path)
+    assert not [w for w in caught if "inconsisten" in str(w.message) or issubclass(w.category, RuntimeWarning)], \
+        [str(w.message)[:300] for w in caught]
+    loaded = {name.rsplit(".lora_B", 1)[0] for name, _ in pipe.unet.named_parameters() if "lora_B" in name}
+    assert loaded == adapted_modules  # every module, not 47 of 79
+
+    fused = UNet2DConditionModel.from_config(unet.config)
+    fused.load_state_dict(fused_state)
+    sample, timesteps, kwargs = unet_inputs(fused)
+    with torch.no_grad():
+        expected = fused.eval()(sample, timesteps, **kwargs).sample
+        got = pipe.unet.eval()(sample, timesteps, **kwargs).sample
+        base = UNet2DConditionModel.from_pretrained(teacher / "unet").eval()(sample, timesteps, **kwargs).sample
+    assert (expected - base).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

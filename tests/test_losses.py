@@ -74,15 +74,17 @@ def test_distillation_loss_weighs_a_per_element_error_the_same_in_pixel_and_late
         assert loss.item() == pytest.approx(0.01 * 1.5, rel=1e-4)
 
 
-def test_nfsd_in_pixel_space_caps_the_teacher_timestep_where_its_target_stays_decodable():
+def test_nfsd_distils_in_latent_space_over_the_whole_range():
+    """NFSD's target is a displaced latent: auto takes it in latent space (no cap on t), pixel space is refused;
+    the other weightings' targets are teacher x0 predictions and stay in pixel space by default."""
     from addpipe.train.config import DistillConfig
 
-    assert DistillConfig(weighting="nfsd", space="pixel").teacher_t_range() == (20, 500)
-    assert DistillConfig(weighting="nfsd", space="latent").teacher_t_range() == (20, 980)
-    assert DistillConfig(weighting="exponential", space="pixel").teacher_t_range() == (20, 980)
-    assert DistillConfig(weighting="nfsd", space="pixel", nfsd_pixel_t_max=700).teacher_t_range() == (20, 700)
-    with pytest.raises(ValueError, match="nfsd_pixel_t_max"):
-        DistillConfig(weighting="nfsd", space="pixel", t_min=600)
+    assert DistillConfig(weighting="nfsd").resolved_space == "latent"
+    assert DistillConfig(weighting="nfsd", space="latent").resolved_space == "latent"
+    assert DistillConfig(weighting="exponential").resolved_space == "pixel"
+    assert DistillConfig(weighting="sds", space="latent").resolved_space == "latent"
+    with pytest.raises(ValueError, match="distill.space=pixel with distill.weighting=nfsd"):
+        DistillConfig(weighting="nfsd", space="pixel")
 
 
 def test_distillation_weights_match_formulas():

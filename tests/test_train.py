@@ -125,7 +125,8 @@ def test_image_condition_is_zeroed_where_the_student_saw_only_noise(tiny_sd, tin
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
         **{"engine.zero": 0, "data.batch_size": 6, "discriminator.image_condition_pure_noise": "false",
-           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})))
+           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true",
+           "student.change_parameterisation": "true"})))
     inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 0, 1])
@@ -152,7 +153,8 @@ def test_backward_simulation_feeds_the_students_own_samples(tiny_sd, tiny_dino, 
     trainer = Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
         tiny_sd, tiny_dino, digit_shards, tmp_path, steps=1,
         **{"engine.zero": 0, "student.backward_simulation": 0.5, "data.batch_size": 6,
-           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})))  # not the teacher's
+           "student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true",
+           "student.change_parameterisation": "true"})))  # not the teacher's
     inputs = trainer.method.prepare(next(trainer.data))
     noise = draw_training_noise(0, 0, inputs.streams, tuple(inputs.latents.shape[1:]), 4, 20, 980)
     noise.student_index = torch.tensor([0, 1, 2, 3, 3, 0])
@@ -271,8 +273,7 @@ def test_zero_terminal_snr_v_teacher_distils_at_its_last_timestep(weighting, tin
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
     assert all(math.isfinite(line["loss/distillation"]) for line in lines)
-    # NFSD's target has sigma/alpha in it: refused up front with the reason, not a NaN a hundred steps in (in latent
-    # space; in pixel space its timesteps are capped at distill.nfsd_pixel_t_max anyway)
+    # NFSD's target has sigma/alpha in it: refused up front with the reason, not a NaN a hundred steps in
     with pytest.raises(ValueError, match="t_max=999 is pure noise"):
         Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(teacher, tiny_dino, digit_shards, tmp_path / "nfsd", steps=1,
                                                               **{"distill.t_max": 999, "distill.weighting": "nfsd",
@@ -363,7 +364,11 @@ def test_an_epsilon_teacher_gives_an_epsilon_student_whose_first_step_is_the_tea
     info = json.loads((tmp_path / "0" / "student" / "addpipe_student.json").read_text())
     assert (info["prediction_type"], info["zero_terminal_snr"]) == ("epsilon", False)
 
-    _, v_x0, teacher_x0 = one_step(**{"student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"})
+    v_student = {"student.prediction_type": "v_prediction", "student.zero_terminal_snr": "true"}
+    with pytest.raises(ValueError, match="student.prediction_type v_prediction \\(the teacher's: epsilon\\); "
+                                         "student.zero_terminal_snr True .*student.change_parameterisation=true"):
+        one_step(**v_student)  # an explicit override alone is not enough: it must be acknowledged
+    _, v_x0, teacher_x0 = one_step(**v_student, **{"student.change_parameterisation": "true"})
     assert (v_x0 - teacher_x0).abs().mean() > 0.5 * teacher_x0.abs().mean()
 
     with pytest.raises(ValueError, match="epsilon has no x0 where alpha = 0.*v_prediction"):

@@ -96,6 +96,11 @@ class StudentConfig:
     config says (rescale_betas_zero_snr); SD 1.5/2.1 and SDXL were not trained for it, and on their own betas
     alpha at 999 is small but not zero (SDXL-Turbo keeps them). true is for a teacher trained at zero terminal SNR,
     or a deliberate change of schedule, and needs a v- or x0-prediction student (epsilon has no x0 at alpha = 0)."""
+    change_parameterisation: bool = False
+    """Acknowledge a student whose prediction type or terminal SNR differs from the teacher's (an explicit
+    prediction_type or zero_terminal_snr that is not the teacher's own). The copy of the teacher then starts by
+    predicting the wrong quantity (an epsilon UNet read as v makes its first x0 pure noise) and must relearn its
+    output before distillation helps; refused unless this is true."""
     timestep_weights: tuple[float, ...] = ()
     """Relative probability of training at each student timestep (one per timestep, largest first); default uniform
     as in the paper. Weighting the first (pure-noise) timestep up trains the one-step sampler more often."""
@@ -159,19 +164,28 @@ class DiscriminatorConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 and not self.layers:
-            raise ValueError("discriminator.num_heads must be at least 1")
+            raise ValueError(f"discriminator.num_heads must be at least 1, got {self.num_heads}")
+        for key, low in (("projection_dim", 1), ("kernel_size", 1), ("virtual_batch_size", 1), ("input_size", 14)):
+            if getattr(self, key) < low:
+                raise ValueError(f"discriminator.{key} must be >= {low}, got {getattr(self, key)}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"discriminator.kernel_size must be odd (the token sequence keeps its length), got "
+                             f"{self.kernel_size}")
         if self.r1_gamma < 0:
-            raise ValueError("discriminator.r1_gamma must be >= 0")
+            raise ValueError(f"discriminator.r1_gamma must be >= 0, got {self.r1_gamma}")
 
 
 @dataclass
 class DistillConfig:
     weighting: Literal["exponential", "sds", "nfsd"] = "nfsd"
     """c(t): exponential = alpha_t; sds = alpha_t/(2 sigma_t) * sigma_t^2; nfsd = noise-free score distillation with the SDS weight."""
-    space: Literal["latent", "pixel"] = "pixel"
-    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable). Either way
-    the squared error is averaged over the elements of each sample (3x512x512 pixels or 4x64x64 latents alike), so
-    lambda weighs the same per-element error in both spaces and at every resolution."""
+    space: Literal["auto", "latent", "pixel"] = "auto"
+    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable for a teacher
+    x0 target). auto: pixel for exponential and sds, latent for nfsd, whose target x_hat - (sigma/alpha) g is a
+    displaced latent that leaves the VAE decoder's domain at large t (sigma/alpha = 13 at t = 980 on SD/SDXL's
+    betas); NFSD in pixel space is refused. Either way the squared error is averaged over the elements of each
+    sample, so lambda weighs the same per-element error at every resolution (compare the terms' gradient norms in
+    the log, grad_norm/*, to see what that means for the balance)."""
     weight: float = 2.5
     """lambda: L = L_adv + lambda * L_distill, L_distill a per-element mean (see `space`)."""
     teacher_guidance: float = 7.5
@@ -184,28 +198,34 @@ class DistillConfig:
     """NFSD's negative prompt for the domain term at large t."""
     nfsd_t_threshold: int = 200
     """NFSD uses the unconditional prediction alone below this t, minus the negative-prompt one above it."""
-    nfsd_pixel_t_max: int = 500
-    """NFSD in pixel space: the largest teacher timestep. Its target x_hat - (sigma/alpha) g is formed in latent space
-    and decoded; on SD/SDXL's betas sigma/alpha is 13 at t = 980, which puts the decoded latent far outside anything
-    the VAE decoder has seen, and 1.6 at t = 500, where it stays near real latents. Latent space needs no cap."""
     adversarial: bool = True
     """Include the adversarial loss (turn off for the distillation-only ablation)."""
     distillation: bool = True
     """Include the distillation loss (turn off for the adversarial-only ablation)."""
 
     def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"distill.weight (lambda) must be >= 0, got {self.weight}")
+        if self.teacher_guidance < 0:
+            raise ValueError(f"distill.teacher_guidance must be >= 0 (1 = no guidance), got {self.teacher_guidance}")
+        if not 0 <= self.nfsd_t_threshold:
+            raise ValueError(f"distill.nfsd_t_threshold must be >= 0, got {self.nfsd_t_threshold}")
         if not 0 <= self.t_min < self.t_max:
             raise ValueError(f"need 0 <= distill.t_min < distill.t_max, got {self.t_min}, {self.t_max}")
-        if self.t_min >= self.teacher_t_range()[1]:
-            raise ValueError(f"distill.t_min={self.t_min} leaves no teacher timestep below distill.nfsd_pixel_t_max="
-                             f"{self.nfsd_pixel_t_max} (NFSD in pixel space)")
+        if self.weighting == "nfsd" and self.space == "pixel":
+            raise ValueError("distill.space=pixel with distill.weighting=nfsd: NFSD's target x_hat - (sigma/alpha) g is a "
+                             "latent displaced by up to 13x the noise scale (t = 980 on SD/SDXL's betas), which the VAE "
+                             "decoder cannot decode faithfully; its gradient is exact in latent space over the whole t "
+                             "range. Use distill.space=latent (or auto)")
         if not (self.adversarial or self.distillation):
             raise ValueError("at least one of distill.adversarial and distill.distillation must be on")
 
-    def teacher_t_range(self) -> tuple[int, int]:
-        """[t_min, t_max] of the teacher's re-noising timestep: t_max capped for NFSD in pixel space."""
-        capped = self.weighting == "nfsd" and self.space == "pixel"
-        return self.t_min, min(self.t_max, self.nfsd_pixel_t_max) if capped else self.t_max
+    @property
+    def resolved_space(self) -> str:
+        """Where the distillation loss is taken: `space`, with auto resolved by the weighting."""
+        if self.space != "auto":
+            return self.space
+        return "latent" if self.weighting == "nfsd" else "pixel"
 
 
 @dataclass
@@ -236,8 +256,9 @@ class OptimConfig:
     """Run the discriminator phase every this many steps."""
 
     def __post_init__(self) -> None:
-        if self.student_lr <= 0 or self.discriminator_lr <= 0:
-            raise ValueError("learning rates must be positive")
+        for key, value in (("optim.student_lr", self.student_lr), ("optim.discriminator_lr", self.discriminator_lr)):
+            if value <= 0:
+                raise ValueError(f"{key} must be positive, got {value}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("optim.ema_decay must be in [0, 1)")
         if self.ema_halflife_kimg < 0 or self.ema_rampup < 0:
@@ -245,11 +266,22 @@ class OptimConfig:
         if self.ema_decay > 0 and self.ema_halflife_kimg > 0:
             raise ValueError("set one of optim.ema_decay (constant) and optim.ema_halflife_kimg (half-life), not both")
 
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.discriminator_interval < 1:
+            raise ValueError(f"optim.discriminator_interval must be >= 1 (the discriminator runs every that many steps), "
+                             f"got {self.discriminator_interval}")
+        if self.gradient_clipping < 0 or self.weight_decay < 0:
+            raise ValueError("optim.gradient_clipping and optim.weight_decay must be >= 0 "
+                             f"(0 disables), got {self.gradient_clipping}, {self.weight_decay}")
+        for key, betas in (("optim.student_betas", self.student_betas), ("optim.discriminator_betas",
+                                                                          self.discriminator_betas)):
+            if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+                raise ValueError(f"{key} must be two numbers in [0, 1), got {list(betas)}")
+
     @property
     def ema_enabled(self) -> bool:
         return self.ema_decay > 0 or self.ema_halflife_kimg > 0
-        if self.warmup_steps < 0 or self.discriminator_interval < 1:
-            raise ValueError("optim.warmup_steps must be >= 0 and optim.discriminator_interval >= 1")
 
 
 @dataclass
@@ -272,8 +304,10 @@ class DataConfig:
     """Use latents and text embeddings written by `addpipe prep encode` when they match the teacher, VAE and resolution (centre crops only)."""
 
     def __post_init__(self) -> None:
-        if self.resolution < 8 or self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("data.resolution >= 8, data.batch_size >= 1, data.num_workers >= 0 required")
+        for key, value, low in (("data.resolution", self.resolution, 8), ("data.batch_size", self.batch_size, 1),
+                                ("data.num_workers", self.num_workers, 0)):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -322,6 +356,11 @@ class CheckpointConfig:
     """With the EMA on, both are exported: `run_dir/student` holds the EMA weights and `run_dir/student_raw` the
     trained ones (false: `student` the trained ones and `student_ema` the EMA)."""
 
+    def __post_init__(self) -> None:
+        for key in ("every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"checkpoint.{key} must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class LogConfig:
@@ -340,6 +379,16 @@ class LogConfig:
     """Also log to TensorBoard under run_dir/tensorboard."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    term_norms: bool = True
+    """On the last step of each log window, measure the gradient norm each weighted loss term contributes at the
+    student's output (and, for the discriminator, at its heads' parameters), logged as grad_norm/*: a user sees an
+    inert or a dominant term in the first log lines. Costs one extra backward per term on those steps only."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"log.every must be >= 1, got {self.every}")
+        if self.sample_every < 0:
+            raise ValueError(f"log.sample_every must be >= 0 (0: only at the end), got {self.sample_every}")
 
 
 @dataclass
@@ -363,8 +412,10 @@ class PairsConfig:
     """Noise of prompt i is drawn from a generator seeded with (seed, i): any rank, task or rerun draws the same."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.samples_per_shard < 1 or self.batch_size < 1 or self.guidance < 0:
-            raise ValueError("pairs.steps, pairs.samples_per_shard and pairs.batch_size >= 1 and pairs.guidance >= 0 required")
+        for key, value, low in (("pairs.steps", self.steps, 1), ("pairs.samples_per_shard", self.samples_per_shard, 1),
+                                ("pairs.batch_size", self.batch_size, 1), ("pairs.guidance", self.guidance, 0)):
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -394,8 +445,9 @@ class D2GConfig:
         self.discriminator_t = tuple(int(t) for t in self.discriminator_t)
         if len(self.discriminator_t) != 2 or not 0 <= self.discriminator_t[0] <= self.discriminator_t[1]:
             raise ValueError(f"d2g.discriminator_t must be [low, high] with 0 <= low <= high, got {self.discriminator_t}")
-        if self.lpips_weight < 0 or self.gan_weight < 0 or self.r1_gamma < 0 or self.text_mismatch_weight < 0:
-            raise ValueError("d2g weights and d2g.r1_gamma must be non-negative")
+        for key in ("lpips_weight", "gan_weight", "text_mismatch_weight", "r1_gamma"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"d2g.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass

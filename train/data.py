@@ -154,7 +154,7 @@ def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng
 
 
 PAIR_TENSORS = ("noise", "latents", "prompt_embeds", "pooled_embeds")
-PAIR_MATCH = ("teacher", "revision", "vae", "resolution")
+PAIR_MATCH = ("teacher", "revision", "vae", "resolution", "timestep_spacing")
 
 
 def decode_pair(sample: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:

@@ -81,16 +81,19 @@ class AdaptersOff:
 def split_state(full_state: dict[str, torch.Tensor], unet_config: Any, config) -> tuple[dict[str, torch.Tensor],
                                                                                           dict[str, torch.Tensor]]:
     """From the adapted UNet's whole state dict (peft's names: `base_layer`, `lora_A.default`, ...): the LoRA in
-    diffusers' file format (`...to_q.lora.down.weight`), and the plain UNet state with the adapters merged into
-    its weights (what a full pipeline holds)."""
+    the peft key format diffusers' `load_lora_weights` reads (`...to_q.lora_A.weight`), and the plain UNet state
+    with the adapters merged into its weights (what a full pipeline holds)."""
     from diffusers import UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     unet = UNet2DConditionModel.from_config(unet_config)
     unet.add_adapter(peft_config(config))
     unet.load_state_dict(full_state)
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # peft's own key names (lora_A/lora_B) for every adapter, as diffusers' loader reads them directly. Not
+    # convert_state_dict_to_diffusers: it renames only the attention adapters to the old .lora.down/.up, and a
+    # loader that finds lora_A in the file's first key then skips every renamed one (with convolutions adapted,
+    # 32 of 79 modules silently lost).
+    lora = get_peft_model_state_dict(unet)
     unet.fuse_lora()
     unet.unload_lora()
     return lora, unet.state_dict()

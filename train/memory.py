@@ -271,7 +271,7 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
     with counter.counting(student, vae), torch.autocast("cpu", enabled=False):
         student = student.to(dtype)
         out = student(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
-        if config.distill.space == "pixel" or config.distill.adversarial:
+        if config.distill.resolved_space == "pixel" or config.distill.adversarial:
             vae = vae.to(dtype)
             pixels = vae.decode(out[:, : vae.config.latent_channels], return_dict=False)[0]
             if config.distill.adversarial:

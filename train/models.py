@@ -7,6 +7,8 @@ directories they write themselves.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 import os
@@ -140,6 +142,8 @@ def load_teacher(model_config, dtype: torch.dtype = torch.float32, with_unet: bo
     vae_source = model_config.vae
     vae = (load_pretrained(AutoencoderKL, vae_source, torch_dtype=dtype) if vae_source
            else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, **common))
+    if needs_upcast(vae, dtype):  # held in fp32 from the start: switching dtypes between a forward and its backward is not safe
+        vae.to(torch.float32)
     try:  # the raw scheduler config: its class, prediction type and zero-SNR flag as the authors wrote them
         scheduler_config = dict(DDPMScheduler.load_config(name, subfolder="scheduler", revision=revision))
     except (OSError, ValueError) as error:
@@ -305,15 +309,37 @@ def sdxl_time_ids(original_sizes: torch.Tensor, crops: torch.Tensor, target_size
     return torch.cat([original_sizes, crops, target.to(original_sizes.device)], dim=1).float()
 
 
+def needs_upcast(vae: nn.Module, dtype: torch.dtype) -> bool:
+    """A VAE that declares `force_upcast` (the original SDXL VAE: its decoder's activations overflow fp16 into NaNs)
+    must run in fp32 where the run would use fp16; diffusers' own pipelines do the same. bf16 has fp32's range."""
+    return dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+@contextlib.contextmanager
+def _vae_precision(vae: nn.Module, device: torch.device):
+    """Inside: the VAE runs at its own weights' dtype, with an fp16 autocast around it switched off when the VAE
+    asks to be upcast (under autocast its convolutions would run in fp16 whatever its weights are)."""
+    dtype = next(vae.parameters()).dtype
+    fp16_autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    if needs_upcast(vae, dtype):  # fp16 weights handed to us: upcast once, before this forward
+        vae.to(torch.float32)
+        dtype = torch.float32
+    if needs_upcast(vae, torch.float16 if fp16_autocast else dtype):
+        with torch.autocast(device.type, enabled=False):
+            yield torch.float32
+    else:
+        yield dtype
+
+
 def vae_encode(teacher: TeacherComponents, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents. The posterior mean keeps the encoding deterministic."""
-    dtype = next(teacher.vae.parameters()).dtype
-    latents = teacher.vae.encode(pixels.to(dtype)).latent_dist.mean
-    return ((latents - teacher.latent_shift) * teacher.latent_scale).float()
+    with _vae_precision(teacher.vae, pixels.device) as dtype:
+        latents = teacher.vae.encode(pixels.to(dtype)).latent_dist.mean
+    return ((latents.float() - teacher.latent_shift) * teacher.latent_scale).float()
 
 
 def vae_decode(teacher: TeacherComponents, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> pixels in about [-1, 1]; undoing the scaling factor first (a known defect otherwise)."""
-    dtype = next(teacher.vae.parameters()).dtype
     latents = latents / teacher.latent_scale + teacher.latent_shift
-    return teacher.vae.decode(latents.to(dtype)).sample.float()
+    with _vae_precision(teacher.vae, latents.device) as dtype:
+        return teacher.vae.decode(latents.to(dtype)).sample.float()

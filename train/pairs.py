@@ -44,7 +44,23 @@ def pair_signature(config) -> dict[str, Any]:
     """What a pair depends on; a rerun into the same directory must agree on all of it."""
     pairs, model = config.pairs, config.model
     return {"teacher": model.teacher, "revision": model.revision, "vae": model.vae, "resolution": config.data.resolution,
-            "sampler": pairs.sampler, "steps": pairs.steps, "guidance": pairs.guidance, "seed": pairs.seed}
+            "sampler": pairs.sampler, "steps": pairs.steps, "guidance": pairs.guidance, "seed": pairs.seed,
+            "timestep_spacing": ODE_SPACING}
+
+
+ODE_SPACING = "trailing"
+"""The ODE starts at T-1, the timestep the one-step generator reads its noise at. The teachers' own spacing
+("leading" for SD 1.5 and SDXL) would start 50 steps at t = 981 (10 at 901): the pairs would map z, read as x_981,
+to x, while the generator is trained to read the same z as x_999."""
+
+
+def ode_scheduler(scheduler_config: dict, steps: int):
+    """The teacher's DDIM sampler (eta 0) with the pairs' spacing, its timesteps set for `steps` steps."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(scheduler_config, timestep_spacing=ODE_SPACING)
+    scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def read_prompts(path: str, column: str) -> list[str]:
@@ -116,12 +132,10 @@ def collect_pairs(config, prompts: str, out: str, task: int = 0, tasks: int = 1,
     if not todo:
         return {**counts, **account(root, shards, len(texts))}
 
-    from diffusers import DDIMScheduler
-
     target = resolve_device(device)
     dtype = torch.float16 if target.type == "cuda" else torch.float32
     teacher = load_teacher(config.model, dtype=dtype)
-    pipe = diffusers_pipeline(teacher, DDIMScheduler.from_config(teacher.scheduler_config)).to(target)
+    pipe = diffusers_pipeline(teacher, ode_scheduler(teacher.scheduler_config, settings.steps)).to(target)
     pipe.set_progress_bar_config(disable=True)
     empty = unconditional(teacher, target)
     size = config.data.resolution // vae_downsample_factor(teacher)

@@ -79,6 +79,14 @@ def student_parameterisation(student_config, teacher_scheduler: dict) -> tuple[s
         raise ValueError(f"student.zero_terminal_snr true with an epsilon-prediction student{where}: epsilon has no x0 "
                          "where alpha = 0; set student.prediction_type to v_prediction or sample, or keep the teacher's "
                          "schedule (zero_terminal_snr: auto)")
+    changed = [f"{key} {mine} (the teacher's: {theirs})" for key, mine, theirs in
+               (("student.prediction_type", prediction, teacher_prediction),
+                ("student.zero_terminal_snr", zero_snr, teacher_zero_snr)) if mine != theirs]
+    if changed and not getattr(student_config, "change_parameterisation", False):
+        raise ValueError(f"{'; '.join(changed)}: the student starts as a copy of the teacher's UNet, which was trained "
+                         "for the teacher's parameterisation, so its first predictions would be wrong (an epsilon UNet "
+                         "read as v gives pure noise as x0), and the pretrained initialisation the ADD paper calls "
+                         "crucial is lost. Keep auto, or set student.change_parameterisation=true to do it anyway")
     return prediction, zero_snr
 
 

@@ -95,7 +95,7 @@ class ADD(Method):
         if config.distill.t_max >= self.teacher_schedule.num_train_timesteps:
             raise ValueError(f"distill.t_max={config.distill.t_max} is past the teacher's last timestep "
                              f"{self.teacher_schedule.num_train_timesteps - 1}")
-        if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.teacher_t_range()[1]].item() == 0.0:
+        if config.distill.weighting == "nfsd" and self.teacher_schedule.alphas[config.distill.t_max].item() == 0.0:
             raise ValueError(f"distill.t_max={config.distill.t_max} is pure noise for this zero-terminal-SNR teacher, where "
                              "NFSD's target x0 - (sigma/alpha) g is infinite: lower distill.t_max or use another weighting")
         self.student_prediction, self.student_zero_snr = student_parameterisation(config.student, scheduler_config)
@@ -160,7 +160,7 @@ class ADD(Method):
     def begin_step(self, batch: Batch, step: int) -> StepState:
         inputs = self.prepare(batch)
         noise = draw_training_noise(self.config.seed, step, inputs.streams, self.latent_shape, len(self.timesteps),
-                                    *self.config.distill.teacher_t_range(), self.config.student.timestep_weights)
+                                    self.config.distill.t_min, self.config.distill.t_max, self.config.student.timestep_weights)
         report("data/precomputed_batches", self.precomputed_batches)
         return StepState(self.blind_image_condition(self.simulate(inputs, noise), noise), noise)
 
@@ -278,7 +278,7 @@ class ADD(Method):
             output = self.student.forward(x_s.to(self.dtype), timesteps,
                                           **inputs.conditioning.unet_kwargs(inputs.time_ids, self.dtype), return_dict=False)[0]
             x0 = predicted_x0(output.float(), x_s, alpha, sigma, self.student_schedule.prediction_type)
-            need_pixels = cfg.adversarial or cfg.space == "pixel"
+            need_pixels = cfg.adversarial or cfg.resolved_space == "pixel"
             fake_pixels = vae_decode(self.teacher, x0) if need_pixels else None
             total = x0.new_zeros(())
             if cfg.adversarial:
@@ -291,7 +291,7 @@ class ADD(Method):
             if cfg.distillation:
                 target, weight = self.teacher_target(x0, inputs, noise.teacher_t.to(self.device),
                                                      noise.teacher_noise.to(self.device))
-                if cfg.space == "pixel":
+                if cfg.resolved_space == "pixel":
                     with torch.no_grad():
                         target = vae_decode(self.teacher, target)
                     terms["loss/distillation"] = losses.distillation_loss(fake_pixels, target, weight)

@@ -120,9 +120,11 @@ class Diffusion2GAN(Method):
         return found
 
     def data_signature(self) -> Optional[dict[str, Any]]:
+        from addpipe.train.pairs import ODE_SPACING
+
         model = self.config.model
         return {"pairs": {"teacher": model.teacher, "revision": model.revision, "vae": model.vae,
-                          "resolution": self.config.data.resolution}}
+                          "resolution": self.config.data.resolution, "timestep_spacing": ODE_SPACING}}
 
     def phases(self) -> list[Phase]:
         found = [Phase("generator", "student", self.generator_terms, "loss/generator_total")]
