@@ -239,7 +239,10 @@ def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp
 
     import torch
 
-    from addpipe.train.distributed import BUILD_LOCK, CACHE_ROOT, native_build_lock, native_ops_cache
+    import os
+    import time
+
+    from addpipe.train.distributed import BUILD_LOCK, CACHE_ROOT, STALE_TORCH_LOCK, native_build_lock, native_ops_cache
 
     tag = native_ops_cache().name
     assert native_ops_cache().parent == CACHE_ROOT and f"torch{torch.__version__.split('+')[0]}" in tag
@@ -267,9 +270,15 @@ def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp
         holder.close()
         waiter.join(10)
     assert entered.is_set() and any("is free after" in r.getMessage() for r in caplog.records)
-    # torch's lock file, left by a killed build: removed only in addpipe's own cache, else named
+    # torch's lock file: a build or load in progress (named, left), or left by a killed build: removed only in addpipe's
+    # own cache and only when old
     (cache / "deepspeed_shm_comm").mkdir()
     (cache / "deepspeed_shm_comm" / "lock").touch()
     with native_build_lock(cache):
         pass
     assert (cache / "deepspeed_shm_comm" / "lock").exists() and "torch waits until it goes" in caplog.text
+    old = time.time() - 2 * STALE_TORCH_LOCK
+    os.utime(cache / "deepspeed_shm_comm" / "lock", (old, old))
+    with native_build_lock(cache):  # still not ours to remove: this cache is not addpipe's own
+        pass
+    assert (cache / "deepspeed_shm_comm" / "lock").exists()

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,20 +155,50 @@ def native_build_lock(cache: Path, report_every: float = 30.0):
                      f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         handle.flush()
         for stale in cache.glob("*/lock"):
-            age = time.time() - stale.stat().st_mtime
-            if cache.resolve().is_relative_to(CACHE_ROOT.resolve()):  # addpipe's own cache: only we build there
-                logger.warning("removing %s, left %.0f s ago by a build that was killed (torch would wait on it "
-                               "forever)", stale, age)
-                stale.unlink(missing_ok=True)
-            else:
-                logger.warning("%s exists (%.0f s old): torch waits until it goes. If no build is running (one "
-                               "was killed), delete it", stale, age)
+            describe_torch_lock(stale, cache)
         try:
             yield
         finally:
             handle.seek(0)
             handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+STALE_TORCH_LOCK = 900
+"""Seconds after which a torch build lock in addpipe's own cache counts as left by a killed build (a build takes
+about a minute; every process that loads an op holds the lock for a moment, even when nothing needs building)."""
+
+
+def describe_torch_lock(lock: Path, cache: Path) -> None:
+    """torch's own lock file in an op's build directory: a build in progress (or a load: torch takes it for a moment
+    every time), or one left by a killed build, which torch would wait on forever without a word."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_TORCH_LOCK and cache.resolve().is_relative_to(CACHE_ROOT.resolve()):
+        logger.warning("removing %s, left %.0f s ago by a build that was killed (torch would wait on it forever)", lock, age)
+        lock.unlink(missing_ok=True)
+    else:
+        logger.log(logging.WARNING if age > 60 else logging.INFO, "%s exists (%.0f s old): torch waits until it goes. "
+                   "A build is running, or one was killed: then delete it", lock, age)
+
+
+@contextlib.contextmanager
+def watch_torch_lock(lock: Path, cache: Path, every: float = 30.0):
+    """Say so every `every` seconds while torch waits on `lock` inside the block."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(every):
+            if lock.exists():
+                describe_torch_lock(lock, cache)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def build_native_ops(engine=None) -> None:
@@ -198,7 +229,8 @@ def build_native_ops(engine=None) -> None:
             started = time.monotonic()
             captured = io.StringIO()
             try:
-                with contextlib.redirect_stdout(captured) if quiet else contextlib.nullcontext():
+                with contextlib.redirect_stdout(captured) if quiet else contextlib.nullcontext(), \
+                        watch_torch_lock(cache / builder.NAME / "lock", cache):
                     builder.load(verbose=False)
             except BaseException:
                 sys.stdout.write(captured.getvalue())
