@@ -121,3 +121,35 @@ def test_a_two_token_tokenizer_is_refused_saying_why(tmp_path):
         check_tokenizer(Hollow(), "laion/CLIP-ViT-g-14-laion2B-s12B-b42K")
     with pytest.raises(ModelLoadError, match="vocab.json/merges.txt are missing"):
         check_tokenizer(Hollow(), str(tmp_path))
+
+
+def test_an_fp16_decode_with_an_upcasting_vae_is_finite():
+    """A VAE whose config says force_upcast (the original SDXL VAE, whose decoder overflows fp16) decodes in fp32
+    even when the run holds it in fp16 or decodes under an fp16 autocast; without the upcast it gives NaNs."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL
+
+    from addpipe.train.models import vae_decode
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        force_upcast=True).eval()
+    with torch.no_grad():  # activations past fp16's 65504 in the decoder's first layer, as SDXL's VAE has deeper in
+        vae.decoder.conv_in.weight.mul_(3e4)
+    latents = 20 * torch.randn(1, 4, 8, 8)
+    teacher = SimpleNamespace(vae=vae.to(torch.float16), latent_scale=1.0, latent_shift=0.0)
+    with torch.no_grad():
+        plain = vae.decode(latents.half()).sample  # what a decode that ignores force_upcast does
+        upcast = vae_decode(teacher, latents)
+        assert next(vae.parameters()).dtype == torch.float32  # upcast once, for good
+        with torch.autocast("cpu", dtype=torch.float16):
+            under_autocast = vae_decode(teacher, latents)
+    assert not torch.isfinite(plain).all()
+    assert torch.isfinite(upcast).all() and torch.isfinite(under_autocast).all()
+    torch.testing.assert_close(under_autocast, upcast)
+    vae.config.force_upcast = False  # a VAE that does not ask for it (the fp16-fix VAE) keeps the run's dtype
+    vae.to(torch.float16)
+    with torch.no_grad():
+        assert not torch.isfinite(vae_decode(teacher, latents)).all()
