@@ -139,3 +139,36 @@ def test_the_sdxl_lora_config_fits_a_24_gb_card_where_the_full_student_does_not(
     assert 0 < adapters.params < 0.1 * found["UNet base"].params
     assert lora.fits(24) and not full.fits(24) and not full.fits(48), (lora.describe(24), full.describe(24))
     assert not plan("sdxl_add_lora.yaml", "data.batch_size=4").fits(24)  # why the config trains at batch 2
+
+
+def test_diffusion2gan_has_its_own_plan_and_auto_checkpointing_reads_it(tiny_sd, tmp_path):
+    """Diffusion2GAN's models, not ADD's: the student and the trained copy of the teacher's encoder, no teacher UNet
+    and no DINOv2; `gradient_checkpointing: auto` decides from that plan (it once fell back to "on" for want of one)."""
+    from diffusers import UNet2DConditionModel
+
+    from addpipe.train.memory import decide_checkpointing
+    from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
+
+    def config(**extra):
+        values = {"method": "diffusion2gan", "model.teacher": tiny_sd, "data.resolution": 16, "data.batch_size": 4,
+                  "d2g.lpips": tmp_path / "lpips.pth", "optim.ema_decay": 0, **extra}
+        return load(TrainConfig, TINY_CONFIG, [f"{k}={v}" for k, v in values.items()])
+
+    plan = plan_memory(config(), 1, torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    student = sum(p.numel() for p in unet.parameters())
+    encoder = sum(p.numel() for p in UNetEncoderDiscriminator(unet).parameters())
+    found = lines(plan)
+    assert set(found) == {"student UNet", "discriminator: UNet encoder", "VAE + text encoders"}
+    assert found["student UNet"].params == student and found["discriminator: UNet encoder"].params == encoder
+    # fp32 AdamW under ZeRO-2 on one rank: weights 4, gradients 4, two moments 8 bytes per parameter
+    assert found["student UNet"].total == 16 * student and found["discriminator: UNet encoder"].total == 16 * encoder
+    assert plan.activations > 0
+    regression = lines(plan_memory(config(**{"d2g.adversarial": "false"}), 1, torch.float32))
+    assert "discriminator: UNet encoder" not in regression
+
+    need = plan_memory(config(), 1).total / GIB / 0.85
+    auto = config(**{"model.gradient_checkpointing": "auto"})
+    on, why = decide_checkpointing(auto, 1, need * 1.01)
+    assert on is False and why.startswith("off: without it the plan takes"), why
+    assert decide_checkpointing(auto, 1, need * 0.99)[0] is True

@@ -167,21 +167,57 @@ def _config(cls, name: str, subfolder: Optional[str] = None) -> dict[str, Any]:
 
 def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None) -> MemoryPlan:
     """The memory plan of `config` on `world_size` ranks, in `dtype` (default: bf16 when the config's precision is
-    auto or bf16, as on a GPU that supports it)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, Dinov2Config,
-                              Dinov2Model)
+    auto or bf16, as on a GPU that supports it): the plan of the configured method's own models."""
+    from addpipe.train.methods import method_class
+
+    planner = method_class(config.method).memory_plan
+    if planner is None:
+        raise ValueError(f"method {config.method} has no memory plan (Method.memory_plan)")
+    dtype = dtype or (torch.float32 if config.engine.precision == "fp32" else torch.bfloat16)
+    return planner(config, world_size, dtype)
+
+
+def _architecture(model) -> str:
+    from addpipe.train.models import detect_architecture
+
+    return model.architecture if model.architecture != "auto" else detect_architecture(model.teacher, model.revision)
+
+
+def frozen_vae_and_text(config, architecture: str, dtype: torch.dtype) -> tuple[nn.Module, Line, int]:
+    """The teacher's VAE (on the meta device), the line of the frozen VAE and text encoders, and the width of the
+    pooled text embedding."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model = config.model
+    vae_config = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, model.teacher, "vae")
+    vae = _meta(lambda: AutoencoderKL.from_config(vae_config))
+    text_params, pooled = 0, 0
+    for sub, cls in [("text_encoder", CLIPTextModel)] + ([("text_encoder_2", CLIPTextModelWithProjection)]
+                                                          if architecture == "sdxl" else []):
+        text_config = CLIPTextConfig.from_pretrained(model.teacher, subfolder=sub)
+        encoder = _meta(lambda: cls(text_config))
+        text_params += count(encoder)
+        pooled = text_config.projection_dim if cls is CLIPTextModelWithProjection else text_config.hidden_size
+    # a VAE that must be upcast (force_upcast) is held in fp32 where the run would use fp16 (train/models.py)
+    vae_bytes = (4 if dtype == torch.float16 and vae.config.force_upcast else dtype.itemsize) * count(vae)
+    line = Line("VAE + text encoders (frozen)", count(vae) + text_params, weights=vae_bytes + dtype.itemsize * text_params)
+    return vae, line, pooled
+
+
+def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
+    """ADD: the student (or its LoRA adapters), the frozen teacher UNet, VAE and text encoders, the frozen
+    discriminator networks and the trained heads; the generator phase's activations."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection, Dinov2Config, Dinov2Model
 
     from addpipe.train.discriminator import Discriminator, evenly_spaced_layers
-    from addpipe.train.models import clip_text_config, detect_architecture
+    from addpipe.train.models import clip_text_config
 
-    if config.method != "add":  # what it counts (student, teacher, DINOv2 heads) is ADD's set of models
-        raise ValueError(f"the memory plan counts ADD's models; method {config.method} has none yet")
     engine, model, disc = config.engine, config.model, config.discriminator
-    dtype = dtype or (torch.float32 if engine.precision == "fp32" else torch.bfloat16)
     b = dtype.itemsize
     world = world_size
-    architecture = model.architecture if model.architecture != "auto" else detect_architecture(model.teacher, model.revision)
+    architecture = _architecture(model)
     ema = config.optim.ema_enabled
     plan = MemoryPlan(world, str(dtype).replace("torch.", ""))
 
@@ -209,16 +245,8 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
         plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params,
                                weights=b * teacher_unet_params / (world if partition else 1),
                                note="sharded" if partition else "replicated"))
-    vae_config = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, model.teacher, "vae")
-    vae = _meta(lambda: AutoencoderKL.from_config(vae_config))
-    text_params, text_dims = 0, {}
-    for sub, cls in [("text_encoder", CLIPTextModel)] + ([("text_encoder_2", CLIPTextModelWithProjection)]
-                                                          if architecture == "sdxl" else []):
-        text_config = CLIPTextConfig.from_pretrained(model.teacher, subfolder=sub)
-        encoder = _meta(lambda: cls(text_config))
-        text_params += count(encoder)
-        text_dims = {"pooled": text_config.projection_dim if cls is CLIPTextModelWithProjection else text_config.hidden_size}
-    plan.lines.append(Line("VAE + text encoders (frozen)", count(vae) + text_params, weights=b * (count(vae) + text_params)))
+    vae, frozen, pooled = frozen_vae_and_text(config, architecture, dtype)
+    plan.lines.append(frozen)
 
     dino_config = Dinov2Config.from_pretrained(disc.feature_network)
     dino = _meta(lambda: Dinov2Model(dino_config))
@@ -228,7 +256,7 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
         image_config = Dinov2Config.from_pretrained(disc.image_encoder)
         frozen_disc += count(_meta(lambda: Dinov2Model(image_config)))
         image_dim = image_config.hidden_size
-    text_dim = text_dims["pooled"] if disc.text_embedding == "pooled" else int(unet_config["cross_attention_dim"])
+    text_dim = pooled if disc.text_embedding == "pooled" else int(unet_config["cross_attention_dim"])
     if disc.text_encoder:
         clip_config = clip_text_config(disc.text_encoder)
         text_dim = clip_config.projection_dim
@@ -245,16 +273,53 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     return plan
 
 
-def _activations(config, student, vae, dino, unet_config, architecture, dtype) -> tuple[float, str]:
-    """What the generator phase saves for its backward at the configured per-rank batch: the student UNet (with
-    or without gradient checkpointing, as configured), the VAE decoder of the student's x0 (pixel-space losses),
-    and the frozen DINOv2 on the decoded fakes (the adversarial loss flows through it)."""
+def plan_diffusion2gan(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
+    """Diffusion2GAN: the one-step student, the discriminator (a trained copy of the teacher UNet's encoder), the
+    frozen VAE and text encoders; no teacher UNet in training (the pairs replace it). Activations: the student's
+    forward and the discriminator's on the generated latents (the GAN term flows back through it)."""
+    from diffusers import UNet2DConditionModel
+
+    from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
+
+    engine, model = config.engine, config.model
+    plan = MemoryPlan(world_size, str(dtype).replace("torch.", ""))
+    architecture = _architecture(model)
+    unet_config = _config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
+    student = _meta(lambda: UNet2DConditionModel.from_config(unet_config))
+    plan.lines.append(trained_state("student UNet (trained)", count(student), engine, dtype, world_size, True,
+                                    config.optim.ema_enabled))
+    discriminator = None
+    if config.d2g.adversarial:
+        teacher_unet = _meta(lambda: UNet2DConditionModel.from_config(_config(UNet2DConditionModel, model.teacher, "unet")))
+        discriminator = _meta(lambda: UNetEncoderDiscriminator(teacher_unet))
+        plan.lines.append(trained_state("discriminator: UNet encoder (trained)", count(discriminator), engine,
+                                        torch.float32, world_size, False, False))
+    vae, frozen, _ = frozen_vae_and_text(config, architecture, dtype)
+    plan.lines.append(frozen)
+
+    batch = config.data.batch_size
+    counter, kwargs, x = _student_inputs(config, student, vae, unet_config, architecture, dtype)
+    with counter.counting(student), torch.autocast("cpu", enabled=False):
+        out = student.to(dtype)(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
+        if discriminator is not None:  # in the generator phase its weights are frozen, its activations are not
+            discriminator.requires_grad_(False)
+            discriminator.float()(out.float(), torch.zeros(batch, dtype=torch.long, device="meta"), x.float(),
+                                  kwargs["encoder_hidden_states"].float(),
+                                  {k: v.float() for k, v in kwargs.get("added_cond_kwargs", {}).items()} or None)
+    checkpointing = config.model.gradient_checkpointing is True
+    how = "gradient checkpointing: block inputs + the largest block" if checkpointing else "no checkpointing"
+    plan.activations = counter.total
+    plan.activation_note = f"generator phase at batch {batch}, {config.data.resolution}px; {how}; estimated"
+    return plan
+
+
+def _student_inputs(config, student, vae, unet_config, architecture, dtype):
+    """A counter, the UNet's conditioning and its latent input at the configured per-rank batch (meta tensors), with
+    the student prepared for counting: training mode, gradient checkpointing as configured, weights requiring grad."""
     batch, resolution = config.data.batch_size, config.data.resolution
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = resolution // factor
-    counter = SavedBytes()
-    checkpointing = config.model.gradient_checkpointing is True
-    if checkpointing:
+    if config.model.gradient_checkpointing is True:
         student.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     student.train()
@@ -268,6 +333,16 @@ def _activations(config, student, vae, dino, unet_config, architecture, dtype) -
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text_embeds, device="meta", dtype=dtype),
                                        "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype)}
     x = torch.empty(batch, unet_config["in_channels"], latent, latent, device="meta", dtype=dtype)
+    return SavedBytes(), kwargs, x
+
+
+def _activations(config, student, vae, dino, unet_config, architecture, dtype) -> tuple[float, str]:
+    """What the generator phase saves for its backward at the configured per-rank batch: the student UNet (with
+    or without gradient checkpointing, as configured), the VAE decoder of the student's x0 (pixel-space losses),
+    and the frozen DINOv2 on the decoded fakes (the adversarial loss flows through it)."""
+    batch, resolution = config.data.batch_size, config.data.resolution
+    checkpointing = config.model.gradient_checkpointing is True
+    counter, kwargs, x = _student_inputs(config, student, vae, unet_config, architecture, dtype)
     with counter.counting(student, vae), torch.autocast("cpu", enabled=False):
         student = student.to(dtype)
         out = student(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]

@@ -20,6 +20,7 @@ from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
 from addpipe.train.discriminator import build_discriminator
 from addpipe.train.export import export_lora_student, export_student
+from addpipe.train.memory import plan_add
 from addpipe.train.lora import AdaptersOff, add_adapters, describe as describe_lora
 from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, sdxl_time_ids,
@@ -61,6 +62,7 @@ class StepState:
 
 class ADD(Method):
     name = "add"
+    memory_plan = staticmethod(plan_add)
 
     # ---- models -----------------------------------------------------------------------------------------
     def build(self, backend: Backend) -> dict[str, Trained]:

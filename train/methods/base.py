@@ -39,6 +39,10 @@ class Method(ABC):
     name: str = ""
     ema_model: str = "student"
     """The trained model whose weights the EMA follows and the export writes."""
+    memory_plan: Optional[Callable[[Any, int, torch.dtype], Any]] = None
+    """(config, world size, dtype) -> train.memory.MemoryPlan of this method's models, built on the meta device;
+    `--dry-run` prints it and `model.gradient_checkpointing: auto` decides from it. None: no plan (auto then
+    means on, and says why)."""
 
     def __init__(self, config, device: torch.device, dtype: torch.dtype):
         self.config, self.device, self.dtype = config, device, dtype

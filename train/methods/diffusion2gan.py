@@ -28,6 +28,7 @@ from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
 from addpipe.train.export import export_student
 from addpipe.train.latent_lpips import LatentLPIPS
+from addpipe.train.memory import plan_diffusion2gan
 from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import ModelLoadError, TextConditioning, load_teacher, make_student, sdxl_time_ids
 from addpipe.train.sampling import generate, save_grid
@@ -69,6 +70,7 @@ def step_generator(seed: int, step: int, stream: int, purpose: int) -> torch.Gen
 
 class Diffusion2GAN(Method):
     name = "diffusion2gan"
+    memory_plan = staticmethod(plan_diffusion2gan)
 
     # ---- models -----------------------------------------------------------------------------------------
     def build(self, backend: Backend) -> dict[str, Trained]:
