@@ -99,28 +99,76 @@ def same_as_reference(run: Path, reference: Path) -> None:
         assert (a[key] - b[key]).abs().max().item() == 0.0, key
 
 
-@pytest.mark.parametrize("backend, interrupt", [("deepspeed", "requeue"), ("fsdp2", "usr1")])
+def signal_after_the_export(slurm, job: str, run: Path) -> int:
+    """The time-limit warning arriving after the work is done: SIGUSR1 to the batch script again and again, from the
+    export until the job has ended (so some land while the tasks exit). -> how many were sent."""
+    wait_until(lambda: (run / "student").is_dir() or slurm.job_state(job) not in ("RUNNING", "PENDING", "COMPLETING"),
+               600, "the export")
+    sent = 0
+    while slurm.job_state(job) in ("RUNNING", "COMPLETING"):
+        sent += slurm.run("scancel", "--signal=USR1", "--batch", job, check=False).returncode == 0
+        time.sleep(0.1)
+    return sent
+
+
+def stopped_at(text: str, signal_name: str) -> list[int]:
+    return [int(line.split("at step ")[1].split(";")[0]) for line in text.splitlines()
+            if line.startswith(f"stopped by {signal_name} at step ")]
+
+
+@pytest.mark.parametrize("backend, interrupt", [("deepspeed", "requeue-then-preempt"), ("fsdp2", "cancel-then-usr1")])
 def test_slurm_train_preempted_checkpoints_requeues_and_equals_torchrun(request, slurm, torchrun_reference, tmp_path,
                                                                          backend, interrupt):
+    """deepspeed: `scontrol requeue` (SIGTERM to every task; SLURM requeues the job itself), then a preemption by a
+    job of a higher-tier partition (PreemptMode=CANCEL: the batch script requeues). fsdp2: a plain `scancel`, which
+    must cancel for good (checkpoint, no requeue); the same command submitted again resumes; then SIGUSR1 to the
+    batch script (what the time-limit warning does) requeues it, and the warning again after the export changes
+    nothing: COMPLETED. Each time every rank checkpoints at a step boundary; the student equals torchrun's."""
     run = tmp_path / "run"
-    job, log = submit(slurm, tmp_path, settings(request, run, backend), "--time", "20:00")
+    overrides = settings(request, run, backend)
+    job, log = submit(slurm, tmp_path, overrides, "--time", "20:00")
     wait_until(lambda: len(logged_steps(run)) >= 2, 300, "two logged steps")
-    if interrupt == "requeue":  # what preemption does: SIGTERM to every task, the job requeued by SLURM itself
+    if interrupt == "requeue-then-preempt":
         slurm.run("scontrol", "requeue", job)
-    else:  # what --signal=B:USR1@600 does before the time limit: the batch script alone is signalled
+
+        def resumed_two_steps() -> bool:
+            stops = stopped_at(log.read_text() if log.exists() else "", "SIGTERM")
+            return bool(stops) and "start 2," in log.read_text() and len(logged_steps(run)) >= stops[0] + 2
+        wait_until(resumed_two_steps, 300, "two more steps after the requeue")
+        # a job that needs both nodes whole, in a partition of a higher tier: it preempts (cancels) the training
+        urgent = slurm.run("sbatch", "--parsable", "-p", "urgent", "-N", "2", "-c", str(slurm.cpus), "-o", "/dev/null",
+                           "--wrap", "sleep 1").stdout.strip()
+        assert slurm.wait_job(urgent, 300) == "COMPLETED"
+        text = finished(slurm, job, run, log)
+        assert "SLURM is requeueing job" in text and "checkpoint written (it was preempted): requeueing job" in text
+        assert f"job {job} requeued: it resumes" in text and "start 3," in text and "the requeue was refused" not in text
+        assert len(stopped_at(text, "SIGTERM")) == 2, text[-4000:]
+    else:
+        slurm.run("scancel", job)
+        assert slurm.wait_job(job, 120) == "CANCELLED"
+        time.sleep(slurm.cred_expire + 5)  # a requeued job would be pending, then running again, by now
+        text = log.read_text()
+        assert slurm.job_state(job) == "CANCELLED" and slurm.job_field(job, "Restarts") == "0", text[-3000:]
+        assert f"job {job} was cancelled: it stays cancelled" in text and "requeueing" not in text
+        step = stopped_at(text, "SIGTERM")[0]  # cheap here: the checkpoint is written within KillWait
+        assert logged_steps(run) == list(range(1, step + 1))
+        job, log = submit(slurm, tmp_path, overrides, "--time", "20:00")  # the same command: resumes
+        wait_until(lambda: len(logged_steps(run)) >= step + 2, 300, "two steps after the resubmission")
         slurm.run("scancel", "--signal=USR1", "--batch", job)
-    text = finished(slurm, job, run, log)
-    signal_name = "SIGTERM" if interrupt == "requeue" else "SIGUSR1"
-    stopped = [line for line in text.splitlines() if line.startswith(f"stopped by {signal_name} at step ")]
-    assert len(stopped) == 1, text[-4000:]
-    step = int(stopped[0].split("at step ")[1].split(";")[0])
-    assert 2 <= step < STEPS and f"resumed from {run}/checkpoints/step_{step:08d} at step {step}" in text
-    assert "start 2," in text and "Traceback" not in text
-    # readable at scale: no library deprecation noise or loading bars, rank 1 silent but for its signal line
-    assert "Warning" not in text and "Loading weights" not in text and "INFO" not in text.replace("INFO addpipe.train.loop", "")
-    assert sum("rank 1" in line for line in text.splitlines()) == 1
-    if interrupt == "usr1":  # the trainer asked for it (SLURM requeued the SIGTERM'd job itself)
-        assert "=== checkpoint written: requeueing job" in text
+        wait_until(lambda: "start 2," in log.read_text(), 300, "the requeued start")
+        sent = signal_after_the_export(slurm, job, run)
+        text = finished(slurm, job, run, log)
+        assert sent >= 1 and f"job {job} requeued: it resumes" in text and "the requeue was refused" not in text
+        assert f"resumed from {run}/checkpoints/step_{step:08d} at step {step}" in text
+        assert len(stopped_at(text, "SIGUSR1")) == 1, text[-4000:]
+        assert slurm.job_field(job, "ExitCode") == "0:0", text[-3000:]
+    assert "Traceback" not in text
+    # readable at scale: no library deprecation noise or loading bars, rank 1 silent but for its signal lines,
+    # no carriage returns (a progress bar's) in the log file
+    assert "Warning" not in text and "Loading weights" not in text and "INFO" not in text.replace("INFO addpipe.train.loop", "") \
+        .replace("INFO addpipe.train.distributed", "")
+    assert "\r" not in text and text.count("built successfully") <= text.count("=== addpipe train: job")
+    assert all("received on rank 1" in line for line in text.splitlines() if "rank 1" in line), text[-4000:]
     same_as_reference(run, torchrun_reference(backend))
 
 
