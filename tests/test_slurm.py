@@ -282,3 +282,35 @@ def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp
     with native_build_lock(cache):  # still not ours to remove: this cache is not addpipe's own
         pass
     assert (cache / "deepspeed_shm_comm" / "lock").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_on_a_real_cluster_requests_fit_its_nodes_and_a_failed_stage_cancels_the_rest(slurm, tmp_path):
+    """Against tests/slurm_cluster.py (two nodes of 2 CPUs): sinfo decides the CPUs (the templates' 16 and 8 would
+    pend forever with PartitionConfig), and a download that fails makes SLURM cancel the embed array and the merge
+    instead of leaving them pending forever (DependencyNeverSatisfied)."""
+    env = {**clean_env(), "SLURM_CONF": str(slurm.conf)}
+    urls = tmp_path / "urls.parquet"
+    urls.write_bytes(b"not a table")  # exists, so it is submitted; the download job then fails at once
+    base = ADDPIPE + ["slurm", "prep", "--urls", str(urls), "--out", str(tmp_path / "out"), "--log-dir", str(tmp_path / "logs")]
+    dry = subprocess.run(base + ["--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count(f"#SBATCH --cpus-per-task={slurm.cpus}") == 3 and "--cpus-per-task=16" not in dry.stdout
+    assert "the script asks for 16 CPUs per task" in dry.stderr and f"asking for {slurm.cpus}" in dry.stderr
+    too_many = subprocess.run(base + ["--dry-run", "--cpus-per-task", "16"], capture_output=True, text=True, env=env)
+    assert too_many.returncode == 2 and "PartitionConfig" in too_many.stderr, too_many.stderr
+    train = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--dry-run"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert train.returncode == 0 and f"#SBATCH --cpus-per-task={slurm.cpus}" in train.stdout, train.stderr
+    three = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "3", "--dry-run"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert three.returncode == 2 and "has 2 node(s), the job asks for 3" in three.stderr, three.stderr
+    result = subprocess.run(base + ["--tasks", "2", "--cpus-per-task", "1"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    download, embed, merge = (result.stdout.split("submitted download ")[1].replace(" -> embed array ", " ")
+                              .replace(" -> merge ", " ").replace("(2 tasks)", "").split(";")[0].split())
+    assert slurm.wait_job(download, 300) == "FAILED"
+    for job in (f"{embed}_0", f"{embed}_1", merge):
+        assert slurm.wait_job(job, 120) == "CANCELLED", (job, slurm.job_field(job, "Reason"))
