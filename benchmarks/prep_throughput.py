@@ -84,6 +84,7 @@ def main() -> None:
                     continue
                 config = PrepConfig(out=str(out))
                 config.input.urls = str(work / "urls.parquet")
+                config.download.allowed_networks = ["127.0.0.1/32"]  # the loopback image server
                 config.download.processes, config.download.threads, config.download.samples_per_shard = args.processes, args.threads, 100
                 config.embed.model, config.embed.pretrained, config.embed.batch_size = args.model, "", 32
                 config.filter.aesthetic_weights, config.filter.min_aesthetic = str(aesthetic), None

@@ -5,6 +5,7 @@ Field docstrings are read back for `--dry-run` and for the error listing valid k
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -65,12 +66,23 @@ class DownloadConfig:
     stopped around the download, and its executors run this Python. None: the active SparkSession, else a local one."""
     allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
     """URL schemes that may be fetched. Any other (file:, ftp:, data:, a relative path ...) is a failed row with the reason
-    'scheme not allowed: <scheme>', never opened: img2dataset's urllib would read local files and decode data: URLs."""
+    'scheme not allowed: <scheme>', never opened: img2dataset's urllib would read local files and decode data: URLs.
+    Every redirect hop obeys it too (a refused hop: 'redirect refused: scheme not allowed: <scheme>')."""
+    allowed_networks: list[str] = field(default_factory=list)
+    """Non-global networks that may be fetched from, in CIDR form (e.g. [127.0.0.1/32] for a loopback test server,
+    [10.1.0.0/16] for an intranet mirror). Any other loopback, private, link-local, multicast or reserved address
+    (IPv6 and IPv4-mapped forms included), of the table's hosts and of every redirect hop, after DNS resolution, is
+    refused before a connection is made: 'address not allowed: private' (loopback, link-local ...). Empty: public only."""
 
     def __post_init__(self) -> None:
         self.allowed_schemes = [str(s).strip().lower() for s in self.allowed_schemes]
         if not self.allowed_schemes or not all(self.allowed_schemes):
             raise ValueError(f"download.allowed_schemes must name at least one scheme (e.g. [http, https]), got {self.allowed_schemes}")
+        try:
+            self.allowed_networks = [str(ipaddress.ip_network(str(n).strip(), strict=False)) for n in self.allowed_networks]
+        except ValueError as error:
+            raise ValueError(f"download.allowed_networks must list networks in CIDR form (127.0.0.1/32, 10.0.0.0/8, ::1/128): "
+                             f"{error}") from None
         limit = 9 if self.encode_format == "png" else 100
         if not 0 <= self.encode_quality <= limit:
             raise ValueError(f"download.encode_quality={self.encode_quality} is out of range for {self.encode_format}: "

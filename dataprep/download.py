@@ -77,7 +77,10 @@ def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: 
             ) from error
     from img2dataset import download as img2dataset_download
 
-    with spark_session(config):
+    from addpipe.dataprep.fetch import Guard, guarded_img2dataset
+
+    guard = Guard(tuple(config.allowed_schemes), tuple(config.allowed_networks))
+    with spark_session(config), guarded_img2dataset(guard):
         img2dataset_download(
             url_list=str(urls_parquet),
             input_format="parquet",

@@ -50,6 +50,8 @@ def input_settings(config: PrepConfig) -> dict[str, Any]:
     download = to_dict(config.download)
     for local_only in ("processes", "threads", "distributor", "spark_master"):  # how, not what, is downloaded
         download.pop(local_only)
+    if not download["allowed_networks"]:  # outputs written before the setting existed keep their fingerprint
+        download.pop("allowed_networks")
     urls = os.path.abspath(os.path.expanduser(config.input.urls)) if config.input.urls else ""
     return {"input": {**to_dict(config.input), "urls": urls}, "download": download}
 

@@ -179,6 +179,7 @@ def curate(settings: DemoSettings, out: Path) -> dict[str, Any]:
         config = load(PrepConfig, None, [
             f"out={prep_dir}", f"input.urls={urls}", f"download.image_size={settings.resolution}",
             "download.processes=1", "download.threads=16", "download.timeout=5", "download.samples_per_shard=500",
+            "download.allowed_networks=[127.0.0.1/32]",  # the loopback web above; every other non-public address stays refused
             "download.encode_format=png", "download.encode_quality=6",
             f"embed.model={clip['model']}", f"embed.model_config={clip['model_config']}", f"embed.pretrained={clip['pretrained']}",
             "embed.batch_size=128", "embed.device=cpu",

@@ -131,6 +131,25 @@ def hostile_scheme_rows(local_image: Path) -> list[Row]:
     return [Row(name, f"a picture behind a {name} url", refused + scheme, url=url) for name, url, scheme in cases]
 
 
+def hostile_redirect_rows(local_image: Path) -> list[Row]:
+    """Rows whose URL is an innocent http address on the test server that answers 302 to what may not be fetched: another
+    scheme, or a loopback address the run did not opt into (the run opts into 127.0.0.1/32 only; 127.0.0.2 is outside
+    it, and nothing listens there, so a followed redirect would fail differently). Private addresses are tested in
+    process (tests/test_fetch.py): a test must never dial one."""
+    dead = closed_port()
+    refused = "failed_to_download: redirect refused: "
+    cases = [
+        ("redirect-ftp", f"ftp://127.0.0.1:{dead}/secret.png", "scheme not allowed: ftp"),
+        ("redirect-file", local_image.resolve().as_uri(), "scheme not allowed: file"),
+        ("redirect-file-relative", "file:secret.png", "scheme not allowed: file"),
+        ("redirect-loopback", f"http://127.0.0.2:{dead}/china.jpg", "address not allowed: loopback"),
+        ("redirect-mapped-loopback", f"http://[::ffff:127.0.0.2]:{dead}/china.jpg", "address not allowed: loopback"),
+    ]
+    return [Row(name, f"a picture behind a {name} url", refused + reason,
+                Route(b"", "text/plain", status=302, headers=(("Location", location),)))
+            for name, location, reason in cases]
+
+
 def serve_rows(rows: list[Row]) -> ImageServer:
     """An unstarted server for `rows`; sets the url of each row that has none (refused rows point at a closed port)."""
     server = ImageServer({"/" + row.name: row.route for row in rows if row.route is not None})

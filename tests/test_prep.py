@@ -28,7 +28,7 @@ from PIL import Image
 from addpipe.dataprep.config import InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
-from image_server import curation_rows, hostile_scheme_rows, jpeg, sample_photos, serve_rows
+from image_server import curation_rows, hostile_redirect_rows, hostile_scheme_rows, jpeg, sample_photos, serve_rows
 from conftest import REPO
 from test_train import clean_env
 
@@ -41,7 +41,7 @@ def base_settings(tiny: dict[str, str], aesthetic: Path) -> list[str]:
         "embed.batch_size": 8, "filter.aesthetic_weights": str(aesthetic), "filter.min_aesthetic": "null",
         "filter.min_clip_similarity": "null", "filter.min_resolution": 100, "dedup.enabled": "false",
         "download.image_size": 64, "download.samples_per_shard": 8, "download.processes": 1, "download.threads": 8,
-        "download.timeout": 3, "download.max_image_area": 2e7,
+        "download.timeout": 3, "download.max_image_area": 2e7, "download.allowed_networks": "[127.0.0.1/32]",
     }
     return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
@@ -60,7 +60,7 @@ def curated(tmp_path_factory):
     aesthetic = build_tiny_aesthetic(root / "aesthetic.pth", 32)
     local = root / "local.jpg"  # a real image on this disk: a file: URL must not reach it
     local.write_bytes(jpeg(sample_photos()[0]))
-    rows = curation_rows() + hostile_scheme_rows(local)
+    rows = curation_rows() + hostile_scheme_rows(local) + hostile_redirect_rows(local)
     server = serve_rows(rows)
     with server:
         table = pd.DataFrame({"URL": [r.url for r in rows], "TEXT": [r.caption for r in rows], "name": [r.name for r in rows],
@@ -125,6 +125,34 @@ def test_urls_with_other_schemes_are_refused_counted_and_never_read(curated):
                 assert all(hashlib.sha256(tar.extractfile(m).read()).hexdigest() != local for m in tar if m.isfile())
     listing = pd.concat([pd.read_parquet(p) for p in (out / "shards").glob("*.parquet") if not p.name.startswith("_")])
     assert set(listing.loc[listing["name"].str.startswith("scheme-"), "status"]) == {"failed_to_download"}
+
+
+def test_redirects_to_other_schemes_and_loopback_addresses_are_refused_per_row_and_counted(curated):
+    """A 302 to ftp:, file: or a loopback address outside download.allowed_networks: a failed row each, with its reason,
+    in the shard's parquet and _stats.json and the report, never kept (the file: target's bytes are in no shard)."""
+    out = curated["out"]
+    hostile = [row for row in curated["rows"] if row.name.startswith("redirect-")]
+    table = decisions(out)
+    for row in hostile:
+        assert table.loc[row.name, "reason"] == row.expected, (row.name, table.loc[row.name, "reason"])
+        assert table.loc[row.name, "status"] == "failed_to_download" and table.loc[row.name, "url"] == row.url
+        assert curated["server"].hits["/" + row.name] >= 1  # the first hop was fetched: the refusal is the redirect's
+    download = pd.concat([pd.read_parquet(p) for p in (out / "download").glob("*.parquet")])
+    errors = download.set_index("name").loc[[row.name for row in hostile], "error_message"]
+    assert list(errors) == [row.expected.removeprefix("failed_to_download: ") for row in hostile]
+    counted: dict[str, int] = {}
+    for stats in (out / "download").glob("*_stats.json"):
+        for reason, count in json.loads(stats.read_text())["status_dict"].items():
+            counted[reason] = counted.get(reason, 0) + count
+    assert counted["redirect refused: scheme not allowed: ftp"] == 1
+    assert counted["redirect refused: scheme not allowed: file"] == 2
+    assert counted["redirect refused: address not allowed: loopback"] == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["reasons"]["failed_to_download: redirect refused: address not allowed: loopback"] == 2
+    local = hashlib.sha256((curated["root"] / "local.jpg").read_bytes()).hexdigest()
+    for tar_path in (out / "shards").glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            assert all(hashlib.sha256(tar.extractfile(m).read()).hexdigest() != local for m in tar if m.isfile())
 
 
 def test_scheme_allow_list_reads_schemes_as_urllib_does():
