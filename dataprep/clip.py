@@ -84,11 +84,12 @@ def load_clip(config: EmbedConfig) -> ClipEmbedder:
     try:
         with quiet_root_logger():
             model, _, preprocess = open_clip.create_model_and_transforms(config.model, pretrained=pretrained, device=device)
+            tokenizer = open_clip.get_tokenizer(config.model)
     except RuntimeError as error:
         raise RuntimeError(f"could not load open_clip {config.model} with pretrained={pretrained!r}: {error}") from error
     model.eval()
     rows = CPU_FORWARD_ROWS if device.type == "cpu" else config.batch_size
-    return ClipEmbedder(model, preprocess, open_clip.get_tokenizer(config.model), device, config.precision, rows)
+    return ClipEmbedder(model, preprocess, tokenizer, device, config.precision, rows)
 
 
 @contextlib.contextmanager

@@ -314,3 +314,18 @@ def test_on_a_real_cluster_requests_fit_its_nodes_and_a_failed_stage_cancels_the
     assert slurm.wait_job(download, 300) == "FAILED"
     for job in (f"{embed}_0", f"{embed}_1", merge):
         assert slurm.wait_job(job, 120) == "CANCELLED", (job, slurm.job_field(job, "Reason"))
+
+
+def test_loading_clip_logs_nothing_on_the_root_logger(tmp_path):
+    """open_clip's `INFO root: ...` lines (config, tokenizer) stayed in every prep log."""
+    from addpipe.dataprep.config import EmbedConfig
+    from addpipe.dataprep.tiny import build_tiny_clip
+
+    tiny = build_tiny_clip(tmp_path / "clip")
+    script = ("import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+              "from addpipe.dataprep.clip import load_clip\nfrom addpipe.dataprep.config import EmbedConfig\n"
+              f"load_clip(EmbedConfig(model={tiny['model']!r}, model_config={tiny['model_config']!r}, "
+              f"pretrained={tiny['pretrained']!r}, device='cpu'))\nlogging.info('after')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("INFO root")] == ["INFO root: after"], result.stderr
