@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 from sqlalchemy import Connection, Engine
 
 from addpipe.eval import rounds
+from addpipe.eval.guards import clean_text
 
 
 class AccessDenied(Exception):
@@ -85,7 +86,9 @@ class Access:
 
     def invite(self, token: Optional[str], connection: Connection) -> Invite:
         """The invite behind `token`, or AccessDenied (401 unknown, 403 withdrawn)."""
-        if not token:
+        # Tokens are ours (secrets.token_urlsafe) and at most 64 characters: text that cannot be one never reaches the
+        # database, where PostgreSQL would refuse a NUL with an error instead of finding nothing.
+        if not token or len(token) > 64 or not clean_text(token):
             raise AccessDenied(401, "unknown invite token")
         found = self._invites.get(token)
         if found is None:

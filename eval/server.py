@@ -12,6 +12,10 @@ Concurrency (sized so that 200 raters at once never wait on the pool):
   and one indexed lookup otherwise; the file is sent afterwards by the event loop, with no session open.
 - SQLite writers queue on a lock in the process instead of sleeping in SQLite's busy handler.
 - Request bodies are counted as they arrive and refused past the limit without reading the rest.
+
+Exposure (eval/guards.py): a NUL or non-UTF-8 byte anywhere in a request's path, query or headers is a 400 before
+any route or the database sees it; a request must arrive whole within `header_timeout` seconds of its first byte
+(slow-header clients are cut off with a 408), and past `max_connections` open connections new requests get a 503.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from addpipe.eval import rounds
 from addpipe.eval.access import Access, AccessDenied
 from addpipe.eval.admin import admin_stats, page_arguments, render_page
 from addpipe.eval.db import MAX_ID, QUESTION_TEXT, QUESTIONS, Setting, connect, session_factory, utcnow
+from addpipe.eval.guards import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HeaderDeadlineProtocol, TextGuard
 from addpipe.eval.votes import votes_frame
 
 MAX_BODY_BYTES = 4096
@@ -173,6 +178,7 @@ def create_app(study_dir: Path, db_url: str, questions: tuple[str, ...] = QUESTI
     app.state.engine = engine
     app.add_middleware(ImageFastPath, access=access)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(TextGuard)  # outermost: nothing below sees a NUL or undecodable byte
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, error: RequestValidationError):
@@ -292,15 +298,22 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+def server_options(header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> dict:
+    """uvicorn settings for an internet-facing rating server: keep-alive for raters' next vote, a deadline on each
+    request's arrival, a cap on open connections."""
+    return dict(timeout_keep_alive=30, http=HeaderDeadlineProtocol.with_timeout(header_timeout),
+                limit_concurrency=max_connections)
+
+
 class ServerThread:
     """A uvicorn server for `app` on 127.0.0.1 (a free port), in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, header_timeout: float = DEFAULT_HEADER_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS):
         import uvicorn
 
         self.socket = listening_socket("127.0.0.1", 0)
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30)
+        config = uvicorn.Config(app, log_level="warning", **server_options(header_timeout, max_connections))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -329,22 +342,28 @@ SETTINGS_ENV = "ADDPIPE_SERVE_SETTINGS"
 def app_from_environment() -> FastAPI:
     """The app of one `eval serve --workers N` process (uvicorn imports it by name in each worker)."""
     settings = json.loads(os.environ[SETTINGS_ENV])
+    # uvicorn builds each worker's protocol from the class it was given (pickled by name): its deadline is set here
+    HeaderDeadlineProtocol.header_timeout = settings["header_timeout"]
     return create_app(Path(settings["study"]), settings["db"], threads=settings["threads"])
 
 
 def serve(study_dir: Path, db_url: str, host: str = "127.0.0.1", port: int = 8000, threads: int = DEFAULT_THREADS,
-          access_log: bool = True, workers: int = 1) -> None:
+          access_log: bool = True, workers: int = 1, header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+          max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
     """`addpipe eval serve`: run the rating server until interrupted. With workers > 1, uvicorn runs that many
-    processes on the one port (Python runs one thread at a time per process: more processes use more cores)."""
+    processes on the one port (Python runs one thread at a time per process: more processes use more cores);
+    `max_connections` is then per process."""
     import uvicorn
 
-    options = dict(log_level="info", access_log=access_log, timeout_keep_alive=30)
+    options = dict(log_level="info", access_log=access_log, **server_options(header_timeout, max_connections))
     if workers <= 1:
         sock = listening_socket(host, port)
         print(f"rating server on http://{host}:{sock.getsockname()[1]} (invite links: {Path(study_dir) / 'invites.csv'})", flush=True)
         uvicorn.Server(uvicorn.Config(create_app(study_dir, db_url, threads=threads), **options)).run(sockets=[sock])
         return
-    os.environ[SETTINGS_ENV] = json.dumps({"study": str(Path(study_dir).resolve()), "db": db_url, "threads": threads})
+    os.environ[SETTINGS_ENV] = json.dumps({"study": str(Path(study_dir).resolve()), "db": db_url, "threads": threads,
+                                           "header_timeout": header_timeout})
+    options["http"] = HeaderDeadlineProtocol  # by name into the workers; app_from_environment sets its deadline
     print(f"rating server on http://{host}:{port} with {workers} processes (invite links: {Path(study_dir) / 'invites.csv'})",
           flush=True)
     uvicorn.run("addpipe.eval.server:app_from_environment", factory=True, host=host, port=port, workers=workers, **options)

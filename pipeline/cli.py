@@ -550,13 +550,20 @@ def eval_serve(study: Path = _STUDY, db: Optional[str] = _DB, host: str = typer.
                port: int = typer.Option(8000, "--port"),
                threads: int = typer.Option(8, "--threads", help="Worker threads; the database pool gets this many connections plus 4"),
                workers: int = typer.Option(1, "--workers", help="Server processes on the port (one per core to spare)"),
-               access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request")) -> None:
+               access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="Log every request"),
+               header_timeout: float = typer.Option(10.0, "--header-timeout",
+                                                    help="Seconds a request may take to arrive whole (slow clients get a 408)"),
+               max_connections: int = typer.Option(1000, "--max-connections",
+                                                   help="Open connections per process beyond which requests get a 503")) -> None:
     """Serve the rating page and API (raters open their invite links)."""
     from addpipe.eval.server import serve
 
     if threads < 1 or workers < 1:
         raise UserError(f"--threads and --workers must be at least 1, got {threads} and {workers}")
-    serve(study, _db_url(study, db), host, port, threads, access_log, workers)
+    if not header_timeout > 0 or max_connections < 1:
+        raise UserError(f"--header-timeout must be positive and --max-connections at least 1, got {header_timeout} and "
+                        f"{max_connections}")
+    serve(study, _db_url(study, db), host, port, threads, access_log, workers, header_timeout, max_connections)
 
 
 @eval_app.command("judge")

@@ -354,3 +354,153 @@ def test_admin_page_sorts_pages_and_flags_raters_who_fail_the_golden_screen(stud
         assert stats["failing_raters"] == 2
         assert {r["name"]: r["status"] for r in stats["raters"]}[study["raters"][2]["name"]] == "passes"
         assert client.get(f"/admin/{admin}", params={"sort": "nonsense", "page": -3}).status_code == 200
+
+
+def raw_status(server: str, request: bytes) -> int:
+    """Send `request` as it is (bytes httpx would refuse to send) and -> the answer's status code (0: no answer)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def test_nul_and_undecodable_bytes_in_every_request_field_are_4xx(study):
+    """PostgreSQL refuses a NUL in a string (a 500 with a traceback, where SQLite answered 401): every text that could
+    reach the database is checked first, in the path, the query, the token header and the JSON body, percent-encoded
+    or raw. Each answer is a 4xx on both databases and nothing changes."""
+    token = study["raters"][0]["token"]
+    with httpx.Client(base_url=study["server"]) as client:
+        pair_id = client.get("/api/next", headers={"X-Token": token}).json()["pair_id"]
+        before = vote_count(study)
+        bad = ["%00", "a%00", token + "%00", "%00" + token, "%ff", "a%c3%28", "%ed%a0%80", "%f4%90%80%80"]  # NUL, not UTF-8
+        responses = []
+        for text in bad:
+            responses += [
+                client.get(f"/rate/{text}"),
+                client.get(f"/api/image/{pair_id}/left?token={text}"),
+                client.get(f"/api/image/{pair_id}/left?token={token}&x={text}"),
+                client.get(f"/api/image/{pair_id}/{text}?token={token}"),
+                client.get(f"/api/next?x={text}", headers={"X-Token": token}),
+                client.get(f"/admin/{text}"),
+                client.get(f"/admin/{text}?sort={text}&order={text}"),
+                client.get(f"/api/admin/stats?token={text}"),
+                client.get(f"/api/admin/votes.csv?token={text}"),
+                client.get(f"/api/admin/votes.{text}"),
+            ]
+        for value in ("\x00", "a\x00b", token + "\x00", "\ud800", "\udcff"):
+            responses += [
+                client.post("/api/vote", headers={"X-Token": token}, content=json.dumps(
+                    {"pair_id": pair_id, "submission_id": "abcdefgh" + value, "answers": {"adherence": "left", "quality": "left"}})),
+                client.post("/api/vote", headers={"X-Token": token}, content=json.dumps(
+                    {"pair_id": pair_id, "submission_id": uuid.uuid4().hex, "answers": {"adherence" + value: "left", "quality": "left"}})),
+                client.post("/api/vote", headers={"X-Token": token}, content=json.dumps(
+                    {"pair_id": pair_id, "submission_id": uuid.uuid4().hex, "answers": {"adherence": value, "quality": "left"}})),
+            ]
+        for response in responses:
+            assert 400 <= response.status_code < 500, (response.request.url, response.status_code, response.text[:300])
+        body = b'{"pair_id": %d, "submission_id": "abcdefgh\xff\xfe", "answers": {"adherence": "left", "quality": "left"}}' % pair_id
+        host = study["server"].removeprefix("http://").encode()
+        raw = [
+            b"GET /rate/a\x00b HTTP/1.1\r\nHost: %s\r\n\r\n" % host,
+            b"GET /rate/a\xffb HTTP/1.1\r\nHost: %s\r\n\r\n" % host,
+            b"GET /api/image/%d/left?token=a\x00b HTTP/1.1\r\nHost: %s\r\n\r\n" % (pair_id, host),
+            b"GET /api/image/%d/left?token=a\xffb HTTP/1.1\r\nHost: %s\r\n\r\n" % (pair_id, host),
+            b"GET /api/next HTTP/1.1\r\nHost: %s\r\nX-Token: a\x00b\r\n\r\n" % host,
+            b"GET /api/next HTTP/1.1\r\nHost: %s\r\nX-Token: %s\xff\r\n\r\n" % (host, token.encode()),
+            b"GET /api/next HTTP/1.1\r\nHost: %s\r\nX-Token: \xc3\x28\r\n\r\n" % host,
+            b"GET /api/admin/stats HTTP/1.1\r\nHost: %s\r\nX-Token: a\x00\r\n\r\n" % host,
+            b"GET /api/admin/stats HTTP/1.1\r\nHost: %s\r\nX-Token: \xff\r\n\r\n" % host,
+            b"POST /api/vote HTTP/1.1\r\nHost: %s\r\nX-Token: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (host, token.encode(), len(body), body),
+            b"POST /api/vote HTTP/1.1\r\nHost: %s\r\nX-Token: \xff%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (host, token.encode(), len(body), body),
+        ]
+        for request in raw:
+            status = raw_status(study["server"], request)
+            assert 400 <= status < 500, (request[:80], status)
+        assert vote_count(study) == before
+        assert client.get(f"/rate/{token}").status_code == 200  # the server still answers, and the good token still works
+
+
+def test_slow_header_clients_are_cut_off_while_others_are_served(tmp_path):
+    """Dozens of connections that never finish their request head (silent, a partial head, one byte at a time, a second
+    request on a kept-alive connection left unfinished) are each answered 408 and closed once the header deadline
+    passes, and not before; a normal rater is served meanwhile. Without the deadline uvicorn kept them open for ever."""
+    directory = write_study(tmp_path / "study")
+    url = f"sqlite:///{directory / 'votes.db'}"
+    with session_factory(connect(url))() as session:
+        token = invite(session, directory, raters=1, pairs_per_rater=None, golden_fraction=0.0, base_url="http://x")[0]["token"]
+    timeout = 1.5
+    app = create_app(directory, url)
+    with ServerThread(app, header_timeout=timeout) as server:
+        address = ("127.0.0.1", server.port)
+        kinds = ["silent", "partial", "trickle", "kept-alive"]
+        clients = []
+        for index in range(40):
+            kind = kinds[index % len(kinds)]
+            sock = socket.create_connection(address, timeout=10)
+            if kind == "partial":
+                sock.sendall(f"GET /api/next HTTP/1.1\r\nHost: x\r\nX-Token: {token}\r\n".encode())
+            elif kind == "trickle":
+                sock.sendall(b"GET /api/next HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+            elif kind == "kept-alive":  # a whole request answered, then the next one left unfinished
+                sock.sendall(f"GET /rate/{token} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                sock.sendall(b"GET /rate/")
+            sock.setblocking(False)
+            clients.append({"kind": kind, "socket": sock, "opened": time.monotonic(), "closed": None, "answer": b""})
+        with httpx.Client(base_url=server.url, timeout=10) as rater:  # served while the slow ones hang
+            for _ in range(3):
+                assert rater.get("/api/next", headers={"X-Token": token}).status_code == 200
+        deadline = time.monotonic() + timeout + 10
+        while any(c["closed"] is None for c in clients) and time.monotonic() < deadline:
+            for client in clients:
+                if client["closed"] is not None:
+                    continue
+                try:
+                    if client["kind"] == "trickle":
+                        client["socket"].send(b"a")  # a byte every 0.1 s: uvicorn's keep-alive timer never fired
+                    while chunk := client["socket"].recv(4096):
+                        client["answer"] += chunk
+                    client["closed"] = time.monotonic()  # recv returned b"": closed by the server
+                except BlockingIOError:
+                    pass
+                except (BrokenPipeError, ConnectionResetError):
+                    client["closed"] = time.monotonic()
+            time.sleep(0.1)
+        for client in clients:
+            client["socket"].close()
+        still_open = [c["kind"] for c in clients if c["closed"] is None]
+        assert not still_open, f"{len(still_open)} slow connections still open after {timeout + 10} s: {still_open}"
+        waited = [c["closed"] - c["opened"] for c in clients]
+        assert min(waited) >= timeout * 0.9, min(waited)  # the deadline, not something earlier, closed them
+        assert all(c["answer"].startswith(b"HTTP/1.1 408") for c in clients if c["kind"] != "trickle" or c["answer"]), \
+            [c["answer"][:40] for c in clients]
+        with httpx.Client(base_url=server.url, timeout=10) as rater:  # and the server still answers
+            assert rater.get(f"/rate/{token}").status_code == 200
+    app.state.engine.dispose()
+
+
+def test_connections_past_the_cap_get_a_503_and_service_returns_when_they_go(tmp_path):
+    directory = write_study(tmp_path / "study")
+    url = f"sqlite:///{directory / 'votes.db'}"
+    with session_factory(connect(url))() as session:
+        token = invite(session, directory, raters=1, pairs_per_rater=None, golden_fraction=0.0, base_url="http://x")[0]["token"]
+    app = create_app(directory, url)
+    with ServerThread(app, max_connections=8) as server:
+        held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(8)]
+        time.sleep(0.2)  # accepted by the event loop
+        with httpx.Client(base_url=server.url, timeout=10) as rater:
+            assert rater.get(f"/rate/{token}").status_code == 503
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        with httpx.Client(base_url=server.url, timeout=10) as rater:
+            assert rater.get(f"/rate/{token}").status_code == 200
+    app.state.engine.dispose()
