@@ -42,6 +42,25 @@ def python_speed() -> float:
     return time.perf_counter() - started
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_load() -> dict:
+    """What else the machine was doing: the 1/5/15-minute load averages against the CPUs this process may use. A
+    latency figure means little without it (the same command gave p99 1.2 s on a quiet VM and 1.8 s on a busy one)."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2),
+            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpus": os.cpu_count(), "cpu_model": cpu_model()}
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time so far of a process and every live process under it (Linux /proc): with --workers
     the server is a supervisor and its worker processes."""
@@ -124,10 +143,12 @@ def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, thin
                                for session, r in zip(sessions, invited)))
         return time.perf_counter() - started
 
+    load_before = machine_load()
     server_before, client_before = cpu_seconds(process.pid), sum(os.times()[:2])
     try:
         wall = asyncio.run(everyone())
         server_cpu, client_cpu = cpu_seconds(process.pid) - server_before, sum(os.times()[:2]) - client_before
+        load_after = machine_load()
     finally:
         server.__exit__(None, None, None)
     with session_factory(engine)() as session:
@@ -142,7 +163,10 @@ def run_backend(url: str, study: Path, clients: int, rounds_per_rater: int, thin
             "client_cpu_ms_per_round": 1000 * client_cpu / max(1, len(rounds)),
             "p50_ms": 1000 * statistics.median(rounds) if rounds else None,
             "p99_ms": 1000 * rounds[int(0.99 * (len(rounds) - 1))] if rounds else None,
-            "max_ms": 1000 * rounds[-1] if rounds else None}
+            "max_ms": 1000 * rounds[-1] if rounds else None,
+            # beside every latency figure: the machine's load when it was measured (before the run counts the
+            # machine's other work; after it includes this run's own)
+            "load_before": load_before, "load_after": load_after}
 
 
 def main() -> None:
@@ -180,7 +204,8 @@ def main() -> None:
                           f"p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  max {result['max_ms']:7.1f} ms  "
                           f"errors {result['errors']}  rounds {result['rounds']}/{result['expected_rounds']}  "
                           f"votes stored once: {intact}  cpu ms/round: server {result['server_cpu_ms_per_round']:.1f} "
-                          f"clients {result['client_cpu_ms_per_round']:.1f}", flush=True)
+                          f"clients {result['client_cpu_ms_per_round']:.1f}  load 1m before {result['load_before']['load_1m']:.2f} "
+                          f"after {result['load_after']['load_1m']:.2f} on {result['load_before']['nproc']} cpus", flush=True)
                     for error in result["first_errors"]:
                         print(f"      {error}")
         base = {(r["clients"], r["backend"]): r for r in results if r["workers"] == args.workers[0]}
@@ -192,13 +217,16 @@ def main() -> None:
     finally:
         if "postgresql" in backends:
             postgres.__exit__(None, None, None)
-    machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}; "
+    load = machine_load()
+    machine = (f"{platform.node()} {platform.machine()} {load['cpu_model']}, {load['nproc']} cpus usable of {load['cpus']}, "
+               f"load {load['load_1m']:.2f}/{load['load_5m']:.2f}/{load['load_15m']:.2f} (1/5/15 min) at the end, "
+               f"python {platform.python_version()}; "
                f"server and clients share the machine; 5M-iteration Python loop {speed_before:.2f} s before, "
                f"{python_speed():.2f} s after")
     print(f"machine: {machine}; think time {args.think} s; server threads {args.threads}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "think_s": args.think, "threads": args.threads,
-                                         "results": results}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "load_at_end": load, "think_s": args.think,
+                                         "threads": args.threads, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
