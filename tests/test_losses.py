@@ -31,7 +31,7 @@ def test_r1_is_gradient_norm_wrt_head_input_features():
     def head(f):
         return 0.5 * torch.einsum("c,bcn->bn", w, f) ** 2
 
-    r1 = losses.r1_penalty([head(features)], [features])
+    r1 = losses.r1_penalty([head(features)], [features], normalise=False)
     projection = torch.einsum("c,bcn->bn", w, features).detach()
     gradient = projection[:, None, :] * w.detach()[None, :, None]
     expected = gradient.pow(2).flatten(1).sum(1).mean() * (257 / 7) / 2
@@ -49,7 +49,8 @@ def test_r1_means_the_same_at_any_token_count_and_is_stylegan_r1_in_the_papers_s
     values = {}
     for tokens in (17, 65, 257, 1025):
         features = torch.randn(4, 3, tokens, requires_grad=True)
-        values[tokens] = losses.r1_penalty([torch.einsum("c,bcn->bn", w, features)], [features]).item()
+        values[tokens] = losses.r1_penalty([torch.einsum("c,bcn->bn", w, features)], [features],
+                                            normalise=False).item()
         stylegan = tokens * w.pow(2).sum().item() / 2
         if tokens == 257:
             assert values[tokens] == pytest.approx(stylegan, rel=1e-6)
@@ -59,9 +60,34 @@ def test_r1_means_the_same_at_any_token_count_and_is_stylegan_r1_in_the_papers_s
 
 def test_r1_sums_over_heads():
     f1, f2 = torch.randn(2, 3, 4, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
-    both = losses.r1_penalty([f1.sum(1) * 2, f2.sum(1) * 3], [f1, f2], reference_tokens=4)
+    both = losses.r1_penalty([f1.sum(1) * 2, f2.sum(1) * 3], [f1, f2], reference_tokens=4, normalise=False)
     # d/df of 2*sum_c f = 2 per element: 3*4 elements * 4 = 48; for 3: 12 * 9 = 108; halved (gamma/2)
     assert both.item() == pytest.approx((48 + 108) / 2)
+
+
+def test_normalised_r1_is_r1_on_rms_normalised_features_and_ignores_the_feature_scale():
+    """normalise: R1 w.r.t. each sample's features divided by their RMS. For a head that normalises its input (the
+    ADD heads' local batch norm) the raw R1 falls as 1/c^2 when the features grow by c; the normalised one stays."""
+    from addpipe.train.discriminator import DiscriminatorHead
+
+    torch.manual_seed(0)
+    features = torch.randn(8, 6, 20)
+    w = torch.randn(6)
+    x = features.clone().requires_grad_(True)
+    normalised = losses.r1_penalty([0.5 * torch.einsum("c,bcn->bn", w, x) ** 2], [x])
+    rms = features.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1)
+    u = (features / rms).requires_grad_(True)  # the same head as a function of u = F / rms (rms held fixed)
+    by_hand = losses.r1_penalty([0.5 * torch.einsum("c,bcn->bn", w, u * rms) ** 2], [u], normalise=False)
+    assert normalised.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+    head = DiscriminatorHead(6, 0, 8, 3, virtual_batch_size=8)
+    values = {}
+    for scale in (1.0, 30.0):
+        x = (scale * features).requires_grad_(True)
+        out = head(x, None)
+        values[scale] = (losses.r1_penalty([out], [x]).item(), losses.r1_penalty([out], [x], normalise=False).item())
+    assert values[30.0][0] == pytest.approx(values[1.0][0], rel=1e-3)
+    assert values[30.0][1] == pytest.approx(values[1.0][1] / 900, rel=1e-3)
 
 
 def test_distillation_loss_weighs_a_per_element_error_the_same_in_pixel_and_latent_space():

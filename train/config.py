@@ -123,6 +123,9 @@ class StudentConfig:
                              f"with a positive sum, got {list(self.timestep_weights)}")
 
 
+AUGMENT_POLICIES = ("color", "translation", "cutout")
+
+
 @dataclass
 class DiscriminatorConfig:
     feature_network: str = "facebook/dinov2-small"
@@ -156,11 +159,19 @@ class DiscriminatorConfig:
     """Keep c_img for samples whose student input held no trace of x_0 (alpha_s = 0: the pure-noise timestep at zero
     terminal SNR), as the paper does. False gives those samples, real and fake alike, a zero c_img, in case asking the
     student to match an image it never saw pulls it toward an average; on the demo it did not help (add_sweep.md)."""
-    r1_gamma: float = 1e-5
-    """Weight of R1 (the paper's 1e-5): gamma/2 times the squared gradient norm of each head's summed token logits
-    w.r.t. that head's input features, per head scaled by 257/tokens, so 1e-5 is StyleGAN2-ADA's convention in
-    the paper's setting (DINOv2 ViT-S/14 at 224^2) and means the same strength per token at any input size
-    (train/losses.py r1_penalty)."""
+    r1_gamma: float = 1e-2
+    """Weight of R1: gamma/2 times the squared gradient norm of each head's summed token logits w.r.t. that head's
+    input features, per head scaled by 257/tokens (the same strength per token at any input size) and, with
+    r1_normalise, taken w.r.t. the features divided by their RMS (train/losses.py r1_penalty; docs/method.md says
+    how the default was measured)."""
+    r1_normalise: bool = True
+    """Take R1 w.r.t. each sample's features divided by their root mean square, so gamma does not depend on the
+    feature network's scale (at the paper's gamma on DINOv2's raw features R1 was 1e-4 of the hinge or less)."""
+    spectral_norm: bool = True
+    """Spectral normalisation of the heads' convolutions (StyleGAN-T's heads, which ADD's follow)."""
+    augment: str = "color,translation,cutout"
+    """Differentiable augmentation (DiffAugment) of real and generated images before the feature network, as
+    StyleGAN-T trains: comma-separated of color, translation, cutout; '' for none."""
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 and not self.layers:
@@ -173,6 +184,10 @@ class DiscriminatorConfig:
                              f"{self.kernel_size}")
         if self.r1_gamma < 0:
             raise ValueError(f"discriminator.r1_gamma must be >= 0, got {self.r1_gamma}")
+        unknown = [p.strip() for p in self.augment.split(",") if p.strip() and p.strip() not in AUGMENT_POLICIES]
+        if unknown:
+            raise ValueError(f"discriminator.augment: unknown {', '.join(unknown)}; choose from "
+                             f"{', '.join(AUGMENT_POLICIES)} (comma-separated), or '' for none")
 
 
 @dataclass

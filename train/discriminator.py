@@ -54,10 +54,18 @@ class LocalBatchNorm(nn.Module):
         return normed * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
 
 
+def normalised(layer: nn.Module, spectral: bool) -> nn.Module:
+    """`layer` with spectral normalisation of its weight (StyleGAN-T's SpectralConv1d): its largest singular value
+    is held at 1 by a power iteration per training forward, which bounds how sharply a head can react to its
+    features, the same job R1 does from the other side."""
+    return nn.utils.parametrizations.spectral_norm(layer) if spectral else layer
+
+
 class ConvBlock(nn.Sequential):
-    def __init__(self, channels: int, kernel_size: int, virtual_batch_size: int):
+    def __init__(self, channels: int, kernel_size: int, virtual_batch_size: int, spectral: bool = False):
         super().__init__(
-            nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular"),
+            normalised(nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular"),
+                       spectral),
             LocalBatchNorm(channels, virtual_batch_size),
             nn.LeakyReLU(0.2),
         )
@@ -66,16 +74,17 @@ class ConvBlock(nn.Sequential):
 class DiscriminatorHead(nn.Module):
     """Tokens (B, C, N) and a condition (B, D) -> per-token logits (B, N)."""
 
-    def __init__(self, channels: int, condition_dim: int, projection_dim: int, kernel_size: int, virtual_batch_size: int):
+    def __init__(self, channels: int, condition_dim: int, projection_dim: int, kernel_size: int, virtual_batch_size: int,
+                 spectral_norm: bool = False):
         super().__init__()
-        self.stem = ConvBlock(channels, 1, virtual_batch_size)
-        self.residual = ConvBlock(channels, kernel_size, virtual_batch_size)
+        self.stem = ConvBlock(channels, 1, virtual_batch_size, spectral_norm)
+        self.residual = ConvBlock(channels, kernel_size, virtual_batch_size, spectral_norm)
         self.condition_dim = condition_dim
         if condition_dim > 0:
-            self.to_logits = nn.Conv1d(channels, projection_dim, 1)
-            self.project_condition = nn.Linear(condition_dim, projection_dim)
+            self.to_logits = normalised(nn.Conv1d(channels, projection_dim, 1), spectral_norm)
+            self.project_condition = nn.Linear(condition_dim, projection_dim)  # StyleGAN-T's cmapper: no SN
         else:
-            self.to_logits = nn.Conv1d(channels, 1, 1)
+            self.to_logits = normalised(nn.Conv1d(channels, 1, 1), spectral_norm)
 
     def forward(self, tokens: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
         hidden = self.stem(tokens)
@@ -107,6 +116,7 @@ class Discriminator(nn.Module):
         image_conditioning: bool = True,
         input_size: int = 224,
         image_encoder: nn.Module | None = None,
+        spectral_norm: bool = False,
     ):
         super().__init__()
         self.feature_network = feature_network
@@ -121,7 +131,7 @@ class Discriminator(nn.Module):
         channels = feature_network.config.hidden_size
         condition_dim = (text_dim if text_conditioning else 0) + (image_dim if image_conditioning else 0)
         self.heads = nn.ModuleList(
-            DiscriminatorHead(channels, condition_dim, projection_dim, kernel_size, virtual_batch_size)
+            DiscriminatorHead(channels, condition_dim, projection_dim, kernel_size, virtual_batch_size, spectral_norm)
             for _ in self.layers
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -197,4 +207,5 @@ def build_discriminator(config, text_dim: int, dtype: torch.dtype = torch.float3
         projection_dim=config.projection_dim, kernel_size=config.kernel_size,
         virtual_batch_size=config.virtual_batch_size, text_conditioning=config.text_conditioning,
         image_conditioning=config.image_conditioning, input_size=config.input_size, image_encoder=image_encoder,
+        spectral_norm=config.spectral_norm,
     )

@@ -33,22 +33,30 @@ PAPER_TOKENS = 257
 
 
 def r1_penalty(head_outputs: Sequence[torch.Tensor], head_inputs: Sequence[torch.Tensor],
-               reference_tokens: int = PAPER_TOKENS) -> torch.Tensor:
-    """R1 = sum_k (reference_tokens / L_k) * E_batch[ ||d(sum_t D_k,t) / dF_k||^2 ] / 2, the gradient of each head's
-    token logits w.r.t. its own input features F_k (not the pixels, not the parameters).
+               reference_tokens: int = PAPER_TOKENS, normalise: bool = True, create_graph: bool = True) -> torch.Tensor:
+    """R1 = sum_k (reference_tokens / L_k) * E_batch[ s_k^2 ||d(sum_t D_k,t) / dF_k||^2 ] / 2: the gradient of each
+    head's summed token logits w.r.t. its own input features F_k (not the pixels, not the parameters).
 
-    The convention: StyleGAN2-ADA's R1 (the reference implementation by the paper's authors; StyleGAN-T's code has
-    no R1) differentiates the sum of the logits and weights the squared norm by gamma/2. Summed over L tokens, that
-    norm grows with L (each token's features feed about one token's logit), so the same gamma would mean another
-    strength at another feature-network input size; the factor reference_tokens / L_k makes it a per-token
-    average scaled to the paper's 257 tokens. So gamma = 1e-5 is StyleGAN2-ADA's penalty exactly in the paper's
-    setting and the same per-token strength at any other. `head_outputs[k]` is (B, L_k); `head_inputs[k]` must
-    require grad and be the tensor head k consumed; the graph is kept so the penalty can be differentiated."""
+    Two choices decide what gamma means, and both are stated here (docs/method.md has the measurements):
+    - Tokens: StyleGAN2-ADA's convention (gamma/2 on the squared gradient norm of the summed logits) grows with the
+      L tokens a head reads; reference_tokens / L_k makes it a per-token average scaled to the paper's 257
+      (DINOv2 ViT-S/14 at 224^2), the same strength at any input size.
+    - Feature scale (`normalise`, s_k = the root mean square of the sample's features F_k, detached): the heads
+      normalise their input (local batch norm), so their output barely changes when the features are scaled by c
+      and the raw gradient shrinks by 1/c. DINOv2's hidden states at pretrained magnitude are far larger than a
+      random-init ViT's, which made the raw penalty 1e-4 or less of the hinge loss at the paper's gamma: inert.
+      Taken w.r.t. F_k / s_k, the penalty does not depend on the feature network's scale, so one gamma means the
+      same on the demo's small ViT and on DINOv2 at 512^2. normalise=False is the raw convention.
+    `head_outputs[k]` is (B, L_k); `head_inputs[k]` must require grad and be the tensor head k consumed; with
+    `create_graph` the graph is kept so the penalty can be differentiated (training), without it only measured."""
     total = head_outputs[0].new_zeros(())
     for output, features in zip(head_outputs, head_inputs):
-        (gradient,) = torch.autograd.grad(output.sum(), features, create_graph=True)
+        (gradient,) = torch.autograd.grad(output.sum(), features, create_graph=create_graph, retain_graph=True)
         tokens = output.shape[1] if output.ndim > 1 else 1
-        total = total + gradient.pow(2).flatten(1).sum(1).mean() * (reference_tokens / tokens) / 2
+        squared = gradient.pow(2).flatten(1).sum(1)
+        if normalise:
+            squared = squared * features.detach().float().pow(2).flatten(1).mean(1)
+        total = total + squared.mean() * (reference_tokens / tokens) / 2
     return total
 
 

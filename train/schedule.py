@@ -179,6 +179,24 @@ class TrainingNoise:
     simulation_noise: torch.Tensor
 
 
+def stream_groups(streams: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, stream) of each run of rows from one data stream."""
+    groups, start = [], 0
+    while start < len(streams):
+        end = start
+        while end < len(streams) and streams[end] == streams[start]:
+            end += 1
+        groups.append((start, end, streams[start]))
+        start = end
+    return groups
+
+
+def step_generator(seed: int, step: int, stream: int, purpose: int) -> torch.Generator:
+    """A CPU generator for one (seed, step, stream, purpose): the same draw on any rank layout and after a resume."""
+    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + stream * 0xC2B2AE3D + purpose * 0x27D4EB2F + 7) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
 def draw_training_noise(seed: int, step: int, streams: list[int], latent_shape: tuple[int, ...],
                         num_student_timesteps: int, t_min: int, t_max: int,
                         timestep_weights: Sequence[float] = ()) -> TrainingNoise:

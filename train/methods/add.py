@@ -18,6 +18,8 @@ from addpipe.devices import autocast
 from addpipe.train import distributed, losses
 from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
+from addpipe.train.augment import augment, draw, parse_policy
+from addpipe.train.diagnostics import gradient_norms, log_window_ends
 from addpipe.train.discriminator import build_discriminator
 from addpipe.train.export import export_lora_student, export_student
 from addpipe.train.memory import plan_add
@@ -57,7 +59,13 @@ class StepInputs:
 class StepState:
     inputs: StepInputs
     noise: Any
+    step: int = 0
+    measure: bool = False  # the last step of a log window: measure each term's gradient norm (log.term_norms)
     fake_pixels: Optional[torch.Tensor] = None  # the generator phase's decoded fakes, detached, for the discriminator
+
+
+REAL, FAKE = 11, 12
+"""Purposes of the (seed, step, stream) draws of the discriminator's augmentations of real and generated images."""
 
 
 class ADD(Method):
@@ -164,7 +172,16 @@ class ADD(Method):
         noise = draw_training_noise(self.config.seed, step, inputs.streams, self.latent_shape, len(self.timesteps),
                                     self.config.distill.t_min, self.config.distill.t_max, self.config.student.timestep_weights)
         report("data/precomputed_batches", self.precomputed_batches)
-        return StepState(self.blind_image_condition(self.simulate(inputs, noise), noise), noise)
+        measure = self.config.log.term_norms and log_window_ends(step, self.config.log.every, self.config.steps)
+        return StepState(self.blind_image_condition(self.simulate(inputs, noise), noise), noise, step, measure)
+
+    def augmented(self, images: torch.Tensor, state: StepState, purpose: int) -> torch.Tensor:
+        """The discriminator's view of `images`: DiffAugment as discriminator.augment says, drawn per sample from
+        (seed, step, stream)."""
+        policies = parse_policy(self.config.discriminator.augment)
+        if not policies:
+            return images
+        return augment(images, policies, draw(self.config.seed, state.step, state.inputs.streams, purpose))
 
     @torch.no_grad()
     def prepare(self, batch: Batch) -> StepInputs:
@@ -286,8 +303,8 @@ class ADD(Method):
             if cfg.adversarial:
                 # The bare heads, not the engine: under ZeRO-1/2 the engine's forward must not see this pass.
                 discriminator = self.discriminator.module
-                logits = discriminator(discriminator.features(fake_pixels), self.text_condition(inputs),
-                                       inputs.source_embedding)
+                logits = discriminator(discriminator.features(self.augmented(fake_pixels, state, FAKE)),
+                                       self.text_condition(inputs), inputs.source_embedding)
                 terms["loss/generator_adversarial"] = losses.generator_adversarial_loss(logits)
                 total = total + terms["loss/generator_adversarial"]
             if cfg.distillation:
@@ -300,6 +317,12 @@ class ADD(Method):
                 else:
                     terms["loss/distillation"] = losses.distillation_loss(x0, target, weight)
                 total = total + cfg.weight * terms["loss/distillation"]
+        weighted = {"generator_adversarial": terms.get("loss/generator_adversarial"),
+                    "distillation": cfg.weight * terms["loss/distillation"] if cfg.distillation else None}
+        weighted = {name: value for name, value in weighted.items() if value is not None}
+        terms.update({f"loss_weighted/{name}": value.detach() for name, value in weighted.items()})
+        if state.measure:  # what each term pushes on the student's x0, in the same units
+            terms.update({f"grad_norm/{name}": norm for name, norm in gradient_norms(weighted, x0).items()})
         terms["loss/generator_total"] = total
         state.fake_pixels = None if fake_pixels is None else fake_pixels.detach()
         return terms
@@ -307,8 +330,8 @@ class ADD(Method):
     def discriminator_terms(self, state: StepState) -> dict[str, torch.Tensor]:
         inputs, module = state.inputs, self.discriminator.module
         with torch.no_grad():
-            real_features = module.features(inputs.pixels)
-            fake_features = module.features(state.fake_pixels)
+            real_features = module.features(self.augmented(inputs.pixels, state, REAL))
+            fake_features = module.features(self.augmented(state.fake_pixels, state, FAKE))
         real_inputs = [f.detach().requires_grad_(True) for f in real_features]
         text = self.text_condition(inputs)
         # The bare heads, not the engine: the engine hooks its outputs to start gradient reduction on any
@@ -316,12 +339,29 @@ class ADD(Method):
         real_logits = module(real_inputs, text, inputs.image_embedding)
         fake_logits = module(fake_features, text, inputs.source_embedding)
         hinge = losses.discriminator_hinge_loss(real_logits, fake_logits)
-        gamma = self.config.discriminator.r1_gamma
-        r1 = losses.r1_penalty(real_logits, real_inputs) if gamma > 0 else real_logits[0].new_zeros(())
-        return {"loss/discriminator_total": hinge["real"] + hinge["fake"] + gamma * r1,
-                "loss/discriminator_real": hinge["real"], "loss/discriminator_fake": hinge["fake"], "loss/r1": r1,
-                "logits/real": torch.stack([l.mean() for l in real_logits]).sum().detach(),
-                "logits/fake": torch.stack([l.mean() for l in fake_logits]).sum().detach()}
+        gamma, normalise = self.config.discriminator.r1_gamma, self.config.discriminator.r1_normalise
+        measure_r1 = gamma > 0 or state.measure
+        r1 = (losses.r1_penalty(real_logits, real_inputs, normalise=normalise, create_graph=gamma > 0) if measure_r1
+              else real_logits[0].new_zeros(()))
+        terms = {"loss/discriminator_total": hinge["real"] + hinge["fake"] + gamma * r1,
+                 "loss/discriminator_real": hinge["real"], "loss/discriminator_fake": hinge["fake"], "loss/r1": r1.detach(),
+                 "loss_weighted/r1": (gamma * r1).detach(),
+                 "loss_weighted/r1_share": (gamma * r1 / (hinge["real"] + hinge["fake"]).clamp(min=1e-12)).detach(),
+                 "logits/real": torch.stack([l.mean() for l in real_logits]).sum().detach(),
+                 "logits/fake": torch.stack([l.mean() for l in fake_logits]).sum().detach()}
+        if state.measure:
+            # The heads' gradient at their input features, in R1's units (R1 = norm^2 / 2), on real and on generated
+            # features: how sharply the heads react where R1 acts, and where it does not.
+            fake_inputs = [f.detach().requires_grad_(True) for f in fake_features]
+            module.eval()  # no power-iteration step of the spectral norm: measuring must not change training
+            try:
+                fake_r1 = losses.r1_penalty(module(fake_inputs, text, inputs.source_embedding), fake_inputs,
+                                            normalise=normalise, create_graph=False)
+            finally:
+                module.train()
+            terms["grad_norm/heads_at_real_features"] = (2 * r1.detach()).sqrt()
+            terms["grad_norm/heads_at_fake_features"] = (2 * fake_r1).sqrt()
+        return terms
 
     # ---- outputs ----------------------------------------------------------------------------------------
     def sample_grid(self, path: Path, step: int) -> Optional[Path]:

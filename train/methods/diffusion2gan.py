@@ -26,6 +26,7 @@ from addpipe.devices import autocast
 from addpipe.train import distributed, losses
 from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
+from addpipe.train.diagnostics import gradient_norms, log_window_ends
 from addpipe.train.export import export_student
 from addpipe.train.latent_lpips import LatentLPIPS
 from addpipe.train.memory import plan_diffusion2gan
@@ -33,7 +34,7 @@ from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import ModelLoadError, TextConditioning, load_teacher, make_student, sdxl_time_ids
 from addpipe.train.sampling import generate, save_grid
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_x0, schedule_from_config,
-                                    student_parameterisation, warmup_factor)
+                                    step_generator, stream_groups, student_parameterisation, warmup_factor)
 from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
 
 
@@ -47,25 +48,8 @@ class PairStep:
     t: torch.Tensor                # the discriminator's timestep per sample
     diffusion_noise: torch.Tensor  # what both real and generated latents are noised with
     step: int                      # the training step (the ensemble's augmentations are drawn from it)
+    measure: bool = False          # the last step of a log window: measure each term's gradient norm (log.term_norms)
     fake: Optional[torch.Tensor] = None  # the generator phase's output, detached, for the discriminator phase
-
-
-def stream_groups(streams: list[int]) -> list[tuple[int, int, int]]:
-    """(start, end, stream) of each run of rows from one data stream."""
-    groups, start = [], 0
-    while start < len(streams):
-        end = start
-        while end < len(streams) and streams[end] == streams[start]:
-            end += 1
-        groups.append((start, end, streams[start]))
-        start = end
-    return groups
-
-
-def step_generator(seed: int, step: int, stream: int, purpose: int) -> torch.Generator:
-    """A CPU generator for one (seed, step, stream, purpose): the same draw on any rank layout and after a resume."""
-    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + stream * 0xC2B2AE3D + purpose * 0x27D4EB2F + 7) % (2**63 - 1)
-    return torch.Generator().manual_seed(mixed)
 
 
 class Diffusion2GAN(Method):
@@ -148,7 +132,8 @@ class Diffusion2GAN(Method):
                                      resolution).to(self.device)
         return PairStep(batch.noise.to(self.device), batch.latents.to(self.device),
                         TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device)),
-                        time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device), step)
+                        time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device), step,
+                        self.config.log.term_norms and log_window_ends(step, self.config.log.every, self.config.steps))
 
     def diffuse(self, latents: torch.Tensor, state: PairStep) -> torch.Tensor:
         alpha, sigma = self.discriminator_schedule.at(state.t, latents.ndim)
@@ -189,6 +174,12 @@ class Diffusion2GAN(Method):
                 terms["loss/generator_adversarial"] = losses.nonsaturating_generator_loss(
                     self.discriminate(self.diffuse(fake.float(), state), state, state.conditioning))
                 total = total + d2g.gan_weight * terms["loss/generator_adversarial"]
+        weighted = {"lpips": d2g.lpips_weight * terms["loss/lpips"]}
+        if d2g.adversarial:
+            weighted["generator_adversarial"] = d2g.gan_weight * terms["loss/generator_adversarial"]
+        terms.update({f"loss_weighted/{name}": value.detach() for name, value in weighted.items()})
+        if state.measure:  # what each term pushes on the generator's output, in the same units
+            terms.update({f"grad_norm/{name}": norm for name, norm in gradient_norms(weighted, fake).items()})
         terms["loss/generator_total"] = total
         state.fake = fake.detach().float()
         return terms
@@ -211,7 +202,12 @@ class Diffusion2GAN(Method):
                 terms["loss/discriminator_mismatch"] = losses.nonsaturating_fake_loss([l[keep] for l in logits])
                 total = total + d2g.text_mismatch_weight * terms["loss/discriminator_mismatch"]
         r1 = losses.input_r1_penalty(real, real_input) if d2g.r1_gamma > 0 else total.new_zeros(())
-        terms.update({"loss/r1": r1, "loss/discriminator_total": total + d2g.r1_gamma * r1,
+        if "loss/discriminator_mismatch" in terms:
+            terms["loss_weighted/discriminator_mismatch"] = (d2g.text_mismatch_weight
+                                                             * terms["loss/discriminator_mismatch"]).detach()
+        terms.update({"loss/r1": r1, "loss_weighted/r1": (d2g.r1_gamma * r1).detach(),
+                      "loss_weighted/r1_share": (d2g.r1_gamma * r1 / (real_term + fake_term).clamp(min=1e-12)).detach(),
+                      "loss/discriminator_total": total + d2g.r1_gamma * r1,
                       "logits/real": torch.stack([l.mean() for l in real]).mean().detach(),
                       "logits/fake": torch.stack([l.mean() for l in fake]).mean().detach()})
         return terms
