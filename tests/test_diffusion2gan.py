@@ -127,6 +127,11 @@ def test_training_runs_both_phases_and_a_resume_equals_the_uninterrupted_run(tin
                      "loss/r1"):
             assert a[term] == pytest.approx(b[term], rel=1e-5, abs=1e-7), term
     assert all(m["loss/r1"] > 0 and m["loss/lpips"] > 0 for m in whole)
+    # each weighted term and the gradient it sends to the generator's output (log.every 1: every step is measured)
+    for m in whole:
+        assert m["grad_norm/lpips"] > 0 and m["grad_norm/generator_adversarial"] > 0
+        assert m["loss_weighted/generator_adversarial"] == pytest.approx(0.05 * m["loss/generator_adversarial"], rel=1e-6)
+        assert m["loss_weighted/r1"] == pytest.approx(m["loss/r1"], rel=1e-6)  # d2g.r1_gamma 1
     a, b = unet_weights(tmp_path / "whole" / "student"), unet_weights(tmp_path / "split" / "student")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -42,8 +42,11 @@ def unet_weights(student_dir):
 def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino, digit_shards, tmp_path):
     teacher = request.getfixturevalue(f"tiny_{architecture}")
     run = tmp_path / "run"
-    cli("train", "-c", str(TINY_CONFIG), "--zero", "2",
-        *tiny_overrides(teacher, tiny_dino, digit_shards, run, steps=3, **{"log.sample_every": 2}))
+    result = cli("train", "-c", str(TINY_CONFIG), "--zero", "2",
+                 *tiny_overrides(teacher, tiny_dino, digit_shards, run, steps=3, **{"log.sample_every": 2,
+                                                                                  "log.progress": "true"}))
+    # not a terminal (a batch job's log): plain progress lines, no progress bar's carriage returns
+    assert "\r" not in result.stderr and "ADD step 3/3: " in result.stderr, result.stderr[-2000:]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
     for term in LOSS_TERMS:
@@ -417,3 +420,67 @@ def test_bad_inputs_are_clear_errors(tiny_sd, tiny_dino, digit_shards, tmp_path)
                         check=False)
     assert missing_shard.returncode == 2 and "4 of 12 shards are missing" in missing_shard.stderr
     assert "00011.tar" in missing_shard.stderr
+
+
+def test_the_log_holds_each_terms_weighted_value_and_gradient_norm_and_measuring_changes_nothing(
+        tiny_sd, tiny_dino, digit_shards, tmp_path):
+    """On the last step of a log window the generator phase reports, for each weighted term, the norm of its gradient
+    at the student's x0: equal to the same terms computed by hand on that batch. The discriminator phase reports
+    gamma * R1 and its share of the hinge. Measuring (log.term_norms) leaves the trained weights bit for bit alone."""
+    from addpipe.train import losses
+    from addpipe.train.loop import Trainer, train
+    from addpipe.train.methods.add import FAKE
+    from addpipe.train.models import vae_decode
+    from addpipe.train.schedule import add_noise, predicted_x0
+
+    def config(run, **extra):
+        return load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=2, **{
+            "engine.zero": 0, "log.every": 2, **extra}))
+
+    trainer = Trainer(config(tmp_path / "by_hand"))
+    method = trainer.method
+    assert method.config.discriminator.spectral_norm and method.config.discriminator.augment  # the defaults
+    method.discriminator.module.eval()  # no power-iteration step between the two computations below
+    state = method.begin_step(next(trainer.data), 1)
+    assert state.measure and not method.begin_step(next(trainer.data), 0).measure  # the window's last step only
+    terms = method.generator_terms(state)
+
+    inputs, noise = state.inputs, state.noise
+    timesteps = torch.tensor(method.timesteps)[noise.student_index]
+    alpha, sigma = method.student_schedule.at(timesteps, 4)
+    x_s = add_noise(inputs.sources, noise.noise, alpha, sigma)
+    output = method.student.module(x_s, timesteps, **inputs.conditioning.unet_kwargs(inputs.time_ids), return_dict=False)[0]
+    x0 = predicted_x0(output, x_s, alpha, sigma, method.student_schedule.prediction_type)
+    fake = vae_decode(method.teacher, x0)
+    heads = method.discriminator.module
+    adversarial = losses.generator_adversarial_loss(heads(heads.features(method.augmented(fake, state, FAKE)),
+                                                          method.text_condition(inputs), inputs.source_embedding))
+    target, weight = method.teacher_target(x0, inputs, noise.teacher_t, noise.teacher_noise)
+    with torch.no_grad():
+        target = vae_decode(method.teacher, target)
+    distillation = 2.5 * losses.distillation_loss(fake, target, weight)
+    by_hand = {name: torch.autograd.grad(term, x0, retain_graph=True)[0].norm()
+               for name, term in (("generator_adversarial", adversarial), ("distillation", distillation))}
+    torch.testing.assert_close(terms["loss/generator_adversarial"], adversarial, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_weighted/distillation"], distillation.detach(), rtol=1e-5, atol=1e-8)
+    for name, norm in by_hand.items():
+        assert norm > 0
+        torch.testing.assert_close(terms[f"grad_norm/{name}"], norm, rtol=1e-4, atol=1e-9)
+
+    found = method.discriminator_terms(state)
+    gamma = method.config.discriminator.r1_gamma
+    torch.testing.assert_close(found["loss_weighted/r1"], gamma * found["loss/r1"])
+    hinge = found["loss/discriminator_real"] + found["loss/discriminator_fake"]
+    torch.testing.assert_close(found["loss_weighted/r1_share"], (gamma * found["loss/r1"] / hinge).detach())
+    torch.testing.assert_close(found["grad_norm/heads_at_real_features"], (2 * found["loss/r1"]).sqrt())
+    assert found["grad_norm/heads_at_fake_features"] > 0
+    trainer.close()
+
+    train(config(tmp_path / "measured"))
+    train(config(tmp_path / "plain", **{"log.term_norms": "false"}))
+    lines = [json.loads(line) for line in (tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()]
+    assert {"grad_norm/distillation", "grad_norm/generator_adversarial", "loss_weighted/r1"} <= set(lines[-1])
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(key.startswith("grad_norm/") for key in plain[-1])
+    a, b = unet_weights(tmp_path / "measured" / "student"), unet_weights(tmp_path / "plain" / "student")
+    assert all(torch.equal(a[key], b[key]) for key in a)

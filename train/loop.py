@@ -173,12 +173,13 @@ class Trainer:
         signal, the run checkpoints at the end of the current step and raises Preempted."""
         config = self.config
         use(self.reporter)
-        progress_every_step = sys.stderr.isatty()
+        # A terminal gets a bar; a batch job's log file gets a plain line every half minute (a bar's carriage returns
+        # make one endless line there).
+        terminal = sys.stderr.isatty()
+        shown = distributed.is_main() and config.log.progress
         progress = tqdm(total=config.steps, initial=self.step, desc=self.method.name.upper(), dynamic_ncols=True,
-                        disable=not (distributed.is_main() and config.log.progress),
-                        # into a batch job's log file: a line every half minute, not one per step
-                        mininterval=0.1 if progress_every_step else 30)
-        window_started, window_images = time.perf_counter(), 0
+                        disable=not (shown and terminal))
+        window_started, window_images, last_line = time.perf_counter(), 0, 0.0
         try:
             while self.step < config.steps:
                 if stop is not None and stop.agreed():
@@ -197,8 +198,12 @@ class Trainer:
                     report("perf/images_per_second", window_images / (now - window_started))
                     window_started, window_images = now, 0
                     means = self.reporter.flush(self.step, self.device)
-                    progress.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")},
-                                         refresh=progress_every_step)
+                    losses = {k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")}
+                    progress.set_postfix(losses)
+                    if shown and not terminal and (now - last_line >= 30 or self.step == config.steps):
+                        last_line = now
+                        logger.info("%s step %d/%d: %s", self.method.name.upper(), self.step, config.steps,
+                                    ", ".join(f"{k} {v}" for k, v in losses.items()))
                 progress.update(1)
                 if config.log.sample_every and self.step % config.log.sample_every == 0:
                     self.sample_grid()
