@@ -98,7 +98,9 @@ class EmbedConfig:
     model_config: Optional[str] = None
     """An open_clip model-config JSON to register first (for architectures open_clip does not ship)."""
     batch_size: int = 64
-    """Images (and captions) per forward pass."""
+    """Images (and captions) per forward pass on a GPU. On the CPU every forward takes exactly 8 (the last chunk of a
+    shard padded), so scores do not depend on batch boundaries, resume points or threads (dataprep/clip.py); there
+    this is only how many images are decoded per call."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
