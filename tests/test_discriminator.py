@@ -124,3 +124,26 @@ def test_c_text_can_come_from_a_separate_clip_text_encoder(tiny_sd, tiny_sdxl, t
         Trainer(load(TrainConfig, TINY_CONFIG, tiny_overrides(
             tiny_sd, tiny_dino, digit_shards, tmp_path / "bad", steps=1,
             **{"discriminator.text_encoder": str(tmp_path / "no_such_clip")})))
+
+
+def test_spectral_norm_holds_each_heads_largest_singular_value_at_one_and_keeps_no_state():
+    """The heads' convolutions (discriminator.spectral_norm) have spectral norm 1 as matrices (out, in x kernel),
+    gradients reach the raw weights, and nothing but the trained parameters is state (a resume restores it all)."""
+    from addpipe.train.discriminator import DiscriminatorHead
+
+    torch.manual_seed(0)
+    head = DiscriminatorHead(24, 8, 16, 9, virtual_batch_size=4, spectral_norm=True)
+    convolutions = [head.stem[0], head.residual[0], head.to_logits]
+    for conv in convolutions:
+        with torch.no_grad():
+            conv.parametrizations.weight.original.mul_(5.0)  # whatever scale the raw weights have
+        raw = torch.linalg.matrix_norm(conv.parametrizations.weight.original.detach().flatten(1), ord=2)
+        singular = torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2)
+        assert raw > 3 and singular.item() == pytest.approx(1.0, rel=2e-3)
+    assert not list(head.buffers())
+    out = head(torch.randn(8, 24, 10), torch.randn(8, 8))
+    out.sum().backward()
+    assert all(conv.parametrizations.weight.original.grad.abs().sum() > 0 for conv in convolutions)
+    plain = DiscriminatorHead(24, 8, 16, 9, virtual_batch_size=4)
+    assert {n.replace(".parametrizations.weight.original", ".weight") for n, _ in head.named_parameters()} == \
+        {n for n, _ in plain.named_parameters()}

@@ -440,7 +440,6 @@ def test_the_log_holds_each_terms_weighted_value_and_gradient_norm_and_measuring
     trainer = Trainer(config(tmp_path / "by_hand"))
     method = trainer.method
     assert method.config.discriminator.spectral_norm and method.config.discriminator.augment  # the defaults
-    method.discriminator.module.eval()  # no power-iteration step between the two computations below
     state = method.begin_step(next(trainer.data), 1)
     assert state.measure and not method.begin_step(next(trainer.data), 0).measure  # the window's last step only
     terms = method.generator_terms(state)

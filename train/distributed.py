@@ -149,18 +149,22 @@ def native_build_lock(cache: Path, report_every: float = 30.0):
                 time.sleep(0.2)
         if reported is not None:
             logger.info("the build lock of %s is free after %.0f s", cache, time.monotonic() - started)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"host {socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')} since "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        handle.flush()
+        try:  # who holds it, for whoever waits: informational, so a full disk or a file-size limit must not stop us
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"host {socket.gethostname()} pid {os.getpid()} rank {os.environ.get('RANK', '0')} since "
+                         f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            handle.flush()
+        except OSError:
+            pass
         for stale in cache.glob("*/lock"):
             describe_torch_lock(stale, cache)
         try:
             yield
         finally:
-            handle.seek(0)
-            handle.truncate()
+            with contextlib.suppress(OSError):
+                handle.seek(0)
+                handle.truncate()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

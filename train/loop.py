@@ -52,12 +52,13 @@ class Trainer:
         self.config = config
         distributed.prepare_environment()
         logs.configure(int(os.environ["RANK"]))
+        self.run_dir = Path(config.run_dir)
+        # One trainer per run directory, checked before anything is built, loaded or written (rank 0, from RANK);
+        # held until the process ends.
+        self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
         self.device = distributed.initialize(config.engine)
         self.dtype = resolve_precision(config.engine.precision, self.device)
         allow_tf32(self.device)
-        self.run_dir = Path(config.run_dir)
-        # One trainer per run directory, checked before anything is loaded or written; held until the process ends.
-        self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
         distributed.barrier()
         torch.manual_seed(config.seed)  # identical initialisation of new parameters on every rank
 

@@ -353,12 +353,8 @@ class ADD(Method):
             # The heads' gradient at their input features, in R1's units (R1 = norm^2 / 2), on real and on generated
             # features: how sharply the heads react where R1 acts, and where it does not.
             fake_inputs = [f.detach().requires_grad_(True) for f in fake_features]
-            module.eval()  # no power-iteration step of the spectral norm: measuring must not change training
-            try:
-                fake_r1 = losses.r1_penalty(module(fake_inputs, text, inputs.source_embedding), fake_inputs,
-                                            normalise=normalise, create_graph=False)
-            finally:
-                module.train()
+            fake_r1 = losses.r1_penalty(module(fake_inputs, text, inputs.source_embedding), fake_inputs,
+                                        normalise=normalise, create_graph=False)
             terms["grad_norm/heads_at_real_features"] = (2 * r1.detach()).sqrt()
             terms["grad_norm/heads_at_fake_features"] = (2 * fake_r1).sqrt()
         return terms
