@@ -147,3 +147,42 @@ def test_spectral_norm_holds_each_heads_largest_singular_value_at_one_and_keeps_
     plain = DiscriminatorHead(24, 8, 16, 9, virtual_batch_size=4)
     assert {n.replace(".parametrizations.weight.original", ".weight") for n, _ in head.named_parameters()} == \
         {n for n, _ in plain.named_parameters()}
+
+
+def test_diffaugment_is_a_function_of_seed_step_and_stream_and_lets_gradients_through():
+    """discriminator.augment: the same draws for a sample whatever rank holds it and after a resume; translation
+    moves the image by whole pixels with zero fill, cutout zeroes a half-size square, colour is affine per sample."""
+    from addpipe.train.augment import augment, draw, parse_policy
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    whole = draw(7, 3, [0, 0, 5, 5], purpose=12)
+    split = torch.cat([draw(7, 3, [0, 0], 12).values, draw(7, 3, [5, 5], 12).values])
+    assert torch.equal(whole.values, split)  # two ranks draw what one does
+    assert not torch.equal(whole.values, draw(7, 4, [0, 0, 5, 5], 12).values)  # another step, other draws
+
+    shifted = augment(images, ("translation",), whole)
+    moved = 0
+    for i in range(4):  # each output is the input shifted by whole pixels, zero filled
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                expected = torch.zeros_like(images[i])
+                ys, yd = slice(max(0, dy), 16 + min(0, dy)), slice(max(0, -dy), 16 + min(0, -dy))
+                xs, xd = slice(max(0, dx), 16 + min(0, dx)), slice(max(0, -dx), 16 + min(0, -dx))
+                expected[:, yd, xd] = images[i][:, ys, xs]
+                if torch.equal(shifted[i], expected):
+                    found, moved = True, moved + int((dy, dx) != (0, 0))
+        assert found
+    assert moved >= 1
+    cut = augment(images, ("cutout",), whole)
+    zeroed = (cut == 0).all(dim=1)
+    assert all(zeroed[i].sum() > 0 and zeroed[i].sum() <= 64 for i in range(4))  # at most an 8 x 8 square
+    coloured = augment(images, ("color",), whole)
+    assert not torch.allclose(coloured, images)
+
+    x = images.clone().requires_grad_(True)
+    augment(x, parse_policy("color,translation,cutout"), whole).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown flips"):
+        parse_policy("color,flips")
