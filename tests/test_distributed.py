@@ -43,7 +43,9 @@ def layout(processes):
     return {"data.batch_size": 4 // processes, "data.num_workers": 2 // processes}
 
 
-COMMON = {"discriminator.virtual_batch_size": 2, "student.backward_simulation": 0.5, "log.every": 1}
+# The plain-PyTorch reference (dist_worker.py) builds heads without spectral norm: compare like with like.
+COMMON = {"discriminator.virtual_batch_size": 2, "student.backward_simulation": 0.5, "log.every": 1,
+          "discriminator.spectral_norm": "false"}
 
 
 def metrics(run):
