@@ -9,6 +9,7 @@ multiprocessing distributor uses the spawn start method, so the caller must be a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -61,6 +62,24 @@ def spark_session(config: DownloadConfig) -> Iterator[None]:
         spark.stop()
 
 
+@contextlib.contextmanager
+def quiet_bar_off_terminal() -> Iterator[None]:
+    """img2dataset's own bar (its multiprocessing distributor's tqdm, in this process) drawn only on a terminal.
+
+    In a SLURM log its carriage returns make one endless line; off a terminal img2dataset's logger process still
+    prints its periodic plain "worker - success: ..." lines, and prep logs each stage it finishes.
+    """
+    import img2dataset.distributor as distributor
+    from tqdm import tqdm
+
+    original = distributor.tqdm
+    distributor.tqdm = functools.partial(tqdm, disable=None)  # None: off when stderr is not a terminal
+    try:
+        yield
+    finally:
+        distributor.tqdm = original
+
+
 def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: DownloadConfig, download_dir: Path) -> list[int]:
     """Run img2dataset over the normalised table unless every shard is already finished; -> shard ids."""
     expected = list(range(shard_count(rows, config)))
@@ -80,7 +99,7 @@ def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: 
     from addpipe.dataprep.fetch import Guard, guarded_img2dataset
 
     guard = Guard(tuple(config.allowed_schemes), tuple(config.allowed_networks))
-    with spark_session(config), guarded_img2dataset(guard):
+    with spark_session(config), guarded_img2dataset(guard), quiet_bar_off_terminal():
         img2dataset_download(
             url_list=str(urls_parquet),
             input_format="parquet",

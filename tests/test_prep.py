@@ -70,7 +70,7 @@ def curated(tmp_path_factory):
         out = root / "curated"
         result = addpipe("prep", "--urls", str(root / "laion.parquet"), "--out", str(out), *settings)
         yield {"root": root, "out": out, "rows": rows, "settings": settings, "tiny": tiny, "aesthetic": aesthetic,
-               "stdout": result.stdout, "server": server}
+               "stdout": result.stdout, "stderr": result.stderr, "server": server}
 
 
 def decisions(out: Path) -> pd.DataFrame:
@@ -100,6 +100,13 @@ def test_every_input_row_is_accounted_for_with_its_reason(curated):
     for path in report["plots"].values():
         with Image.open(curated["out"] / path) as image:
             assert image.format == "PNG" and image.width > 100
+
+
+def test_off_a_terminal_progress_is_plain_lines(curated):
+    """A SLURM log is not a terminal: img2dataset's bar would write carriage returns there (one endless line)."""
+    log = curated["stdout"] + curated["stderr"]
+    assert "\r" not in log
+    assert "Starting the downloading" in log  # img2dataset's own plain lines still reach the log
 
 
 def test_urls_with_other_schemes_are_refused_counted_and_never_read(curated):
@@ -426,6 +433,8 @@ def test_slurm_prep_with_a_requeued_embed_task_equals_a_local_run(curated, dedup
     assert slurm.wait_job(merged, 900) == "COMPLETED", "\n".join(p.read_text()[-3000:] for p in (root / "slurm-logs").glob("*.out"))
     assert int(slurm.job_field(task, "Restarts") or 0) >= 1
     _same_output(out, curated["out"])
+    logs = {p.name: p.read_text() for p in (root / "slurm-logs").glob("*.out")}
+    assert logs and not [name for name, text in logs.items() if "\r" in text], "a progress bar reached a SLURM log"
 
 
 @pytest.mark.cluster
