@@ -129,7 +129,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 
 def build(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass `cls` from a plain mapping, rejecting unknown keys with the list of valid ones."""
+    """Build dataclass `cls` from a plain mapping, rejecting unknown keys with the list of valid ones.
+
+    A tree whose shape depends on one of its own values (the training config grows the sections of the method it
+    names) says so with a classmethod `variant(data) -> the class to build`."""
+    variant = getattr(cls, "variant", None)
+    if variant is not None:
+        try:
+            cls = variant(data)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(str(error)) from error
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:

@@ -58,7 +58,7 @@ class SyncCounter:
         for frame in traceback.extract_stack()[:-2]:
             if "/torch/optim/" in frame.filename:
                 return True
-            if frame.filename.endswith("train/methods/add.py") and frame.name == "simulate":
+            if frame.filename.endswith("train/methods/add/method.py") and frame.name == "simulate":
                 return True
         return False
 

@@ -39,7 +39,7 @@ def images_from_shards(demo: Path, count: int) -> torch.Tensor:
 
 def measure(feature_network, images, fakes, gammas, scale: float, heads: int = 5, input_size: int = 224) -> dict:
     from addpipe.train import losses
-    from addpipe.train.discriminator import Discriminator, evenly_spaced_layers
+    from addpipe.train.methods.add.discriminator import Discriminator, evenly_spaced_layers
 
     torch.manual_seed(0)
     layers = evenly_spaced_layers(feature_network.config.num_hidden_layers,

@@ -72,7 +72,7 @@ def train(
 
     SIGUSR1 or SIGTERM: every rank finishes its step, a checkpoint is written and the command exits with status 75
     (slurm/train.sbatch requeues the job on it; --resume continues)."""
-    from addpipe.config import load, to_yaml
+    from addpipe.config import load
     from addpipe.train.config import TrainConfig
 
     extra = list(overrides or [])
@@ -86,33 +86,12 @@ def train(
         extra.append(f"run_dir={run_dir}")
     cfg = load(TrainConfig, config, extra)
     if dry_run:
-        from addpipe.train.plan import describe_plan
-
-        from addpipe.train.memory import plan_memory
-        from addpipe.train.models import ModelLoadError
+        from addpipe.train.plan import dry_run as describe_dry_run
 
         try:
-            plan = describe_plan(cfg)
-        except ValueError as error:  # an unknown method
+            typer.echo(describe_dry_run(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu_memory))
+        except ValueError as error:  # an unknown method, a world size below 1
             raise UserError(str(error)) from error
-        ranks = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        if ranks < 1:
-            raise UserError(f"--world-size must be at least 1, got {ranks}")
-        try:
-            note = ""
-            if cfg.model.gradient_checkpointing == "auto":
-                from addpipe.train.memory import decide_checkpointing
-
-                if gpu_memory:
-                    cfg.model.gradient_checkpointing, why = decide_checkpointing(cfg, ranks, gpu_memory)
-                    note = f"# model.gradient_checkpointing auto: {why}\n"
-                else:
-                    cfg.model.gradient_checkpointing = True
-                    note = "# model.gradient_checkpointing auto: planned with it on; --gpu-memory decides\n"
-            memory = note + plan_memory(cfg, ranks).describe(gpu_memory)
-        except (OSError, ValueError, ModelLoadError) as error:  # model configs not reachable (a hub id offline): the rest still helps
-            memory = f"# memory plan: not available: {str(error).strip().splitlines()[0]}\n"
-        typer.echo(to_yaml(cfg, with_docs=True) + "\n" + plan + memory)
         return
     from addpipe.train.loop import train as run_training
     from addpipe.train.preemption import REQUEUE_EXIT, Preempted
@@ -144,7 +123,7 @@ def pairs(
     split writes the same files; a rerun skips finished shards."""
     from addpipe.config import load
     from addpipe.train.config import TrainConfig
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     cfg = load(TrainConfig, config, list(overrides or []))
     task = task if task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))

@@ -60,9 +60,9 @@ def d2g_variants(pairs: Path, lpips: Path) -> dict[str, list[str]]:
 
 
 def latent_lpips(settings: DemoSettings, out: Path, shards: str, teacher: Path) -> Path:
-    """The LatentLPIPS Diffusion2GAN regresses with, trained on the curated data (train/perceptual.py)."""
+    """The LatentLPIPS Diffusion2GAN regresses with, trained on the curated data (train/methods/diffusion2gan/perceptual.py)."""
     from addpipe.pipeline.demo import FIELDS, done, mark_done
-    from addpipe.train.perceptual import train_latent_lpips
+    from addpipe.train.methods.diffusion2gan.perceptual import train_latent_lpips
 
     directory = out / "models" / "latent_lpips"
     if not done(directory):
@@ -81,7 +81,7 @@ def ode_pairs(settings: DemoSettings, out: Path, shards: str, teacher: Path) -> 
     from addpipe.pipeline.demo import done, mark_done
     from addpipe.shards import expand_shards, read_samples
     from addpipe.train.config import TrainConfig
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     directory = out / "pairs"
     cost_path = out / "pairs_cost.json"

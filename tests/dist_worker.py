@@ -84,7 +84,7 @@ class PlainBackend(Backend):
 def reference(config: TrainConfig) -> dict[str, Any]:
     """The ADD steps with no backend, no loop, no checkpoints: batch, phases, optimizer steps."""
     from addpipe.train.data import TrainingData
-    from addpipe.train.methods.add import ADD
+    from addpipe.train.methods.add.method import ADD
 
     torch.manual_seed(config.seed)
     method = ADD(config, torch.device("cpu"), torch.float32)

@@ -87,8 +87,8 @@ def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(la
     from transformers import Dinov2Model
 
     from addpipe.train.backbone import train_dinov2
-    from addpipe.train.config import DiscriminatorConfig
-    from addpipe.train.discriminator import build_discriminator
+    from addpipe.train.methods.add.config import DiscriminatorConfig
+    from addpipe.train.methods.add.discriminator import build_discriminator
 
     directory = train_dinov2(labelled_digits, tmp_path / "dino", FIELDS, steps=250, progress=False)
     info = json.loads((directory / "addpipe_backbone.json").read_text())

@@ -21,7 +21,7 @@ from test_train import clean_env, cli, unet_weights
 
 @pytest.fixture(scope="module")
 def pairs(tiny_sd, tmp_path_factory) -> Path:
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     root = tmp_path_factory.mktemp("d2g")
     (root / "prompts.txt").write_text("".join(f"a handwritten {i % 10} in red on a blue background\n" for i in range(48)))
@@ -33,7 +33,7 @@ def pairs(tiny_sd, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lpips_weights(tmp_path_factory) -> Path:
-    from addpipe.train.latent_lpips import LatentLPIPS
+    from addpipe.train.methods.diffusion2gan.latent_lpips import LatentLPIPS
 
     torch.manual_seed(0)
     model = LatentLPIPS()
@@ -79,7 +79,7 @@ def test_gan_terms_and_r1_follow_their_formulas():
 def test_the_discriminator_starts_as_the_teachers_encoder_and_reads_each_condition(tiny_sd):
     from diffusers import UNet2DConditionModel
 
-    from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
+    from addpipe.train.methods.diffusion2gan.unet_discriminator import UNetEncoderDiscriminator
 
     teacher = UNet2DConditionModel.from_pretrained(str(tiny_sd), subfolder="unet")
     disc = UNetEncoderDiscriminator(teacher)
@@ -138,7 +138,7 @@ def test_training_runs_both_phases_and_a_resume_equals_the_uninterrupted_run(tin
     info = json.loads((tmp_path / "whole" / "student" / "addpipe_student.json").read_text())
     assert info["timesteps"] == [999]  # a one-step generator, reading z at the pairs' first ODE timestep
     from addpipe.train.models import load_teacher
-    from addpipe.train.pairs import ode_scheduler
+    from addpipe.train.methods.diffusion2gan.pairs import ode_scheduler
 
     first = ode_scheduler(load_teacher(config(tmp_path / "x", 1).model).scheduler_config, 50).timesteps[0].item()
     assert info["timesteps"] == [first]

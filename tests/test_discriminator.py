@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from addpipe.train.config import DiscriminatorConfig
-from addpipe.train.discriminator import LocalBatchNorm, build_discriminator, evenly_spaced_layers
+from addpipe.train.methods.add.config import DiscriminatorConfig
+from addpipe.train.methods.add.discriminator import LocalBatchNorm, build_discriminator, evenly_spaced_layers
 
 
 @pytest.fixture()
@@ -129,7 +129,7 @@ def test_c_text_can_come_from_a_separate_clip_text_encoder(tiny_sd, tiny_sdxl, t
 def test_spectral_norm_holds_each_heads_largest_singular_value_at_one_and_keeps_no_state():
     """The heads' convolutions (discriminator.spectral_norm) have spectral norm 1 as matrices (out, in x kernel),
     gradients reach the raw weights, and nothing but the trained parameters is state (a resume restores it all)."""
-    from addpipe.train.discriminator import DiscriminatorHead
+    from addpipe.train.methods.add.discriminator import DiscriminatorHead
 
     torch.manual_seed(0)
     head = DiscriminatorHead(24, 8, 16, 9, virtual_batch_size=4, spectral_norm=True)
@@ -152,7 +152,7 @@ def test_spectral_norm_holds_each_heads_largest_singular_value_at_one_and_keeps_
 def test_diffaugment_is_a_function_of_seed_step_and_stream_and_lets_gradients_through():
     """discriminator.augment: the same draws for a sample whatever rank holds it and after a resume; translation
     moves the image by whole pixels with zero fill, cutout zeroes a half-size square, colour is affine per sample."""
-    from addpipe.train.augment import augment, draw, parse_policy
+    from addpipe.train.methods.add.augment import augment, draw, parse_policy
 
     torch.manual_seed(0)
     images = torch.rand(4, 3, 16, 16) * 2 - 1

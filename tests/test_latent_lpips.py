@@ -1,4 +1,4 @@
-"""E-LatentLPIPS (train/latent_lpips.py): zero for identical latents, one augmentation shared by both sides,
+"""E-LatentLPIPS (train/methods/diffusion2gan/latent_lpips.py): zero for identical latents, one augmentation shared by both sides,
 gradients through the augmentations, the LPIPS formula, and the published checkpoints' parameter names."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from addpipe.train.latent_lpips import LatentAugment, LatentLPIPS, unit_normalise
+from addpipe.train.methods.diffusion2gan.latent_lpips import LatentAugment, LatentLPIPS, unit_normalise
 from addpipe.train.models import ModelLoadError
 
 # torchvision's VGG16-BN configuration: channels of each 3x3 convolution, M a max-pool (each conv is followed by

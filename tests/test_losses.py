@@ -68,7 +68,7 @@ def test_r1_sums_over_heads():
 def test_normalised_r1_is_r1_on_rms_normalised_features_and_ignores_the_feature_scale():
     """normalise: R1 w.r.t. each sample's features divided by their RMS. For a head that normalises its input (the
     ADD heads' local batch norm) the raw R1 falls as 1/c^2 when the features grow by c; the normalised one stays."""
-    from addpipe.train.discriminator import DiscriminatorHead
+    from addpipe.train.methods.add.discriminator import DiscriminatorHead
 
     torch.manual_seed(0)
     features = torch.randn(8, 6, 20)
@@ -103,7 +103,7 @@ def test_distillation_loss_weighs_a_per_element_error_the_same_in_pixel_and_late
 def test_nfsd_distils_in_latent_space_over_the_whole_range():
     """NFSD's target is a displaced latent: auto takes it in latent space (no cap on t), pixel space is refused;
     the other weightings' targets are teacher x0 predictions and stay in pixel space by default."""
-    from addpipe.train.config import DistillConfig
+    from addpipe.train.methods.add.config import DistillConfig
 
     assert DistillConfig(weighting="nfsd").resolved_space == "latent"
     assert DistillConfig(weighting="nfsd", space="latent").resolved_space == "latent"

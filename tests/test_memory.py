@@ -20,7 +20,7 @@ def lines(plan):
 def test_states_per_rank_follow_the_parameter_counts(backend, zero, world, tiny_sd, tiny_dino, digit_shards, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from addpipe.train.discriminator import build_discriminator
+    from addpipe.train.methods.add.discriminator import build_discriminator
 
     config = load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path, **{
         "engine.backend": backend, "engine.zero": max(zero, 0), "optim.ema_decay": 0.99}))
@@ -147,7 +147,7 @@ def test_diffusion2gan_has_its_own_plan_and_auto_checkpointing_reads_it(tiny_sd,
     from diffusers import UNet2DConditionModel
 
     from addpipe.train.memory import decide_checkpointing
-    from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
+    from addpipe.train.methods.diffusion2gan.unet_discriminator import UNetEncoderDiscriminator
 
     def config(**extra):
         values = {"method": "diffusion2gan", "model.teacher": tiny_sd, "data.resolution": 16, "data.batch_size": 4,

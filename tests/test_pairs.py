@@ -70,7 +70,7 @@ def test_stored_latents_are_the_teachers_ddim_samples_with_guidance(tiny_sd, pro
     from diffusers import DDIMScheduler
 
     from addpipe.train.models import encode_prompts, load_teacher, unconditional
-    from addpipe.train.pairs import collect_pairs, pair_noise
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs, pair_noise
 
     cfg = config(tiny_sd)
     counts = collect_pairs(cfg, str(prompts), str(tmp_path / "out"), progress=False)
@@ -92,7 +92,7 @@ def test_stored_latents_are_the_teachers_ddim_samples_with_guidance(tiny_sd, pro
     leading = DDIMScheduler.from_config(teacher.scheduler_config)
     leading.set_timesteps(5)
     assert teacher.scheduler_config["timestep_spacing"] == "leading" and leading.timesteps[0] == 801
-    from addpipe.train.pairs import ode_scheduler
+    from addpipe.train.methods.diffusion2gan.pairs import ode_scheduler
 
     assert ode_scheduler(teacher.scheduler_config, 5).timesteps.tolist() == scheduler.timesteps.tolist()
     assert json.loads((tmp_path / "out" / "pairs.json").read_text())["signature"]["timestep_spacing"] == "trailing"
@@ -127,7 +127,7 @@ def test_sdxl_pairs_equal_diffusers_own_pipeline_given_the_prompt(tiny_sdxl, tmp
     the unconditional branch, the size conditioning of an uncropped image at the training resolution)."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS[:2]) + "\n")
     collect_pairs(config(tiny_sdxl), str(tmp_path / "p.txt"), str(tmp_path / "out"), progress=False)
@@ -142,7 +142,7 @@ def test_sdxl_pairs_equal_diffusers_own_pipeline_given_the_prompt(tiny_sdxl, tmp
 
 
 def test_any_split_over_tasks_and_ranks_writes_the_same_files(tiny_sd, prompts, tmp_path, monkeypatch):
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     cfg = config(tiny_sd)
     monkeypatch.setenv("RANK", "0")
@@ -169,7 +169,7 @@ def test_a_killed_pair_run_resumes_without_losing_or_repeating_a_pair(tiny_sd, t
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
     command = [sys.executable, "-m", "addpipe.pipeline", "pairs", "-c", str(TINY_CONFIG), "--prompts",
                str(tmp_path / "p.txt"), *settings(tiny_sd, **{"pairs.samples_per_shard": 3, "pairs.steps": 12})]
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     whole = collect_pairs(load(TrainConfig, TINY_CONFIG, command[command.index("--prompts") + 2:]), str(tmp_path / "p.txt"),
                           str(tmp_path / "whole"), progress=False)  # in this process: the reference, uninterrupted
@@ -194,7 +194,7 @@ def test_a_killed_pair_run_resumes_without_losing_or_repeating_a_pair(tiny_sd, t
 
 
 def test_bad_prompt_tables_and_a_different_set_are_refused_by_name(tiny_sd, prompts, tmp_path):
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     with pytest.raises(InputError, match="has no column 'prompt'; its columns are: caption, other"):
         collect_pairs(config(tiny_sd, **{"pairs.prompt_column": "prompt"}), str(prompts), str(tmp_path / "o"))
@@ -217,7 +217,7 @@ def test_bad_prompt_tables_and_a_different_set_are_refused_by_name(tiny_sd, prom
 def test_slurm_pairs_array_with_a_requeued_task_equals_one_local_worker(tiny_sd, slurm, tmp_path):
     """`addpipe slurm pairs --tasks 2` on the two-node cluster, task 1 requeued after its first shard: the files are
     the ones a single local worker writes."""
-    from addpipe.train.pairs import collect_pairs
+    from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
     lines = [f"a handwritten {i % 10} in white on a black background" for i in range(16)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")

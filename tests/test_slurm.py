@@ -242,7 +242,7 @@ def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp
     import os
     import time
 
-    from addpipe.train.distributed import BUILD_LOCK, CACHE_ROOT, STALE_TORCH_LOCK, native_build_lock, native_ops_cache
+    from addpipe.train.backends.deepspeed_ops import BUILD_LOCK, CACHE_ROOT, STALE_TORCH_LOCK, native_build_lock, native_ops_cache
 
     tag = native_ops_cache().name
     assert native_ops_cache().parent == CACHE_ROOT and f"torch{torch.__version__.split('+')[0]}" in tag

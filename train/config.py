@@ -1,4 +1,6 @@
-"""The training stage's config tree. Defaults are the ADD paper's constants (docs/method.md).
+"""The training stage's config tree, common to every method: run, models, student, optimisers, data, engine,
+checkpoints, logs. Each method adds its own sections in its folder (train/methods/<name>/config.py) by subclassing
+TrainConfig; `method:` picks the subclass. Defaults are the ADD paper's constants (docs/method.md).
 
 Each field's docstring is read back by `addpipe.config` for `--dry-run` and for the error
 that lists valid keys, so keep them short and specific.
@@ -6,12 +8,8 @@ that lists valid keys, so keep them short and specific.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
-
-DEFAULT_NEGATIVE_PROMPT = (
-    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, low-resolution"
-)
 
 
 @dataclass
@@ -121,129 +119,6 @@ class StudentConfig:
                                       or sum(self.timestep_weights) <= 0):
             raise ValueError(f"student.timestep_weights needs {count} non-negative weights (one per student timestep) "
                              f"with a positive sum, got {list(self.timestep_weights)}")
-
-
-AUGMENT_POLICIES = ("color", "translation", "cutout")
-
-
-@dataclass
-class DiscriminatorConfig:
-    feature_network: str = "facebook/dinov2-small"
-    """Hub id or local directory of the frozen DINOv2 ViT (transformers) whose tokens the heads read."""
-    image_encoder: Optional[str] = None
-    """DINOv2 for the image condition c_img (CLS of the real image); default: the feature network itself."""
-    num_heads: int = 5
-    """Number of heads, on evenly spaced transformer layers (StyleGAN-T uses 5)."""
-    layers: tuple[int, ...] = ()
-    """Explicit 1-based transformer layer indices for the heads instead of evenly spaced ones."""
-    input_size: int = 224
-    """Images are resized to this square size (a multiple of the ViT patch size) before the feature network."""
-    projection_dim: int = 64
-    """Width of the conditioning projection (StyleGAN-T's cmap_dim)."""
-    kernel_size: int = 9
-    """Kernel of the heads' 1-D convolutions over the token sequence."""
-    virtual_batch_size: int = 8
-    """Group size of the heads' local batch norm; without normalisation the heads did not learn (docs/method.md)."""
-    text_conditioning: bool = True
-    """Project the text embedding into the heads' output."""
-    text_encoder: Optional[str] = None
-    """Hub id or local directory of a CLIP text model with projection (transformers CLIPTextModelWithProjection and
-    its tokenizer) whose projected embedding of the caption is c_text. The paper uses CLIP ViT-g-14
-    (laion/CLIP-ViT-g-14-laion2B-s12B-b42K); unset, c_text comes from the teacher's own text encoders
-    (`text_embedding`)."""
-    text_embedding: Literal["pooled", "mean"] = "pooled"
-    """The text condition: the pooled embedding (CLIP's EOS token, as the paper), or the mean of the hidden states the UNet cross-attends to (for text encoders whose EOS token carries little content)."""
-    image_conditioning: bool = True
-    """Project the DINOv2 CLS embedding of the real image into the heads' output."""
-    image_condition_pure_noise: bool = True
-    """Keep c_img for samples whose student input held no trace of x_0 (alpha_s = 0: the pure-noise timestep at zero
-    terminal SNR), as the paper does. False gives those samples, real and fake alike, a zero c_img, in case asking the
-    student to match an image it never saw pulls it toward an average; on the demo it did not help (add_sweep.md)."""
-    r1_gamma: float = 1e-2
-    """Weight of R1: gamma/2 times the squared gradient norm of each head's summed token logits w.r.t. that head's
-    input features, per head scaled by 257/tokens (the same strength per token at any input size) and, with
-    r1_normalise, taken w.r.t. the features divided by their RMS (train/losses.py r1_penalty; docs/method.md says
-    how the default was measured)."""
-    r1_normalise: bool = True
-    """Take R1 w.r.t. each sample's features divided by their root mean square, so gamma does not depend on the
-    feature network's scale (at the paper's gamma on DINOv2's raw features R1 was 1e-4 of the hinge or less)."""
-    spectral_norm: bool = True
-    """Spectral normalisation of the heads' convolutions (StyleGAN-T's heads, which ADD's follow); neutral on the
-    demo (one-step FID 70.0 against 70.4 without), kept for the design source's stability at scale."""
-    augment: str = ""
-    """Differentiable augmentation (DiffAugment) of real and generated images before the feature network, as
-    StyleGAN-T trains: comma-separated of color, translation, cutout ('color,translation,cutout' is StyleGAN-T's);
-    '' for none, the default: on the demo it cost 3 FID at every step count (docs/method.md). For small datasets,
-    where the heads can memorise the real images."""
-
-    def __post_init__(self) -> None:
-        if self.num_heads < 1 and not self.layers:
-            raise ValueError(f"discriminator.num_heads must be at least 1, got {self.num_heads}")
-        for key, low in (("projection_dim", 1), ("kernel_size", 1), ("virtual_batch_size", 1), ("input_size", 14)):
-            if getattr(self, key) < low:
-                raise ValueError(f"discriminator.{key} must be >= {low}, got {getattr(self, key)}")
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"discriminator.kernel_size must be odd (the token sequence keeps its length), got "
-                             f"{self.kernel_size}")
-        if self.r1_gamma < 0:
-            raise ValueError(f"discriminator.r1_gamma must be >= 0, got {self.r1_gamma}")
-        unknown = [p.strip() for p in self.augment.split(",") if p.strip() and p.strip() not in AUGMENT_POLICIES]
-        if unknown:
-            raise ValueError(f"discriminator.augment: unknown {', '.join(unknown)}; choose from "
-                             f"{', '.join(AUGMENT_POLICIES)} (comma-separated), or '' for none")
-
-
-@dataclass
-class DistillConfig:
-    weighting: Literal["exponential", "sds", "nfsd"] = "nfsd"
-    """c(t): exponential = alpha_t; sds = alpha_t/(2 sigma_t) * sigma_t^2; nfsd = noise-free score distillation with the SDS weight."""
-    space: Literal["auto", "latent", "pixel"] = "auto"
-    """Compare student and teacher x0 in latent space or in pixel space after VAE decoding (more stable for a teacher
-    x0 target). auto: pixel for exponential and sds, latent for nfsd, whose target x_hat - (sigma/alpha) g is a
-    displaced latent that leaves the VAE decoder's domain at large t (sigma/alpha = 13 at t = 980 on SD/SDXL's
-    betas); NFSD in pixel space is refused. Either way the squared error is averaged over the elements of each
-    sample, so lambda weighs the same per-element error at every resolution (compare the terms' gradient norms in
-    the log, grad_norm/*, to see what that means for the balance)."""
-    weight: float = 2.5
-    """lambda: L = L_adv + lambda * L_distill, L_distill a per-element mean (see `space`)."""
-    teacher_guidance: float = 7.5
-    """Classifier-free guidance scale of the teacher target (1 = no guidance)."""
-    t_min: int = 20
-    """Smallest teacher timestep t for re-noising the student sample."""
-    t_max: int = 980
-    """Largest teacher timestep t."""
-    nfsd_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    """NFSD's negative prompt for the domain term at large t."""
-    nfsd_t_threshold: int = 200
-    """NFSD uses the unconditional prediction alone below this t, minus the negative-prompt one above it."""
-    adversarial: bool = True
-    """Include the adversarial loss (turn off for the distillation-only ablation)."""
-    distillation: bool = True
-    """Include the distillation loss (turn off for the adversarial-only ablation)."""
-
-    def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"distill.weight (lambda) must be >= 0, got {self.weight}")
-        if self.teacher_guidance < 0:
-            raise ValueError(f"distill.teacher_guidance must be >= 0 (1 = no guidance), got {self.teacher_guidance}")
-        if not 0 <= self.nfsd_t_threshold:
-            raise ValueError(f"distill.nfsd_t_threshold must be >= 0, got {self.nfsd_t_threshold}")
-        if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"need 0 <= distill.t_min < distill.t_max, got {self.t_min}, {self.t_max}")
-        if self.weighting == "nfsd" and self.space == "pixel":
-            raise ValueError("distill.space=pixel with distill.weighting=nfsd: NFSD's target x_hat - (sigma/alpha) g is a "
-                             "latent displaced by up to 13x the noise scale (t = 980 on SD/SDXL's betas), which the VAE "
-                             "decoder cannot decode faithfully; its gradient is exact in latent space over the whole t "
-                             "range. Use distill.space=latent (or auto)")
-        if not (self.adversarial or self.distillation):
-            raise ValueError("at least one of distill.adversarial and distill.distillation must be on")
-
-    @property
-    def resolved_space(self) -> str:
-        """Where the distillation loss is taken: `space`, with auto resolved by the weighting."""
-        if self.space != "auto":
-            return self.space
-        return "latent" if self.weighting == "nfsd" else "pixel"
 
 
 @dataclass
@@ -410,71 +285,15 @@ class LogConfig:
 
 
 @dataclass
-class PairsConfig:
-    """Diffusion2GAN's ODE pairs (`addpipe pairs`): the teacher's deterministic sampler run from stored noise."""
-
-    sampler: Literal["ddim"] = "ddim"
-    """The teacher's ODE solver: DDIM with eta 0 (deterministic: the same noise and prompt give the same latent)."""
-    steps: int = 50
-    """Sampler steps (timestep spacing as the teacher's scheduler config says)."""
-    guidance: float = 8.0
-    """Classifier-free guidance scale, fixed for the whole set (the paper's SD 1.5 set: 8, 'SD-CFG-8'). The
-    one-step student learns this guidance and only this one."""
-    prompt_column: str = "caption"
-    """Column of the prompt table holding the prompts (a .txt file: one prompt per line)."""
-    samples_per_shard: int = 1000
-    """Pairs per output shard; the shard is also the unit of resuming and of splitting across ranks and array tasks."""
-    batch_size: int = 8
-    """Prompts sampled together."""
-    seed: int = 0
-    """Noise of prompt i is drawn from a generator seeded with (seed, i): any rank, task or rerun draws the same."""
-
-    def __post_init__(self) -> None:
-        for key, value, low in (("pairs.steps", self.steps, 1), ("pairs.samples_per_shard", self.samples_per_shard, 1),
-                                ("pairs.batch_size", self.batch_size, 1), ("pairs.guidance", self.guidance, 0)):
-            if value < low:
-                raise ValueError(f"{key} must be >= {low}, got {value}")
-
-
-@dataclass
-class D2GConfig:
-    """Diffusion2GAN (method: diffusion2gan): a one-step generator regressed onto ODE pairs with E-LatentLPIPS, plus
-    a conditional GAN whose discriminator is the teacher UNet's encoder."""
-
-    lpips: str = ""
-    """LatentLPIPS weights: a published <encoder>_latest_vgg16_tuned.pth, or one `addpipe demo` trains (required)."""
-    augment: str = "bg"
-    """E-LatentLPIPS augmentations, letters of b (flips, quarter turns, shifts), g (scale, rotation, anisotropy),
-    c (brightness, contrast), o (cutout); empty: plain LatentLPIPS."""
-    lpips_weight: float = 1.0
-    """Weight of the E-LatentLPIPS regression term."""
-    adversarial: bool = True
-    """Train the conditional GAN; false: the regression-only ablation (no discriminator)."""
-    gan_weight: float = 0.05
-    """Weight of the generator's GAN term against the regression term."""
-    discriminator_t: tuple[int, int] = (10, 500)
-    """Range of the timestep both real and generated latents are noised to before the discriminator (a diffusion GAN)."""
-    text_mismatch_weight: float = 1.0
-    """Weight of the text-alignment term: real latents with another sample's prompt count as fake."""
-    r1_gamma: float = 1.0
-    """gamma of R1 = gamma/2 E||dD(x_t)/dx_t||^2 on the noised real latents (0: off)."""
-
-    def __post_init__(self) -> None:
-        self.discriminator_t = tuple(int(t) for t in self.discriminator_t)
-        if len(self.discriminator_t) != 2 or not 0 <= self.discriminator_t[0] <= self.discriminator_t[1]:
-            raise ValueError(f"d2g.discriminator_t must be [low, high] with 0 <= low <= high, got {self.discriminator_t}")
-        for key in ("lpips_weight", "gan_weight", "text_mismatch_weight", "r1_gamma"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"d2g.{key} must be >= 0, got {getattr(self, key)}")
-
-
-@dataclass
 class TrainConfig:
+    """The sections every method shares; a method's config class adds its own (train/methods/<name>/config.py)."""
+
     run_dir: str = "runs/add"
     """Where config, metrics, checkpoints, samples and the exported student go."""
     method: str = "add"
-    """The training method: add (Adversarial Diffusion Distillation) or diffusion2gan (on `addpipe pairs` shards);
-    others register in train/methods."""
+    """The training method, a name registered in train/methods: add (Adversarial Diffusion Distillation; its sections
+    discriminator and distill) or diffusion2gan (on `addpipe pairs` shards; its sections pairs and d2g). A method's
+    own sections come with it: the config is the method's subclass of this tree (TrainConfig.variant)."""
     steps: int = 10000
     """Total optimisation steps."""
     seed: int = 0
@@ -483,10 +302,6 @@ class TrainConfig:
     """Teacher and student networks."""
     student: StudentConfig = field(default_factory=StudentConfig)
     """Student timesteps and parameterisation."""
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    """Frozen feature network and trainable heads."""
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    """Score distillation loss."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimisers, schedules, EMA."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -497,10 +312,26 @@ class TrainConfig:
     """Checkpointing and export."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics, TensorBoard, sample grids."""
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    """ODE pairs for Diffusion2GAN (`addpipe pairs`)."""
-    d2g: D2GConfig = field(default_factory=D2GConfig)
-    """Diffusion2GAN's losses and discriminator (method: diffusion2gan)."""
+
+    @classmethod
+    def variant(cls, data: dict) -> type:
+        """The config class of the method `data` names: this tree plus that method's own sections (each method
+        owns its config in its folder under train/methods/; addpipe.config.build asks this before building)."""
+        from addpipe.train.methods import method_class, method_names
+
+        name = str(data.get("method", cls.method))
+        config_class = method_class(name).config_class
+        if not (isinstance(config_class, type) and issubclass(config_class, TrainConfig)):
+            raise TypeError(f"method {name!r}: config_class must subclass TrainConfig")
+        mine = {f.name for f in fields(config_class)}
+        for key in sorted(set(data) - mine):  # another method's section: say whose, not just "unknown"
+            owners = [other for other in method_names()
+                      if key in {f.name for f in fields(method_class(other).config_class)}]
+            if owners:
+                own = ", ".join(sorted(mine - _COMMON)) or "none"
+                raise ValueError(f"config section {key!r} belongs to method {' and '.join(owners)}; this config says "
+                                 f"method: {name} (its own sections: {own})")
+        return config_class
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -510,3 +341,7 @@ class TrainConfig:
                              "or set student.lora.rank=0 for a full student initialised from it)")
         if self.model.frozen_placement == "partition" and self.engine.backend == "deepspeed" and self.engine.zero != 3:
             raise ValueError("model.frozen_placement=partition needs engine.zero=3 (or engine.backend=fsdp2)")
+
+
+_COMMON = {f.name for f in fields(TrainConfig)}
+"""The sections of every method's config."""

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import signal
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -153,31 +154,51 @@ def decode_sample(sample: dict[str, Any], resolution: int, caption_key: str, rng
             "encoded": precomputed(sample, meta, signature if rng is None else None)}
 
 
-PAIR_TENSORS = ("noise", "latents", "prompt_embeds", "pooled_embeds")
-PAIR_MATCH = ("teacher", "revision", "vae", "resolution", "timestep_spacing")
+class SampleFormat(ABC):
+    """How one raw WebDataset sample becomes training tensors, and how a chunk of them is stacked. The images the
+    loader reads by default are one format (ImageSamples); a method that trains on something else (Diffusion2GAN's ODE
+    pairs) brings its own from its folder (Method.sample_format). Instances go to the loader's worker processes:
+    they must pickle."""
+
+    @abstractmethod
+    def decode(self, raw: dict[str, Any], rng: Optional[random.Random]) -> dict[str, Any]:
+        """-> a dict with at least "caption"; raises on anything unusable (the loader skips and counts it). `rng`:
+        the sample's own random source when data.random_crop is on, else None."""
+
+    @abstractmethod
+    def collate(self, decoded: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decoded samples -> stacked tensors by name (the Batch's fields, or its `extra`)."""
 
 
-def decode_pair(sample: dict[str, Any], signature: dict[str, Any]) -> dict[str, Any]:
-    """One sample of `addpipe pairs` shards -> its tensors; raises (the caller skips and counts) on a sample that is not
-    a pair, or a pair of another teacher or resolution than `signature` (this run's)."""
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    made = meta.get("addpipe_pairs")
-    if made is None or any(f"{name}.npy" not in sample for name in PAIR_TENSORS):
-        raise ValueError(f"sample {sample.get('__key__')} is not an ODE pair (make the shards with `addpipe pairs`)")
-    differs = [f"{k} {made.get(k)!r} (this run: {signature.get(k)!r})" for k in PAIR_MATCH if made.get(k) != signature.get(k)]
-    if differs:
-        raise ValueError(f"pair {sample.get('__key__')} was made with another {', '.join(differs)}")
-    caption = sample.get("txt", b"")
-    return {"caption": (caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)).strip(),
-            "pair": {name: load_npy(sample[f"{name}.npy"]) for name in PAIR_TENSORS}}
+@dataclass
+class ImageSamples(SampleFormat):
+    """Images and captions (the curated shards), with the precomputed latents and text embeddings that `addpipe prep
+    encode` wrote when they match `signature` (this run's encoding; None: never use them)."""
+
+    resolution: int
+    caption_key: str = "txt"
+    signature: Optional[dict[str, Any]] = None
+
+    def decode(self, raw: dict[str, Any], rng: Optional[random.Random]) -> dict[str, Any]:
+        return decode_sample(raw, self.resolution, self.caption_key, rng, self.signature)
+
+    def collate(self, decoded: list[dict[str, Any]]) -> dict[str, Any]:
+        encoded = [b["encoded"] for b in decoded]
+        return {
+            # precomputed tensors only when every sample of the chunk has them (else all encode on the fly)
+            **({name: torch.stack([e[name] for e in encoded]) for name in encoded[0]} if all(encoded) else {}),
+            "pixels": torch.stack([b["pixels"] for b in decoded]),
+            "original_sizes": torch.tensor([b["original_size"] for b in decoded], dtype=torch.long),
+            "crops": torch.tensor([b["crop"] for b in decoded], dtype=torch.long),
+        }
 
 
 class ShardStreams(torch.utils.data.IterableDataset):
     """Yields chunks of `chunk_size` decoded samples, each tagged with its stream and the stream's state."""
 
-    def __init__(self, shards: list[str], stream_ids: list[int], num_streams: int, chunk_size: int, resolution: int,
-                 caption_key: str = "txt", seed: int = 0, random_crop: bool = False,
-                 states: Optional[dict[int, StreamState]] = None, signature: Optional[dict[str, Any]] = None):
+    def __init__(self, shards: list[str], stream_ids: list[int], num_streams: int, chunk_size: int,
+                 sample_format: SampleFormat, seed: int = 0, random_crop: bool = False,
+                 states: Optional[dict[int, StreamState]] = None):
         super().__init__()
         if len(shards) < num_streams:
             raise ShardError(
@@ -185,11 +206,9 @@ class ShardStreams(torch.utils.data.IterableDataset):
                 "use fewer workers or more, smaller shards"
             )
         self.shards, self.stream_ids, self.num_streams = shards, stream_ids, num_streams
-        self.chunk_size, self.resolution, self.caption_key = chunk_size, resolution, caption_key
+        self.chunk_size, self.format = chunk_size, sample_format
         self.seed, self.random_crop = seed, random_crop
         self.states = states or {}
-        self.signature = signature
-        self.pairs = (signature or {}).get("pairs")  # a method that trains on ODE pairs (decode_pair) instead of images
         self.reported: set[str] = set()  # shards already warned about (per process: each worker has its own)
 
     def samples(self, stream: int) -> Iterator[tuple[Optional[dict[str, Any]], StreamState]]:
@@ -214,8 +233,7 @@ class ShardStreams(torch.utils.data.IterableDataset):
                             continue
                         rng = random.Random(hash((self.seed, stream, state.epoch, state.shard, index))) if self.random_crop else None
                         try:
-                            decoded = (decode_pair(raw, self.pairs) if self.pairs is not None else
-                                       decode_sample(raw, self.resolution, self.caption_key, rng, self.signature))
+                            decoded = self.format.decode(raw, rng)
                             decoded["key"] = f"{shard_index}/{raw.get('__key__')}"
                             usable += 1
                         except Exception as error:  # a corrupt image or missing caption: skip and count
@@ -250,24 +268,9 @@ class ShardStreams(torch.utils.data.IterableDataset):
         for decoded, state in self.samples(stream):
             if decoded is not None:
                 buffer.append(decoded)
-            if len(buffer) == self.chunk_size and self.pairs is not None:
-                yield {**{name: torch.stack([b["pair"][name] for b in buffer]) for name in PAIR_TENSORS},
-                       "captions": [b["caption"] for b in buffer], "keys": [b["key"] for b in buffer],
-                       "stream": stream, "state": state.as_dict()}
-                buffer = []
-            elif len(buffer) == self.chunk_size:
-                encoded = [b["encoded"] for b in buffer]
-                yield {
-                    # precomputed tensors only when every sample of the chunk has them (else all encode on the fly)
-                    **({name: torch.stack([e[name] for e in encoded]) for name in encoded[0]} if all(encoded) else {}),
-                    "pixels": torch.stack([b["pixels"] for b in buffer]),
-                    "captions": [b["caption"] for b in buffer],
-                    "keys": [b["key"] for b in buffer],
-                    "original_sizes": torch.tensor([b["original_size"] for b in buffer], dtype=torch.long),
-                    "crops": torch.tensor([b["crop"] for b in buffer], dtype=torch.long),
-                    "stream": stream,
-                    "state": state.as_dict(),
-                }
+            if len(buffer) == self.chunk_size:
+                yield {**self.format.collate(buffer), "captions": [b["caption"] for b in buffer],
+                       "keys": [b["key"] for b in buffer], "stream": stream, "state": state.as_dict()}
                 buffer = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -292,7 +295,11 @@ class Batch:
     latents: Optional[torch.Tensor] = None          # from `addpipe prep encode`, when the shards carry them
     prompt_embeds: Optional[torch.Tensor] = None
     pooled_embeds: Optional[torch.Tensor] = None
-    noise: Optional[torch.Tensor] = None            # an ODE pair's z (its x is `latents`)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # a method's own sample format's other tensors
+
+
+CHUNK_FIELDS = ("captions", "keys", "stream", "state")
+BATCH_TENSORS = ("pixels", "original_sizes", "crops", "latents", "prompt_embeds", "pooled_embeds")
 
 
 _WORKERS: list = []
@@ -328,7 +335,8 @@ class TrainingData:
     """This rank's micro-batches plus the stream positions needed to resume them."""
 
     def __init__(self, config, rank: int, world_size: int, states: Optional[dict[str, Any]] = None,
-                 signature: Optional[dict[str, Any]] = None):
+                 sample_format: Optional[SampleFormat] = None):
+        """`sample_format`: what the shards hold; default images and captions at data.resolution."""
         self.shards = expand_shards(config.shards)
         self.streams_per_rank = max(1, config.num_workers)
         if config.batch_size % self.streams_per_rank:
@@ -344,7 +352,8 @@ class TrainingData:
             self.states.update(self.restore(states))
         dataset = ShardStreams(
             self.shards, self.stream_ids, self.num_streams, config.batch_size // self.streams_per_rank,
-            config.resolution, config.caption_key, config.seed, config.random_crop, dict(self.states), signature,
+            sample_format or ImageSamples(config.resolution, config.caption_key), config.seed, config.random_crop,
+            dict(self.states),
         )
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, num_workers=config.num_workers,
@@ -368,10 +377,10 @@ class TrainingData:
             raise ShardError(message.rsplit("ShardError: ", 1)[-1].strip()) from None
         for chunk in chunks:
             self.states[chunk["stream"]] = StreamState.from_dict(chunk["state"])
-        tensors = [name for name in ("latents", "prompt_embeds", "pooled_embeds", "noise", "pixels", "original_sizes",
-                                     "crops") if all(name in c for c in chunks)]
+        tensors = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]
+                   if name not in CHUNK_FIELDS and all(name in c for c in chunks)}
         return Batch(
-            **{name: torch.cat([c[name] for c in chunks]) for name in tensors},
+            **{name: tensors.pop(name) for name in BATCH_TENSORS if name in tensors}, extra=tensors,
             captions=[caption for c in chunks for caption in c["captions"]],
             streams=[c["stream"] for c in chunks for _ in c["captions"]],
             keys=[key for c in chunks for key in c["keys"]],

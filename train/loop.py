@@ -23,6 +23,7 @@ from addpipe.config import differences, to_dict, to_yaml
 from addpipe.devices import allow_tf32, resolve_precision, synchronize
 from addpipe.train import checkpoint, distributed, logs, rundir
 from addpipe.train.preemption import STOP, Preempted, StopRequest
+from addpipe.train import backends
 from addpipe.train.backends import Trained, build_backend
 from addpipe.train.config import TrainConfig
 from addpipe.train.data import TrainingData
@@ -56,19 +57,17 @@ class Trainer:
         # One trainer per run directory, checked before anything is built, loaded or written (rank 0, from RANK);
         # held until the process ends.
         self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
-        self.device = distributed.initialize(config.engine)
+        self.device = backends.initialize(config.engine)
         self.dtype = resolve_precision(config.engine.precision, self.device)
         allow_tf32(self.device)
         distributed.barrier()
         torch.manual_seed(config.seed)  # identical initialisation of new parameters on every rank
 
-        if config.model.gradient_checkpointing == "auto":  # decided once, from the memory plan, before any model
-            from addpipe.train.memory import decide_checkpointing, gpu_memory_gib
+        from addpipe.train.memory import gpu_memory_gib, resolve_checkpointing  # auto: decided before any model
 
-            config.model.gradient_checkpointing, why = decide_checkpointing(config, distributed.world_size(),
-                                                                            gpu_memory_gib(self.device))
-            if distributed.is_main():
-                logger.info("model.gradient_checkpointing auto: %s", why)
+        why = resolve_checkpointing(config, distributed.world_size(), gpu_memory_gib(self.device))
+        if why and distributed.is_main():
+            logger.info("model.gradient_checkpointing auto: %s", why)
         self.backend = build_backend(config, self.device, self.dtype)
         self.method = method_class(config.method)(config, self.device, self.dtype)
         self.models = self.method.build(self.backend)
@@ -101,7 +100,7 @@ class Trainer:
                 f"{self.run_dir} already holds checkpoints (newest: {checkpoint.latest(self.run_dir).name}): pass --resume "
                 "to continue that run, or give a new run_dir")
         self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), state.get("data"),
-                                 self.method.data_signature())
+                                 self.method.sample_format())
         if distributed.is_main():  # only now: a refused start or resume leaves the recorded config as it was
             rundir.write_config(self.run_dir, to_yaml(config))
         self.reporter = Reporter(self.run_dir, config.log.tensorboard, start_step=self.step)

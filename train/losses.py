@@ -111,7 +111,7 @@ def generator_total(adversarial: torch.Tensor, distillation: torch.Tensor, weigh
     return adversarial + weight * distillation
 
 
-# ---- Diffusion2GAN (train/methods/diffusion2gan.py): a non-saturating conditional GAN on multi-scale logit maps ----
+# ---- Diffusion2GAN (train/methods/diffusion2gan/method.py): a non-saturating conditional GAN on multi-scale logit maps ----
 
 def scale_mean(logits: Sequence[torch.Tensor], fn) -> torch.Tensor:
     """mean over scales k of E[fn(D_k)] over samples and positions: each scale weighs the same at any resolution."""

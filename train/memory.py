@@ -73,7 +73,7 @@ class MemoryPlan:
         return "\n".join(rows) + "\n"
 
 
-def _meta(build) -> nn.Module:
+def meta(build) -> nn.Module:
     with torch.device("meta"):
         return build()
 
@@ -83,37 +83,12 @@ def count(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def trained_state(name: str, params: int, engine, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> Line:
-    """Weights, gradients, optimizer state (AdamW: fp32 master where the weights are not fp32, two fp32 moments)
-    and EMA of one trained model on one rank. `sharded`: the backend shards this model."""
-    b = dtype.itemsize
-    master = 4 if b != 4 else 0  # bf16 weights need an fp32 master copy; fp32 weights are their own
-    line = Line(name, params)
-    if engine.backend == "fsdp2":
-        share = 1 / world if sharded else 1.0
-        # the shards are the fp32 masters; one gathered block in the compute dtype at a time (not counted here:
-        # a block of an SDXL UNet is a few hundred MB)
-        line.weights, line.gradients, line.optimizer = 4 * params * share, 4 * params * share, 8 * params * share
-        if sharded and not engine.reshard_after_forward:  # the gathered compute copy stays from forward to backward
-            line.weights += b * params
-            line.note = f"gathered {str(dtype).replace('torch.', '')} copy kept (reshard_after_forward false)"
-        if sharded and engine.offload_param == "cpu":
-            line.weights = 0.0 if engine.reshard_after_forward else b * params
-            line.gradients = line.optimizer = 0.0
-            line.note = "shards, gradients, optimizer on the CPU"
-        line.ema = 4 * params * share if ema else 0.0
-        return line
-    stage = engine.zero if sharded else min(engine.zero, 2 if engine.discriminator_zero is None else engine.discriminator_zero)
-    line.weights = b * params / (world if stage == 3 else 1)
-    line.gradients = b * params / (world if stage >= 2 else 1)
-    if master and stage in (1, 2):  # ZeRO-1/2 also keep fp32 gradients of the rank's partition for the step
-        line.gradients += 4 * params / world
-    line.optimizer = (master + 8) * params / (world if stage >= 1 else 1)
-    if engine.offload_optimizer != "none" and stage >= 1:
-        line.optimizer, line.note = 0.0, f"optimizer state on {engine.offload_optimizer}"
-    if engine.offload_param != "none" and stage == 3:
-        line.weights, line.note = 0.0, f"parameters on {engine.offload_param}" + (f", {line.note}" if line.note else "")
-    line.ema = 4 * params / (world if stage == 3 else 1) if ema else 0.0
-    return line
+    """The line of one trained model on one rank: its states as the configured backend places them
+    (train/backends/: Backend.state_bytes). `sharded`: the backend shards this model."""
+    from addpipe.train.backends import backend_class
+
+    states = backend_class(engine.backend).state_bytes(engine, params, dtype, world, sharded, ema)
+    return Line(name, params, states.weights, states.gradients, states.optimizer, states.ema, states.note)
 
 
 class SavedBytes:
@@ -155,7 +130,7 @@ class SavedBytes:
                 module._gradient_checkpointing_func = function
 
 
-def _config(cls, name: str, subfolder: Optional[str] = None) -> dict[str, Any]:
+def model_config(cls, name: str, subfolder: Optional[str] = None) -> dict[str, Any]:
     from addpipe.train.models import ModelLoadError
 
     try:
@@ -177,7 +152,7 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     return planner(config, world_size, dtype)
 
 
-def _architecture(model) -> str:
+def architecture_of(model) -> str:
     from addpipe.train.models import detect_architecture
 
     return model.architecture if model.architecture != "auto" else detect_architecture(model.teacher, model.revision)
@@ -190,13 +165,13 @@ def frozen_vae_and_text(config, architecture: str, dtype: torch.dtype) -> tuple[
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     model = config.model
-    vae_config = _config(AutoencoderKL, model.vae) if model.vae else _config(AutoencoderKL, model.teacher, "vae")
-    vae = _meta(lambda: AutoencoderKL.from_config(vae_config))
+    vae_config = model_config(AutoencoderKL, model.vae) if model.vae else model_config(AutoencoderKL, model.teacher, "vae")
+    vae = meta(lambda: AutoencoderKL.from_config(vae_config))
     text_params, pooled = 0, 0
     for sub, cls in [("text_encoder", CLIPTextModel)] + ([("text_encoder_2", CLIPTextModelWithProjection)]
                                                           if architecture == "sdxl" else []):
         text_config = CLIPTextConfig.from_pretrained(model.teacher, subfolder=sub)
-        encoder = _meta(lambda: cls(text_config))
+        encoder = meta(lambda: cls(text_config))
         text_params += count(encoder)
         pooled = text_config.projection_dim if cls is CLIPTextModelWithProjection else text_config.hidden_size
     # a VAE that must be upcast (force_upcast) is held in fp32 where the run would use fp16 (train/models.py)
@@ -205,115 +180,7 @@ def frozen_vae_and_text(config, architecture: str, dtype: torch.dtype) -> tuple[
     return vae, line, pooled
 
 
-def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
-    """ADD: the student (or its LoRA adapters), the frozen teacher UNet, VAE and text encoders, the frozen
-    discriminator networks and the trained heads; the generator phase's activations."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModelWithProjection, Dinov2Config, Dinov2Model
-
-    from addpipe.train.discriminator import Discriminator, evenly_spaced_layers
-    from addpipe.train.models import clip_text_config
-
-    engine, model, disc = config.engine, config.model, config.discriminator
-    b = dtype.itemsize
-    world = world_size
-    architecture = _architecture(model)
-    ema = config.optim.ema_enabled
-    plan = MemoryPlan(world, str(dtype).replace("torch.", ""))
-
-    unet_config = _config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
-    student = _meta(lambda: UNet2DConditionModel.from_config(unet_config))
-    student_params = count(student)
-    lora = config.student.lora
-    if lora.enabled:  # one UNet: the frozen base serves the teacher (adapters off) and the student
-        from addpipe.train.lora import peft_config
-
-        student.requires_grad_(False)
-        student.add_adapter(peft_config(lora))
-        adapters = count(student, trainable_only=True)
-        plan.lines.append(trained_state(f"student LoRA adapters, rank {lora.rank} (trained)", adapters, engine, dtype,
-                                        world, True, ema))
-        sharded = engine.backend == "fsdp2" or engine.zero == 3
-        plan.lines.append(Line("UNet base (frozen; teacher = adapters off)", student_params,
-                               weights=b * student_params / (world if sharded else 1),
-                               note="sharded with the student" if sharded else "replicated"))
-    else:
-        plan.lines.append(trained_state("student UNet (trained)", student_params, engine, dtype, world, True, ema))
-        teacher_unet_params = count(_meta(lambda: UNet2DConditionModel.from_config(
-            _config(UNet2DConditionModel, model.teacher, "unet"))))
-        partition = model.frozen_placement == "partition"
-        plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params,
-                               weights=b * teacher_unet_params / (world if partition else 1),
-                               note="sharded" if partition else "replicated"))
-    vae, frozen, pooled = frozen_vae_and_text(config, architecture, dtype)
-    plan.lines.append(frozen)
-
-    dino_config = Dinov2Config.from_pretrained(disc.feature_network)
-    dino = _meta(lambda: Dinov2Model(dino_config))
-    frozen_disc = count(dino)
-    image_dim = dino_config.hidden_size
-    if disc.image_encoder and disc.image_encoder != disc.feature_network:
-        image_config = Dinov2Config.from_pretrained(disc.image_encoder)
-        frozen_disc += count(_meta(lambda: Dinov2Model(image_config)))
-        image_dim = image_config.hidden_size
-    text_dim = pooled if disc.text_embedding == "pooled" else int(unet_config["cross_attention_dim"])
-    if disc.text_encoder:
-        clip_config = clip_text_config(disc.text_encoder)
-        text_dim = clip_config.projection_dim
-        frozen_disc += count(_meta(lambda: CLIPTextModelWithProjection(clip_config)))
-    plan.lines.append(Line("discriminator networks (frozen)", frozen_disc, weights=4 * frozen_disc, note="fp32"))
-    layers = list(disc.layers) or evenly_spaced_layers(dino_config.num_hidden_layers, disc.num_heads)
-    discriminator = _meta(lambda: Discriminator(dino, layers, text_dim, image_dim, disc.projection_dim, disc.kernel_size,
-                                                disc.virtual_batch_size, disc.text_conditioning, disc.image_conditioning,
-                                                disc.input_size))
-    heads = count(discriminator.heads)
-    plan.lines.append(trained_state("discriminator heads (trained)", heads, engine, torch.float32, world, False, False))
-
-    plan.activations, plan.activation_note = _activations(config, student, vae, dino, unet_config, architecture, dtype)
-    return plan
-
-
-def plan_diffusion2gan(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
-    """Diffusion2GAN: the one-step student, the discriminator (a trained copy of the teacher UNet's encoder), the
-    frozen VAE and text encoders; no teacher UNet in training (the pairs replace it). Activations: the student's
-    forward and the discriminator's on the generated latents (the GAN term flows back through it)."""
-    from diffusers import UNet2DConditionModel
-
-    from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
-
-    engine, model = config.engine, config.model
-    plan = MemoryPlan(world_size, str(dtype).replace("torch.", ""))
-    architecture = _architecture(model)
-    unet_config = _config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
-    student = _meta(lambda: UNet2DConditionModel.from_config(unet_config))
-    plan.lines.append(trained_state("student UNet (trained)", count(student), engine, dtype, world_size, True,
-                                    config.optim.ema_enabled))
-    discriminator = None
-    if config.d2g.adversarial:
-        teacher_unet = _meta(lambda: UNet2DConditionModel.from_config(_config(UNet2DConditionModel, model.teacher, "unet")))
-        discriminator = _meta(lambda: UNetEncoderDiscriminator(teacher_unet))
-        plan.lines.append(trained_state("discriminator: UNet encoder (trained)", count(discriminator), engine,
-                                        torch.float32, world_size, False, False))
-    vae, frozen, _ = frozen_vae_and_text(config, architecture, dtype)
-    plan.lines.append(frozen)
-
-    batch = config.data.batch_size
-    counter, kwargs, x = _student_inputs(config, student, vae, unet_config, architecture, dtype)
-    with counter.counting(student), torch.autocast("cpu", enabled=False):
-        out = student.to(dtype)(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
-        if discriminator is not None:  # in the generator phase its weights are frozen, its activations are not
-            discriminator.requires_grad_(False)
-            discriminator.float()(out.float(), torch.zeros(batch, dtype=torch.long, device="meta"), x.float(),
-                                  kwargs["encoder_hidden_states"].float(),
-                                  {k: v.float() for k, v in kwargs.get("added_cond_kwargs", {}).items()} or None)
-    checkpointing = config.model.gradient_checkpointing is True
-    how = "gradient checkpointing: block inputs + the largest block" if checkpointing else "no checkpointing"
-    plan.activations = counter.total
-    plan.activation_note = f"generator phase at batch {batch}, {config.data.resolution}px; {how}; estimated"
-    return plan
-
-
-def _student_inputs(config, student, vae, unet_config, architecture, dtype):
+def student_inputs(config, student, vae, unet_config, architecture, dtype):
     """A counter, the UNet's conditioning and its latent input at the configured per-rank batch (meta tensors), with
     the student prepared for counting: training mode, gradient checkpointing as configured, weights requiring grad."""
     batch, resolution = config.data.batch_size, config.data.resolution
@@ -336,31 +203,22 @@ def _student_inputs(config, student, vae, unet_config, architecture, dtype):
     return SavedBytes(), kwargs, x
 
 
-def _activations(config, student, vae, dino, unet_config, architecture, dtype) -> tuple[float, str]:
-    """What the generator phase saves for its backward at the configured per-rank batch: the student UNet (with
-    or without gradient checkpointing, as configured), the VAE decoder of the student's x0 (pixel-space losses),
-    and the frozen DINOv2 on the decoded fakes (the adversarial loss flows through it)."""
-    batch, resolution = config.data.batch_size, config.data.resolution
-    checkpointing = config.model.gradient_checkpointing is True
-    counter, kwargs, x = _student_inputs(config, student, vae, unet_config, architecture, dtype)
-    with counter.counting(student, vae), torch.autocast("cpu", enabled=False):
-        student = student.to(dtype)
-        out = student(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
-        if config.distill.resolved_space == "pixel" or config.distill.adversarial:
-            vae = vae.to(dtype)
-            pixels = vae.decode(out[:, : vae.config.latent_channels], return_dict=False)[0]
-            if config.distill.adversarial:
-                size = config.discriminator.input_size
-                resized = torch.nn.functional.interpolate(pixels.float(), size=(size, size), mode="bilinear",
-                                                          antialias=False)
-                dino(pixel_values=resized, output_hidden_states=True)
-    how = "gradient checkpointing: block inputs + the largest block" if checkpointing else "no checkpointing"
-    return counter.total, f"generator phase at batch {batch}, {resolution}px; {how}; estimated"
-
-
 def gpu_memory_gib(device: torch.device) -> Optional[float]:
     """The GPU's memory in GiB; None on a CPU."""
     return torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+
+
+def resolve_checkpointing(config, world_size: int, gpu_gib: Optional[float], unknown_gpu: bool = False) -> Optional[str]:
+    """Make `model.gradient_checkpointing: auto` concrete in `config`, in place, the one way the run and --dry-run
+    both use; -> why (None when it was not auto). `unknown_gpu`: what to plan with when the GPU's size is not known
+    (--dry-run without --gpu-memory plans with it on; a run without a GPU has nothing to save)."""
+    if config.model.gradient_checkpointing != "auto":
+        return None
+    if gpu_gib is None and unknown_gpu:
+        config.model.gradient_checkpointing = True
+        return "planned with it on; --gpu-memory decides"
+    config.model.gradient_checkpointing, why = decide_checkpointing(config, world_size, gpu_gib)
+    return why
 
 
 def decide_checkpointing(config, world_size: int, gpu_gib: Optional[float]) -> tuple[bool, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from addpipe.train.backends import backend_class
 from addpipe.train.methods import method_class
 
@@ -17,3 +19,22 @@ def describe_plan(config) -> str:
     for key, value in placement.items():
         lines.append(f"#   {key}: {value}")
     return "\n".join(lines) + "\n"
+
+
+def dry_run(config, world_size: int, gpu_memory: Optional[float] = None) -> str:
+    """`addpipe train --dry-run`: the resolved config with its documentation, the plan, and the memory per rank (with
+    `model.gradient_checkpointing: auto` decided as the run would on a GPU of `gpu_memory` GiB)."""
+    from addpipe.config import to_yaml
+    from addpipe.train.memory import plan_memory, resolve_checkpointing
+    from addpipe.train.models import ModelLoadError
+
+    plan = describe_plan(config)
+    if world_size < 1:
+        raise ValueError(f"--world-size must be at least 1, got {world_size}")
+    try:
+        why = resolve_checkpointing(config, world_size, gpu_memory, unknown_gpu=True)
+        note = f"# model.gradient_checkpointing auto: {why}\n" if why else ""
+        memory = note + plan_memory(config, world_size).describe(gpu_memory)
+    except (OSError, ValueError, ModelLoadError) as error:  # model configs not reachable (a hub id offline): the rest still helps
+        memory = f"# memory plan: not available: {str(error).strip().splitlines()[0]}\n"
+    return to_yaml(config, with_docs=True) + "\n" + plan + memory

@@ -1,39 +1,41 @@
-"""Distribution backends behind one interface (base.py): DeepSpeed (deepspeed.py) and PyTorch FSDP2 (fsdp2.py).
+"""Distribution backends behind one interface (base.py): DeepSpeed (deepspeed.py, its native ops in
+deepspeed_ops.py) and PyTorch FSDP2 (fsdp2.py).
 
-Only the modules in this folder call an engine's own API; the loop, checkpoints, EMA and export go through
-`Backend` and `Trained`.
+Only the modules in this folder call an engine's own API or know what its placement costs in memory; the loop,
+checkpoints, EMA, export and the memory plan go through `Backend` and `Trained`.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
-from addpipe.train.backends.base import Backend, OptimizerSettings, Trained
+from addpipe.train import distributed
+from addpipe.train.backends.base import Backend, OptimizerSettings, StateBytes, Trained
 
-BACKENDS = ("deepspeed", "fsdp2")
+_BACKENDS = {"deepspeed": "addpipe.train.backends.deepspeed:DeepSpeedBackend",
+             "fsdp2": "addpipe.train.backends.fsdp2:FSDP2Backend"}
+BACKENDS = tuple(_BACKENDS)
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name == "deepspeed":
-        from addpipe.train.backends.deepspeed import DeepSpeedBackend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
-        return DeepSpeedBackend
-    if name == "fsdp2":
-        from addpipe.train.backends.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend
-    raise ValueError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
+def initialize(engine) -> torch.device:
+    """Start this process's process group the way `engine.backend` does (once); -> this rank's device."""
+    backend = backend_class(engine.backend)
+    return distributed.initialize(lambda group: backend.start_process_group(engine, group), engine.process_group)
 
 
 def build_backend(config, device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend `config.engine.backend` names, for this process."""
-    if config.engine.backend == "deepspeed":
-        from addpipe.train.backends.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(config.engine, config.data.batch_size, dtype)
-    from addpipe.train.backends.fsdp2 import FSDP2Backend
-
-    return FSDP2Backend(config.engine, device, dtype)
+    return backend_class(config.engine.backend).create(config, device, dtype)
 
 
-__all__ = ["BACKENDS", "Backend", "OptimizerSettings", "Trained", "backend_class", "build_backend"]
+__all__ = ["BACKENDS", "Backend", "OptimizerSettings", "StateBytes", "Trained", "backend_class", "build_backend",
+           "initialize"]

@@ -115,10 +115,46 @@ class Trained(ABC):
         return type(self).__name__
 
 
+@dataclass
+class StateBytes:
+    """What one trained model's states take on one rank, in bytes (the memory plan's accounting)."""
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    ema: float = 0.0
+    note: str = ""
+
+
 class Backend(ABC):
-    """Process-wide: builds `Trained` models and places frozen ones."""
+    """Process-wide: starts the process group, builds `Trained` models and places frozen ones, and says what its
+    placement costs in memory before anything is built."""
 
     name: str
+
+    @classmethod
+    @abstractmethod
+    def create(cls, config, device: torch.device, dtype: torch.dtype) -> "Backend":
+        """This process's backend for the training config `config` (its engine section and what else it needs)."""
+
+    @staticmethod
+    def start_process_group(engine, group: str) -> None:
+        """Start the process group `group` (nccl, gloo) for this backend; `engine`: the config's engine section."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend=group)
+
+    @staticmethod
+    @abstractmethod
+    def shards_weights(engine) -> bool:
+        """Whether the student's weights are split across ranks (a LoRA student's frozen base goes with them)."""
+
+    @staticmethod
+    @abstractmethod
+    def state_bytes(engine, params: int, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> StateBytes:
+        """Weights, gradients, optimizer state (AdamW: an fp32 master where the weights are not fp32, two fp32
+        moments) and EMA of one trained model of `params` parameters on one rank; `sharded`: the model is one the
+        backend shards (the student), else one it keeps whole or at a lower stage (the discriminator heads)."""
 
     @abstractmethod
     def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from addpipe.train import distributed
-from addpipe.train.backends.base import Backend, OptimizerSettings, Trained, broadcast_owned, owner
+from addpipe.train.backends.base import Backend, OptimizerSettings, StateBytes, Trained, broadcast_owned, owner
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -291,6 +291,39 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, engine_config, micro_batch: int, dtype: torch.dtype):
         self.config, self.micro_batch, self.dtype = engine_config, micro_batch, dtype
+
+    @classmethod
+    def create(cls, config, device: torch.device, dtype: torch.dtype) -> "DeepSpeedBackend":
+        return cls(config.engine, config.data.batch_size, dtype)
+
+    @staticmethod
+    def start_process_group(engine, group: str) -> None:
+        from addpipe.train.backends.deepspeed_ops import start_process_group
+
+        start_process_group(engine, group)
+
+    @staticmethod
+    def shards_weights(engine) -> bool:
+        return engine.zero == 3
+
+    @staticmethod
+    def state_bytes(engine, params: int, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> StateBytes:
+        # the ZeRO paper's accounting: stage 1 partitions the optimizer state, 2 also the gradients, 3 the weights
+        b = dtype.itemsize
+        master = 4 if b != 4 else 0  # bf16 weights need an fp32 master copy; fp32 weights are their own
+        stage = engine.zero if sharded else (min(engine.zero, 2) if engine.discriminator_zero is None
+                                             else engine.discriminator_zero)
+        out = StateBytes(weights=b * params / (world if stage == 3 else 1),
+                         gradients=b * params / (world if stage >= 2 else 1),
+                         optimizer=(master + 8) * params / (world if stage >= 1 else 1),
+                         ema=4 * params / (world if stage == 3 else 1) if ema else 0.0)
+        if master and stage in (1, 2):  # ZeRO-1/2 also keep fp32 gradients of the rank's partition for the step
+            out.gradients += 4 * params / world
+        if engine.offload_optimizer != "none" and stage >= 1:
+            out.optimizer, out.note = 0.0, f"optimizer state on {engine.offload_optimizer}"
+        if engine.offload_param != "none" and stage == 3:
+            out.weights, out.note = 0.0, f"parameters on {engine.offload_param}" + (f", {out.note}" if out.note else "")
+        return out
 
     def stage(self, shard: bool) -> int:
         """The student's stage is the user's; a model that is not sharded by choice stays at min(zero, 2)."""

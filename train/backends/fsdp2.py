@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from addpipe.train import distributed
-from addpipe.train.backends.base import Backend, OptimizerSettings, Trained, broadcast_owned, owner
+from addpipe.train.backends.base import Backend, OptimizerSettings, StateBytes, Trained, broadcast_owned, owner
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -219,6 +219,30 @@ class FSDP2Backend(Backend):
                           if dtype == torch.bfloat16 else MixedPrecisionPolicy())
         offload = "cpu" in (engine_config.offload_param, engine_config.offload_optimizer)
         self.offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else None
+
+    @classmethod
+    def create(cls, config, device: torch.device, dtype: torch.dtype) -> "FSDP2Backend":
+        return cls(config.engine, device, dtype)
+
+    @staticmethod
+    def shards_weights(engine) -> bool:
+        return True
+
+    @staticmethod
+    def state_bytes(engine, params: int, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> StateBytes:
+        share = 1 / world if sharded else 1.0
+        # the shards are the fp32 masters; one gathered block in the compute dtype at a time (not counted here:
+        # a block of an SDXL UNet is a few hundred MB)
+        out = StateBytes(weights=4 * params * share, gradients=4 * params * share, optimizer=8 * params * share,
+                         ema=4 * params * share if ema else 0.0)
+        if sharded and not engine.reshard_after_forward:  # the gathered compute copy stays from forward to backward
+            out.weights += dtype.itemsize * params
+            out.note = f"gathered {str(dtype).replace('torch.', '')} copy kept (reshard_after_forward false)"
+        if sharded and engine.offload_param == "cpu":
+            out.weights = 0.0 if engine.reshard_after_forward else dtype.itemsize * params
+            out.gradients = out.optimizer = 0.0
+            out.note = "shards, gradients, optimizer on the CPU"
+        return out
 
     def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,
              shard: bool) -> Trained:

@@ -1,29 +1,64 @@
-"""Training methods behind one interface (base.py). ADD (add.py) and Diffusion2GAN (diffusion2gan.py) are built in; another method registers itself
-with `register` and is chosen with `method: <name>` in the config, without touching the loop."""
+"""Training methods behind one interface (base.py), each a plug-in in its own folder: its config sections (a
+subclass of train/config.py's TrainConfig), its networks, its losses' wiring and its memory plan.
+
+ADD (add/) and Diffusion2GAN (diffusion2gan/) are built in. Another method registers itself with `register`, from
+its own module or from an installed package's `addpipe.methods` entry point, and is chosen with `method: <name>` in
+the config, without an edit to the loop, the backends or any file here.
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
+from importlib.metadata import entry_points
+
 from addpipe.train.methods.base import Method, Phase
 
+logger = logging.getLogger(__name__)
+
+BUILT_IN = ("addpipe.train.methods.add", "addpipe.train.methods.diffusion2gan")
+"""Packages whose import registers the built-in methods."""
+
 _METHODS: dict[str, type[Method]] = {}
+_discovered = False
 
 
 def register(method: type[Method]) -> type[Method]:
     """Make `method` available as `method: <method.name>` (usable as a class decorator)."""
+    if not method.name:
+        raise ValueError(f"{method.__qualname__} has no name: set the class attribute `name` to what `method:` says")
     _METHODS[method.name] = method
     return method
 
 
-def method_class(name: str) -> type[Method]:
-    if "add" not in _METHODS:
-        from addpipe.train.methods.add import ADD
-        from addpipe.train.methods.diffusion2gan import Diffusion2GAN
+def _discover() -> None:
+    """Import the built-in methods and the `addpipe.methods` entry points of installed packages, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in BUILT_IN:
+        importlib.import_module(module)
+    for entry in entry_points(group="addpipe.methods"):
+        try:
+            loaded = entry.load()
+        except Exception as error:  # a broken third-party plug-in must not take the built-in methods down with it
+            logger.warning("method plug-in %s (%s) failed to load: %s", entry.name, entry.value, error)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, Method) and loaded.name not in _METHODS:
+            register(loaded)
 
-        register(ADD)
-        register(Diffusion2GAN)
+
+def method_class(name: str) -> type[Method]:
+    _discover()
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}: one of {', '.join(sorted(_METHODS))}")
     return _METHODS[name]
 
 
-__all__ = ["Method", "Phase", "method_class", "register"]
+def method_names() -> list[str]:
+    _discover()
+    return sorted(_METHODS)
+
+
+__all__ = ["Method", "Phase", "method_class", "method_names", "register"]

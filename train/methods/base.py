@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from addpipe.train.backends import Backend, OptimizerSettings, Trained
+from addpipe.train.config import TrainConfig
+from addpipe.train.data import ImageSamples, SampleFormat
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Method(ABC):
     """One training objective. `name` is what `method:` in the config says."""
 
     name: str = ""
+    config_class: type = TrainConfig
+    """The method's config tree: TrainConfig, or a subclass adding the method's own sections (its config.py)."""
     ema_model: str = "student"
     """The trained model whose weights the EMA follows and the export writes."""
     memory_plan: Optional[Callable[[Any, int, torch.dtype], Any]] = None
@@ -65,6 +69,12 @@ class Method(ABC):
     def data_signature(self) -> Optional[dict[str, Any]]:
         """What precomputed tensors in the shards must match to be used (None: never use them)."""
         return None
+
+    def sample_format(self) -> SampleFormat:
+        """What the method trains on: by default the shards' images and captions (with the precomputed tensors that
+        match data_signature); a method that reads something else returns its own format (train/data.py)."""
+        data = self.config.data
+        return ImageSamples(data.resolution, data.caption_key, self.data_signature())
 
     def sample_grid(self, path: Path, step: int) -> Optional[Path]:
         """Collective: write a grid of samples for a person to look at; the path on rank 0."""

@@ -4,7 +4,7 @@ Data: shards from `addpipe pairs` (noise z, the teacher's DDIM latent x, the pro
 generator is a copy of the teacher's UNet (or LoRA adapters on it) run once at the last timestep T on z; its x0 is
 read as the student parameterisation says (as ADD's one-step student). Generator phase: lambda_lpips *
 E-LatentLPIPS(G(z, c), x) + lambda_gan * L_G, with L_G the non-saturating loss of the conditional discriminator on
-G(z, c) noised to a random t. Discriminator phase: the teacher UNet's encoder (train/unet_discriminator.py) scores
+G(z, c) noised to a random t. Discriminator phase: the teacher UNet's encoder (train/methods/diffusion2gan/unet_discriminator.py) scores
 (x_t, z, c) for the real x against (G(z, c)_t, z, c), plus the text-alignment term (the real x with another
 sample's prompt counts as fake) and gamma/2 R1 on the noised real latents. With d2g.adversarial off it is the
 regression-only ablation: one phase, no discriminator.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -28,14 +28,16 @@ from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
 from addpipe.train.diagnostics import gradient_norms, log_window_ends
 from addpipe.train.export import export_student
-from addpipe.train.latent_lpips import LatentLPIPS
-from addpipe.train.memory import plan_diffusion2gan
+from addpipe.train.methods.diffusion2gan.config import Diffusion2GANConfig
+from addpipe.train.methods.diffusion2gan.data import OdePairs
+from addpipe.train.methods.diffusion2gan.latent_lpips import LatentLPIPS
+from addpipe.train.methods.diffusion2gan.memory import plan_diffusion2gan
 from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import ModelLoadError, TextConditioning, load_teacher, make_student, sdxl_time_ids
 from addpipe.train.sampling import generate, save_grid
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_x0, schedule_from_config,
                                     step_generator, stream_groups, student_parameterisation, warmup_factor)
-from addpipe.train.unet_discriminator import UNetEncoderDiscriminator
+from addpipe.train.methods.diffusion2gan.unet_discriminator import UNetEncoderDiscriminator
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PairStep:
 
 class Diffusion2GAN(Method):
     name = "diffusion2gan"
+    config_class = Diffusion2GANConfig
     memory_plan = staticmethod(plan_diffusion2gan)
 
     # ---- models -----------------------------------------------------------------------------------------
@@ -105,12 +108,13 @@ class Diffusion2GAN(Method):
                                                        optim.weight_decay, schedule, optim.gradient_clipping)
         return found
 
-    def data_signature(self) -> Optional[dict[str, Any]]:
-        from addpipe.train.pairs import ODE_SPACING
+    def sample_format(self) -> OdePairs:
+        """ODE pairs made with this run's teacher, VAE, resolution and the pairs' timestep spacing."""
+        from addpipe.train.methods.diffusion2gan.pairs import ODE_SPACING
 
         model = self.config.model
-        return {"pairs": {"teacher": model.teacher, "revision": model.revision, "vae": model.vae,
-                          "resolution": self.config.data.resolution, "timestep_spacing": ODE_SPACING}}
+        return OdePairs({"teacher": model.teacher, "revision": model.revision, "vae": model.vae,
+                         "resolution": self.config.data.resolution, "timestep_spacing": ODE_SPACING})
 
     def phases(self) -> list[Phase]:
         found = [Phase("generator", "student", self.generator_terms, "loss/generator_total")]
@@ -121,7 +125,7 @@ class Diffusion2GAN(Method):
 
     # ---- one step ---------------------------------------------------------------------------------------
     def begin_step(self, batch: Batch, step: int) -> PairStep:
-        if batch.noise is None:
+        if "noise" not in batch.extra:
             raise ValueError("method diffusion2gan trains on ODE pairs: point data.shards at `addpipe pairs` output")
         n, resolution = len(batch.captions), self.config.data.resolution
         low, high = self.config.d2g.discriminator_t
@@ -130,7 +134,7 @@ class Diffusion2GAN(Method):
         if self.teacher.architecture == "sdxl":  # pairs are whole images at the training resolution
             time_ids = sdxl_time_ids(torch.full((n, 2), resolution), torch.zeros(n, 2, dtype=torch.long),
                                      resolution).to(self.device)
-        return PairStep(batch.noise.to(self.device), batch.latents.to(self.device),
+        return PairStep(batch.extra["noise"].to(self.device), batch.latents.to(self.device),
                         TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device)),
                         time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device), step,
                         self.config.log.term_norms and log_window_ends(step, self.config.log.every, self.config.steps))

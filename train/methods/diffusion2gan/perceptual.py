@@ -2,7 +2,7 @@
 
 The published network (Kang et al. 2024) is a VGG16-BN trained on ImageNet *in the latent space* of one VAE,
 whose linear heads are then calibrated on BAPPS, a set of human two-alternative judgments. Offline neither exists,
-so this trains the same layout (train/latent_lpips.py; `width` narrows it to CPU size) in two steps:
+so this trains the same layout (train/methods/diffusion2gan/latent_lpips.py; `width` narrows it to CPU size) in two steps:
 
 1. Trunk: the VGG on the teacher VAE's latents of labelled shards, supervised by the label fields (for the
    digits: digit, ink and background colour), as the demo's DINOv2 is. What it learns to tell apart is what the
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from addpipe.devices import IMAGENET_MEAN, IMAGENET_STD
 from addpipe.train.backbone import fit_classifier, labelled_images
-from addpipe.train.latent_lpips import CHANNELS, LatentLPIPS
+from addpipe.train.methods.diffusion2gan.latent_lpips import CHANNELS, LatentLPIPS
 
 DISTORTIONS = ("noise", "blur", "shift", "contrast", "patch")
 

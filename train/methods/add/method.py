@@ -18,11 +18,12 @@ from addpipe.devices import autocast
 from addpipe.train import distributed, losses
 from addpipe.train.backends import Backend, OptimizerSettings, Trained
 from addpipe.train.data import Batch
-from addpipe.train.augment import augment, draw, parse_policy
+from addpipe.train.methods.add.config import ADDConfig
+from addpipe.train.methods.add.augment import augment, draw, parse_policy
 from addpipe.train.diagnostics import gradient_norms, log_window_ends
-from addpipe.train.discriminator import build_discriminator
+from addpipe.train.methods.add.discriminator import build_discriminator
 from addpipe.train.export import export_lora_student, export_student
-from addpipe.train.memory import plan_add
+from addpipe.train.methods.add.memory import plan_add
 from addpipe.train.lora import AdaptersOff, add_adapters, describe as describe_lora
 from addpipe.train.methods.base import Method, Phase
 from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, sdxl_time_ids,
@@ -70,6 +71,7 @@ REAL, FAKE = 11, 12
 
 class ADD(Method):
     name = "add"
+    config_class = ADDConfig
     memory_plan = staticmethod(plan_add)
 
     # ---- models -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from addpipe.train.config import AUGMENT_POLICIES as POLICIES
+from addpipe.train.methods.add.config import AUGMENT_POLICIES as POLICIES
 from addpipe.train.schedule import step_generator, stream_groups
 
 TRANSLATION = 0.125
