@@ -125,7 +125,11 @@ def pairs(
     from addpipe.train.config import TrainConfig
     from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
-    cfg = load(TrainConfig, config, list(overrides or []))
+    # the pairs section is Diffusion2GAN's: without a config, its defaults
+    cfg = load(TrainConfig, config, (["method=diffusion2gan"] if config is None else []) + list(overrides or []))
+    if not hasattr(cfg, "pairs"):
+        raise UserError(f"addpipe pairs reads the pairs section of a method: diffusion2gan config; {config} says "
+                        f"method: {cfg.method} (see configs/sd15_d2g.yaml)")
     task = task if task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))
     tasks = tasks if tasks is not None else int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
     try:

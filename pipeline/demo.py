@@ -35,6 +35,9 @@ import torch
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT.parent / "configs" / "tiny.yaml"
+CONFIG_D2G = ROOT.parent / "configs" / "tiny_d2g.yaml"
+METHOD_CONFIGS = {"add": CONFIG, "diffusion2gan": CONFIG_D2G}
+"""The demo's config of each method it trains (a method's sections exist only in its own config)."""
 SHIPPED_TEACHER = ROOT / "assets" / "digits_teacher"
 FIELDS = ["digit", "ink", "background"]
 # The curation's tiny CLIP (tiny_clip) and the near-duplicate threshold its embeddings call for (measured on the
@@ -279,9 +282,10 @@ def train_student(run_dir: Path, teacher: Path, dino: Path, shards: str, setting
     if (student / "addpipe_student.json").is_file():
         return student
     every = max(1, settings.steps // 3)
-    config = load(TrainConfig, CONFIG, [
-        f"run_dir={run_dir}", f"steps={settings.steps}", f"seed={seed}", f"model.teacher={teacher}",
-        f"discriminator.feature_network={dino}", f"discriminator.input_size={settings.resolution}",
+    method = next((o.split("=", 1)[1] for o in overrides or [] if o.startswith("method=")), "add")
+    own = {"add": [f"discriminator.feature_network={dino}", f"discriminator.input_size={settings.resolution}"]}
+    config = load(TrainConfig, METHOD_CONFIGS[method], [
+        f"run_dir={run_dir}", f"steps={settings.steps}", f"seed={seed}", f"model.teacher={teacher}", *own.get(method, []),
         f"data.shards={shards}", f"data.resolution={settings.resolution}", f"checkpoint.every={every}",
         f"log.sample_every={every}", f"log.sample_prompts={json.dumps(GRID_PROMPTS[:4])}", *(overrides or []),
     ])

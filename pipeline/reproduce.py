@@ -25,7 +25,7 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Optional
 
-from addpipe.pipeline.demo import (CONFIG, DemoSettings, curate, evaluate, feature_models, real_reference, teacher_directory,
+from addpipe.pipeline.demo import (CONFIG, CONFIG_D2G, DemoSettings, curate, evaluate, feature_models, real_reference, teacher_directory,
                                    train_student)
 
 WEIGHTINGS = ("exponential", "sds", "nfsd")
@@ -47,9 +47,9 @@ def variants(config: Path = CONFIG) -> dict[str, list[str]]:
             **{weighting: [f"distill.weighting={weighting}"] for weighting in WEIGHTINGS if weighting != default}}
 
 
-# Diffusion2GAN on the demo: a one-step generator (student.num_timesteps=1); its discriminator is the teacher's
-# UNet encoder, pretrained, so it takes a rate near the student's, not the 2e-3 of ADD's fresh heads.
-D2G = ["method=diffusion2gan", "student.num_timesteps=1", "student.backward_simulation=0", "optim.discriminator_lr=1e-4"]
+# Diffusion2GAN on the demo: configs/tiny_d2g.yaml (a one-step generator whose discriminator, the teacher's
+# pretrained UNet encoder, takes a rate near the student's).
+D2G = ["method=diffusion2gan"]
 PAIR_STEPS = 50
 
 
@@ -91,7 +91,7 @@ def ode_pairs(settings: DemoSettings, out: Path, shards: str, teacher: Path) -> 
                 for files in read_samples(Path(shard)).values() if "txt" in files]
     prompts = out / "pairs_prompts.txt"
     prompts.write_text("\n".join(captions) + "\n")
-    config = load(TrainConfig, CONFIG, [f"model.teacher={teacher}", f"data.resolution={settings.resolution}",
+    config = load(TrainConfig, CONFIG_D2G, [f"model.teacher={teacher}", f"data.resolution={settings.resolution}",
                                         f"pairs.guidance={GUIDANCE}", f"pairs.steps={PAIR_STEPS}", "pairs.batch_size=64",
                                         "pairs.samples_per_shard=100", f"pairs.seed={settings.seed}"])
     started = time.monotonic()

@@ -112,6 +112,7 @@ def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **ext
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+TINY_D2G_CONFIG = REPO / "configs" / "tiny_d2g.yaml"
 
 
 def _cluster(module_name: str, tmp_path_factory):

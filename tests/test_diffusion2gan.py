@@ -15,7 +15,7 @@ import torch
 from addpipe.config import load
 from addpipe.train import losses
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG
+from conftest import TINY_D2G_CONFIG
 from test_train import clean_env, cli, unet_weights
 
 
@@ -25,7 +25,7 @@ def pairs(tiny_sd, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("d2g")
     (root / "prompts.txt").write_text("".join(f"a handwritten {i % 10} in red on a blue background\n" for i in range(48)))
-    config = load(TrainConfig, TINY_CONFIG, [f"model.teacher={tiny_sd}", "data.resolution=16", "pairs.steps=4",
+    config = load(TrainConfig, TINY_D2G_CONFIG, [f"model.teacher={tiny_sd}", "data.resolution=16", "pairs.steps=4",
                                              "pairs.samples_per_shard=6"])
     collect_pairs(config, str(root / "prompts.txt"), str(root / "pairs"), progress=False)
     return root / "pairs"
@@ -114,7 +114,7 @@ def test_training_runs_both_phases_and_a_resume_equals_the_uninterrupted_run(tin
     from addpipe.train.loop import train
 
     def config(run, steps):
-        return load(TrainConfig, TINY_CONFIG, settings(tiny_sd, pairs, lpips_weights, run, steps=steps,
+        return load(TrainConfig, TINY_D2G_CONFIG, settings(tiny_sd, pairs, lpips_weights, run, steps=steps,
                                                       **{"optim.ema_decay": 0.9}))
 
     train(config(tmp_path / "whole", 4))
@@ -147,7 +147,7 @@ def test_training_runs_both_phases_and_a_resume_equals_the_uninterrupted_run(tin
 def test_the_regression_only_ablation_has_no_discriminator(tiny_sd, pairs, lpips_weights, tmp_path):
     from addpipe.train.loop import Trainer
 
-    config = load(TrainConfig, TINY_CONFIG, settings(tiny_sd, pairs, lpips_weights, tmp_path / "run", steps=2,
+    config = load(TrainConfig, TINY_D2G_CONFIG, settings(tiny_sd, pairs, lpips_weights, tmp_path / "run", steps=2,
                                                      **{"d2g.adversarial": "false"}))
     trainer = Trainer(config)
     try:
@@ -167,11 +167,11 @@ def test_two_rank_runs_match_one_rank(tiny_sd, pairs, lpips_weights, tmp_path, b
 
     common = {"steps": 2, "engine.backend": backend, **extra}
     one = tmp_path / "one"
-    train(load(TrainConfig, TINY_CONFIG, settings(tiny_sd, pairs, lpips_weights, one, **common,
+    train(load(TrainConfig, TINY_D2G_CONFIG, settings(tiny_sd, pairs, lpips_weights, one, **common,
                                                   **{"data.batch_size": 4, "data.num_workers": 2})))
     two = tmp_path / "two"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "addpipe.pipeline", "train", "-c", str(TINY_CONFIG),
+               "addpipe.pipeline", "train", "-c", str(TINY_D2G_CONFIG),
                *settings(tiny_sd, pairs, lpips_weights, two, **common, **{"data.batch_size": 2, "data.num_workers": 1})]
     result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -185,13 +185,13 @@ def test_two_rank_runs_match_one_rank(tiny_sd, pairs, lpips_weights, tmp_path, b
 
 def test_image_shards_missing_weights_and_pairs_of_another_teacher_are_refused(tiny_sd, tiny_sdxl, pairs, lpips_weights,
                                                                                digit_shards, tmp_path):
-    result = cli("train", "-c", str(TINY_CONFIG), *settings(tiny_sd, pairs, lpips_weights, tmp_path / "a",
+    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, pairs, lpips_weights, tmp_path / "a",
                                                            **{"d2g.lpips": ""}), check=False)
     assert result.returncode == 2 and "needs d2g.lpips" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "a" / "config.yaml").exists()
-    result = cli("train", "-c", str(TINY_CONFIG), *settings(tiny_sd, digit_shards, lpips_weights, tmp_path / "b"),
+    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, digit_shards, lpips_weights, tmp_path / "b"),
                  check=False)
     assert result.returncode == 2 and "is not an ODE pair" in result.stderr, result.stderr[-2000:]
-    result = cli("train", "-c", str(TINY_CONFIG), *settings(tiny_sdxl, pairs, lpips_weights, tmp_path / "c"),
+    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sdxl, pairs, lpips_weights, tmp_path / "c"),
                  check=False)
     assert result.returncode == 2 and "made with another teacher" in result.stderr, result.stderr[-2000:]

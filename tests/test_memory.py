@@ -9,7 +9,7 @@ import torch
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
 from addpipe.train.memory import GIB, plan_memory
-from conftest import REPO, TINY_CONFIG, tiny_overrides
+from conftest import REPO, TINY_CONFIG, TINY_D2G_CONFIG, tiny_overrides
 
 
 def lines(plan):
@@ -152,7 +152,7 @@ def test_diffusion2gan_has_its_own_plan_and_auto_checkpointing_reads_it(tiny_sd,
     def config(**extra):
         values = {"method": "diffusion2gan", "model.teacher": tiny_sd, "data.resolution": 16, "data.batch_size": 4,
                   "d2g.lpips": tmp_path / "lpips.pth", "optim.ema_decay": 0, **extra}
-        return load(TrainConfig, TINY_CONFIG, [f"{k}={v}" for k, v in values.items()])
+        return load(TrainConfig, TINY_D2G_CONFIG, [f"{k}={v}" for k, v in values.items()])
 
     plan = plan_memory(config(), 1, torch.float32)
     unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")

@@ -22,7 +22,7 @@ import webdataset as wds
 from addpipe.config import load
 from addpipe.tables import InputError
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG
+from conftest import TINY_D2G_CONFIG
 from test_train import clean_env
 
 PROMPTS = ["a handwritten seven in red on a blue background", "a handwritten two in white on a black background",
@@ -36,7 +36,7 @@ def settings(teacher: Path, **extra) -> list[str]:
 
 
 def config(teacher: Path, **extra) -> TrainConfig:
-    return load(TrainConfig, TINY_CONFIG, settings(teacher, **extra))
+    return load(TrainConfig, TINY_D2G_CONFIG, settings(teacher, **extra))
 
 
 @pytest.fixture
@@ -167,11 +167,11 @@ def test_any_split_over_tasks_and_ranks_writes_the_same_files(tiny_sd, prompts, 
 def test_a_killed_pair_run_resumes_without_losing_or_repeating_a_pair(tiny_sd, tmp_path):
     lines = [f"a handwritten {i % 10} in red on a blue background" for i in range(24)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
-    command = [sys.executable, "-m", "addpipe.pipeline", "pairs", "-c", str(TINY_CONFIG), "--prompts",
+    command = [sys.executable, "-m", "addpipe.pipeline", "pairs", "-c", str(TINY_D2G_CONFIG), "--prompts",
                str(tmp_path / "p.txt"), *settings(tiny_sd, **{"pairs.samples_per_shard": 3, "pairs.steps": 12})]
     from addpipe.train.methods.diffusion2gan.pairs import collect_pairs
 
-    whole = collect_pairs(load(TrainConfig, TINY_CONFIG, command[command.index("--prompts") + 2:]), str(tmp_path / "p.txt"),
+    whole = collect_pairs(load(TrainConfig, TINY_D2G_CONFIG, command[command.index("--prompts") + 2:]), str(tmp_path / "p.txt"),
                           str(tmp_path / "whole"), progress=False)  # in this process: the reference, uninterrupted
     assert whole["pairs"] == 24 and whole["written_shards"] == 8
     killed = subprocess.Popen(command + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
@@ -206,7 +206,7 @@ def test_bad_prompt_tables_and_a_different_set_are_refused_by_name(tiny_sd, prom
     collect_pairs(config(tiny_sd), str(prompts), str(tmp_path / "set"), progress=False)
     with pytest.raises(InputError, match=r"holds ODE pairs of another set \(signature: .*'guidance': 3.0.*'guidance': 5.0"):
         collect_pairs(config(tiny_sd, **{"pairs.guidance": 5.0}), str(prompts), str(tmp_path / "set"))
-    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "pairs", "-c", str(TINY_CONFIG), "--prompts",
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "pairs", "-c", str(TINY_D2G_CONFIG), "--prompts",
                              str(prompts), "--out", str(tmp_path / "set"), *settings(tiny_sd, **{"pairs.steps": 7})],
                             capture_output=True, text=True, env=clean_env(), timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr and "another set" in result.stderr, result.stderr
@@ -222,10 +222,10 @@ def test_slurm_pairs_array_with_a_requeued_task_equals_one_local_worker(tiny_sd,
     lines = [f"a handwritten {i % 10} in white on a black background" for i in range(16)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")
     overrides = settings(tiny_sd, **{"pairs.steps": 25})
-    collect_pairs(load(TrainConfig, TINY_CONFIG, overrides), str(tmp_path / "p.txt"), str(tmp_path / "local"),
+    collect_pairs(load(TrainConfig, TINY_D2G_CONFIG, overrides), str(tmp_path / "p.txt"), str(tmp_path / "local"),
                   progress=False)
     out, logs = tmp_path / "cluster", tmp_path / "logs"
-    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "slurm", "pairs", "--config", str(TINY_CONFIG),
+    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "slurm", "pairs", "--config", str(TINY_D2G_CONFIG),
                              "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--tasks", "2",
                              "--cpus-per-task", "1", "--log-dir", str(logs), *overrides],
                             capture_output=True, text=True, env={**clean_env(), "SLURM_CONF": str(slurm.conf)},
