@@ -20,8 +20,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from addpipe.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the config tree."""
 
 

@@ -22,6 +22,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
+from addpipe.errors import UserError
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -50,6 +52,12 @@ def read_samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
                 key, _, extension = member.name.rpartition("/")[2].partition(".")
                 samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
     return samples
+
+
+def read_images(tar_path: Path) -> dict[str, tuple[str, bytes]]:
+    """key -> (extension, bytes) of every image in a WebDataset tar."""
+    return {key: next((ext, files[ext]) for ext in IMAGE_KEYS if ext in files)
+            for key, files in read_samples(tar_path).items() if any(ext in files for ext in IMAGE_KEYS)}
 
 
 def write_tar(path: Path, samples: list[dict[str, Any]]) -> None:
@@ -118,7 +126,7 @@ def shard_pattern(paths: list[Path]) -> str:
     return f"{paths[0].parent}/{{{paths[0].stem}..{paths[-1].stem}}}.tar"
 
 
-class ShardError(FileNotFoundError):
+class ShardError(UserError, FileNotFoundError):
     """Shards that are missing or too few for the data layout."""
 
 

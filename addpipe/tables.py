@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from addpipe.errors import UserError
+
 TABLE_FORMATS = ("parquet", "csv", "csv.gz", "tsv", "tsv.gz", "jsonl", "jsonl.gz", "json", "json.gz")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input table that cannot be used as it is."""
 
 

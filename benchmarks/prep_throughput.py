@@ -54,9 +54,9 @@ def main() -> None:
     import torch
     from img2dataset import download as img2dataset_download
 
-    from addpipe.dataprep.clip import load_clip
+    from addpipe.clip import load_clip
     from addpipe.dataprep.config import PrepConfig
-    from addpipe.dataprep.embed import read_images
+    from addpipe.shards import read_images
     from addpipe.dataprep.prep import run_download, run_embed, run_merge
     from addpipe.dataprep.tiny import build_tiny_aesthetic
     from image_server import ImageServer, Route, jpeg

@@ -9,6 +9,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from addpipe.clip import EmbedConfig  # the embed: section; the core's, as evaluation names CLIP models with it too
+
 AESTHETIC_WEIGHTS_URL = (
     "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 )
@@ -87,24 +89,6 @@ class DownloadConfig:
         if not 0 <= self.encode_quality <= limit:
             raise ValueError(f"download.encode_quality={self.encode_quality} is out of range for {self.encode_format}: "
                              f"0-{limit}" + (" (png: the compression level)" if limit == 9 else ""))
-
-
-@dataclass
-class EmbedConfig:
-    model: str = "ViT-L-14"
-    """open_clip model name. The LAION aesthetic predictor expects ViT-L-14 image embeddings (768-d)."""
-    pretrained: str = "openai"
-    """open_clip pretrained tag, hf-hub:org/name, or a local checkpoint file."""
-    model_config: Optional[str] = None
-    """An open_clip model-config JSON to register first (for architectures open_clip does not ship)."""
-    batch_size: int = 64
-    """Images (and captions) per forward pass on a GPU. On the CPU every forward takes exactly 8 (the last chunk of a
-    shard padded), so scores do not depend on batch boundaries, resume points or threads (dataprep/clip.py); there
-    this is only how many images are decoded per call."""
-    device: str = "auto"
-    """auto (cuda when available), cpu or cuda."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision on GPU; embeddings are always stored as float32."""
 
 
 @dataclass

@@ -25,18 +25,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from addpipe.dataprep.aesthetic import AestheticPredictor
-from addpipe.dataprep.clip import ClipEmbedder
-from addpipe.shards import IMAGE_KEYS, read_samples
+from addpipe.clip import ClipEmbedder
+from addpipe.shards import read_images
 from addpipe.dataprep.table import restore_refused
 from addpipe.files import write_atomic, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def read_images(tar_path: Path) -> dict[str, tuple[str, bytes]]:
-    """key -> (extension, bytes) of every image in a WebDataset tar."""
-    return {key: next((ext, files[ext]) for ext in IMAGE_KEYS if ext in files)
-            for key, files in read_samples(tar_path).items() if any(ext in files for ext in IMAGE_KEYS)}
 
 
 def caption_stats(captions: pd.Series) -> tuple[pd.Series, pd.Series]:

@@ -34,11 +34,12 @@ from addpipe.dataprep.table import read_refused, write_normalised
 from addpipe.dataprep.write import write_output_shard
 from addpipe.files import write_parquet_atomic, write_text_atomic
 from addpipe.config import to_dict, to_yaml
+from addpipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class PrepError(RuntimeError):
+class PrepError(UserError, RuntimeError):
     """A prep run that cannot go on as asked (printed without a traceback by the CLI)."""
 
 
@@ -132,7 +133,7 @@ def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> l
                 len(mine), len(mine) - len(todo), len(todo))
     if todo:
         from addpipe.dataprep.aesthetic import load_aesthetic
-        from addpipe.dataprep.clip import load_clip
+        from addpipe.clip import load_clip
 
         embedder = load_clip(config.embed)
         aesthetic = load_aesthetic(config.filter.aesthetic_weights, embedder.device) if config.filter.aesthetic_weights else None

@@ -34,11 +34,9 @@ def summarise(values: pd.Series) -> Optional[dict[str, float]]:
 
 
 def histograms(decisions: pd.DataFrame, config: PrepConfig, plot_dir: Path) -> dict[str, str]:
-    import matplotlib
+    from addpipe.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plot_dir.mkdir(parents=True, exist_ok=True)
     table = decisions.copy()
     table["short_side"] = table[["original_width", "original_height"]].min(axis=1)

@@ -209,7 +209,7 @@ def run_metrics(study_dir: Path, reference: Optional[str], features: str, clip_m
     target = str(resolve_device(device))
     embedder = None
     if clip_model:
-        from addpipe.dataprep.clip import embed_config_from_spec, load_clip
+        from addpipe.clip import embed_config_from_spec, load_clip
 
         embedder = load_clip(embed_config_from_spec(clip_model, target))
     metrics = automated_metrics(study_dir, read_generations(study_dir), reference, features, embedder, target, limit, batch_size,

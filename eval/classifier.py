@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from addpipe.train.backbone import fit_classifier, image_tensor, labelled_images, normalise
+from addpipe.backbone import fit_classifier, image_tensor, labelled_images, normalise
 
 CONFIG_NAME = "addpipe_classifier.json"
 WEIGHTS_NAME = "classifier.pt"

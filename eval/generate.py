@@ -114,7 +114,7 @@ def load_arm_pipeline(arm: Arm, device: torch.device, dtype: torch.dtype):
     import diffusers
     from diffusers import DiffusionPipeline
 
-    from addpipe.train.models import ModelLoadError
+    from addpipe.train import ModelLoadError
 
     try:
         pipe = DiffusionPipeline.from_pretrained(arm.source, torch_dtype=dtype)
@@ -141,7 +141,7 @@ def arm_call_kwargs(arm: Arm) -> dict[str, Any]:
     pipelines on `steps` of their scheduler. A student arm with a step count it was not trained for: ValueError."""
     info_path = Path(arm.lora or arm.source) / "addpipe_student.json"
     if info_path.is_file():
-        from addpipe.train.sampling import sample_timesteps
+        from addpipe.train import sample_timesteps
 
         try:
             timesteps = sample_timesteps(json.loads(info_path.read_text()), arm.steps)

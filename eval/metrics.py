@@ -109,7 +109,7 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
         model = AutoModel.from_pretrained(source or "facebook/dinov2-large").eval().to(device)
         return FeatureNetwork("dinov2", size or 224, lambda x: model(pixel_values=_normalised(x)).last_hidden_state[:, 0], device)
     if kind == "clip":
-        from addpipe.dataprep.clip import embed_config_from_spec, load_clip
+        from addpipe.clip import embed_config_from_spec, load_clip
 
         embedder = load_clip(embed_config_from_spec(source, str(device)))
         cfg = embedder.model.visual.preprocess_cfg
@@ -127,7 +127,7 @@ def load_feature_network(spec: str, device: str | torch.device = "cpu", size: Op
 
 def iter_images(source: str | Path, limit: Optional[int] = None) -> Iterator[Image.Image]:
     """Images from a directory (recursively) or WebDataset shards (a pattern or a directory of .tar)."""
-    from addpipe.dataprep.embed import read_images
+    from addpipe.shards import read_images
     from addpipe.shards import expand_shards
 
     path = Path(os.path.expanduser(str(source)))

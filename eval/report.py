@@ -10,18 +10,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from addpipe.plots import pyplot
 
 
 def plot_ratings(ratings: dict[str, Any], title: str, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     arms = ratings["arms"][::-1]
     bt = ratings["bradley_terry"]
     values = np.array([bt[a]["rating"] for a in arms])
@@ -42,7 +35,7 @@ def plot_ratings(ratings: dict[str, Any], title: str, path: Path) -> Path:
 
 
 def plot_win_rates(ratings: dict[str, Any], title: str, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     matrix = ratings["win_rate"]
     arms = matrix["arms"]
     values = np.array([[np.nan if v is None else v for v in row] for row in matrix["rate"]])
@@ -70,7 +63,7 @@ def plot_quality_latency(analysis: dict[str, Any], path: Path, question: str = "
     arms = analysis.get("arms", {})
     if not ratings or not arms:
         return None
-    plt = _plt()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
     for number, arm in enumerate(ratings["arms"]):
         if arm not in arms:
@@ -144,7 +137,7 @@ def plot_distances(arms: dict[str, dict[str, Any]], path: Path) -> Optional[Path
     names = [arm for arm, entry in arms.items() if "kid" in entry]
     if not names:
         return None
-    plt = _plt()
+    plt = pyplot()
     panels = (("frechet_distance", "FD (at the stated counts)"), ("fd_infinity", "FD∞ (extrapolated)"),
               ("kid", "KID ×10³"), ("precision", "precision (o) and recall (x)"))
     figure, axes = plt.subplots(1, 4, figsize=(max(10, 1.1 * len(names) * 2), 3.2))

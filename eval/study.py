@@ -31,11 +31,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from addpipe.eval.db import Assignment, Pair, Rater, Setting
+from addpipe.errors import UserError
 
 GOLDEN_PREFIX = "golden:"
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """A study directory or request that cannot be used as it is."""
 
 

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from addpipe.errors import UserError as BaseUserError
+
 # Plain (click) help, not typer's rich panels: rich help labels every flag `<bool>` as if it took a value, and
 # costs a further ~0.3 s of imports on every --help. -h works everywhere: click's child contexts inherit it.
 _APP = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -31,25 +33,8 @@ def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, 
     """Adversarial Diffusion Distillation: prep -> train -> sample -> eval."""
 
 
-class UserError(Exception):
-    """Errors caused by input, printed without a traceback."""
-
-
-USER_ERRORS = (("addpipe.dataprep.prep", "PrepError"), ("addpipe.tables", "InputError"),
-               ("addpipe.eval.study", "StudyError"), ("addpipe.config", "ConfigError"),
-               ("addpipe.train.checkpoint", "CheckpointError"), ("addpipe.shards", "ShardError"),
-               ("addpipe.train.models", "ModelLoadError"), ("addpipe.train.report", "NonFiniteLossError"),
-               ("addpipe.train.rundir", "RunDirError"), ("addpipe.slurm.submit", "SlurmError"))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exception classes printed as `error: ...` without a traceback. Only modules already imported can have
-    raised one, so only those are looked at: importing the rest would cost seconds on every exit."""
-    found = [UserError]
-    for module, name in USER_ERRORS:
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
+class UserError(BaseUserError):
+    """A command's own refusal of its arguments (printed without a traceback)."""
 
 
 @app.command()
@@ -249,7 +234,7 @@ def _prep_failures(run):
     try:
         return run()
     except (FileNotFoundError, ValueError, RuntimeError) as error:
-        if isinstance(error, (PrepError,) + _user_errors()):
+        if isinstance(error, BaseUserError):
             raise
         raise PrepError(str(error)) from error
 
@@ -485,7 +470,7 @@ def _eval_failures(run):
     try:
         return run()
     except (FileNotFoundError, ValueError) as error:
-        if isinstance(error, _user_errors()):
+        if isinstance(error, BaseUserError):
             raise
         raise StudyError(str(error)) from error
 
@@ -664,11 +649,15 @@ def main() -> None:
         STOP.__enter__()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    invoke()
+
+
+def invoke(args: Optional[List[str]] = None) -> None:
+    """The commands on `args` (default: the command line) with their error mapping: an error caused by input prints
+    `error: ...` without a traceback and exits 2. Ends in SystemExit, as click's commands do."""
     try:
-        app()
-    except Exception as error:
-        if not isinstance(error, _user_errors()):
-            raise
+        app(args)
+    except BaseUserError as error:  # every stage's input errors subclass it (addpipe/errors.py)
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
 

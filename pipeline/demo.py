@@ -255,7 +255,7 @@ def train_teacher(directory: Path, settings: DemoSettings, shards: str) -> Path:
 def feature_models(settings: DemoSettings, out: Path, shards: str) -> tuple[Path, Path]:
     """The discriminator's DINOv2-architecture ViT and the evaluation's content classifier, both trained on `shards`."""
     from addpipe.eval.classifier import train_classifier
-    from addpipe.train.backbone import train_dinov2
+    from addpipe.backbone import train_dinov2
 
     dino, classifier = out / "models" / "dinov2", out / "models" / "classifier"
     if not done(dino):

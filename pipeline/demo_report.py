@@ -13,12 +13,12 @@ TRAINING_CURVES = [("loss/distillation", "distillation loss"), ("loss/generator_
 
 def plot_training(metrics_jsonl: Path, path: Path) -> Path | None:
     """The ADD losses and discriminator logits against the step, one panel each."""
-    from addpipe.eval.report import _plt
+    from addpipe.plots import pyplot
 
     if not metrics_jsonl.is_file():
         return None
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    plt = _plt()
+    plt = pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     for axis, (key, title) in zip(axes.flat, TRAINING_CURVES):
         points = [(r["step"], r[key]) for r in records if key in r]

@@ -317,9 +317,9 @@ def write_table(out: Path, summary: dict[str, Any]) -> Path:
 def plot_table(path: Path, summary: dict[str, Any], arms: list[str]) -> Path:
     """FID per arm (bars: mean over seeds, dots: seeds; the image count where an arm had fewer), then FD∞ and KID
     per arm and seed with their 95% intervals (both comparable across image counts)."""
-    from addpipe.eval.report import _plt
+    from addpipe.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     real = summary.get("real")
     panels = [name for name in ("fd_infinity", "kid") if all(name in summary["arms"][arm] for arm in arms)]
     width = max(6, 0.7 * len(arms))

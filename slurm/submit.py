@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from addpipe.errors import UserError
+
 TEMPLATES = Path(__file__).resolve().parent
 # SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError, RuntimeError):
     """A submission that cannot be made as asked (printed without a traceback)."""
 
 

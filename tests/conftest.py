@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -22,6 +23,40 @@ torch.set_num_threads(2)
 # long after pytest has printed its summary.
 SESSION_MARK = "ADDPIPE_TEST_SESSION"
 os.environ[SESSION_MARK] = uuid.uuid4().hex
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`addpipe ARGS` in this process, through the command line's own error mapping (pipeline.cli.invoke): for the
+    error paths, which a fresh interpreter made ~40 s each under load for an answer that takes a fraction of a
+    second. Its stdout, stderr and log records come back as a finished process's would; the signal handlers a
+    command installs are put back."""
+    import contextlib
+    import io
+    import logging
+
+    from addpipe.pipeline.cli import invoke
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, handlers = logging.getLogger(), {n: signal.getsignal(n) for n in (signal.SIGTERM, signal.SIGUSR1)}
+    level, code, here = root.level, 0, os.getcwd()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            invoke([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        os.chdir(here)
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for number, previous in handlers.items():
+            signal.signal(number, previous)
+    return subprocess.CompletedProcess(["addpipe", *args], code, out.getvalue(), err.getvalue())
 
 
 def leftover_processes() -> list[tuple[int, str]]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run_cli
 from test_train import clean_env, cli
 
 
@@ -49,7 +49,7 @@ def test_help_answers_in_under_a_second():
 
 
 def test_a_missing_local_model_directory_is_named_and_leaves_no_config(tmp_path):
-    result = cli("train", "--config", str(TINY_CONFIG), "run_dir=runs/tiny", check=False, cwd=tmp_path)
+    result = run_cli("train", "--config", str(TINY_CONFIG), "run_dir=runs/tiny", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "directory not found: demo_out/models/teacher" in result.stderr
     assert "Repo id" not in result.stderr and "Traceback" not in result.stderr

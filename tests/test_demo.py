@@ -86,7 +86,7 @@ def test_classifier_metrics_on_a_gpu_match_the_cpu(labelled_digits, tmp_path):
 def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(labelled_digits, tmp_path):
     from transformers import Dinov2Model
 
-    from addpipe.train.backbone import train_dinov2
+    from addpipe.backbone import train_dinov2
     from addpipe.train.methods.add.config import DiscriminatorConfig
     from addpipe.train.methods.add.discriminator import build_discriminator
 
@@ -104,7 +104,7 @@ def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(la
 
 def test_missing_labels_and_wrong_directories_are_named(digit_shards, tiny_dino):
     from addpipe.eval.classifier import load_classifier
-    from addpipe.train.backbone import labelled_images
+    from addpipe.backbone import labelled_images
 
     with pytest.raises(KeyError, match=r"no label field\(s\) \['ink'\].*its json has"):
         labelled_images(str(digit_shards), ["label", "ink"], 32)

@@ -15,8 +15,8 @@ import torch
 from addpipe.config import load
 from addpipe.train import losses
 from addpipe.train.config import TrainConfig
-from conftest import TINY_D2G_CONFIG
-from test_train import clean_env, cli, unet_weights
+from conftest import TINY_D2G_CONFIG, run_cli
+from test_train import clean_env, unet_weights
 
 
 @pytest.fixture(scope="module")
@@ -185,13 +185,11 @@ def test_two_rank_runs_match_one_rank(tiny_sd, pairs, lpips_weights, tmp_path, b
 
 def test_image_shards_missing_weights_and_pairs_of_another_teacher_are_refused(tiny_sd, tiny_sdxl, pairs, lpips_weights,
                                                                                digit_shards, tmp_path):
-    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, pairs, lpips_weights, tmp_path / "a",
-                                                           **{"d2g.lpips": ""}), check=False)
+    result = run_cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, pairs, lpips_weights, tmp_path / "a",
+                                                           **{"d2g.lpips": ""}))
     assert result.returncode == 2 and "needs d2g.lpips" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "a" / "config.yaml").exists()
-    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, digit_shards, lpips_weights, tmp_path / "b"),
-                 check=False)
+    result = run_cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sd, digit_shards, lpips_weights, tmp_path / "b"))
     assert result.returncode == 2 and "is not an ODE pair" in result.stderr, result.stderr[-2000:]
-    result = cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sdxl, pairs, lpips_weights, tmp_path / "c"),
-                 check=False)
+    result = run_cli("train", "-c", str(TINY_D2G_CONFIG), *settings(tiny_sdxl, pairs, lpips_weights, tmp_path / "c"))
     assert result.returncode == 2 and "made with another teacher" in result.stderr, result.stderr[-2000:]

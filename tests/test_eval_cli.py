@@ -14,6 +14,7 @@ from PIL import Image
 
 from addpipe.eval.server import create_app
 from live_server import ServerThread
+from conftest import run_cli
 from test_train import cli
 
 
@@ -66,7 +67,7 @@ def test_generation_is_paired_and_resumable(study):
     assert np.abs(ours - theirs).max() <= 2  # the same image up to rounding
     cli(*study["args"])  # resumable: nothing new to do
     assert len((directory / "generations.jsonl").read_text().splitlines()) == 20
-    changed = cli("eval", "generate", "--study", str(directory), "--model", "slow=elsewhere:steps=1", check=False)
+    changed = run_cli("eval", "generate", "--study", str(directory), "--model", "slow=elsewhere:steps=1")
     assert changed.returncode == 2 and "already exists" in changed.stderr
 
 
@@ -133,7 +134,7 @@ def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_di
     assert counts() == {"all": 10, "some": 4}
     cli(*base, "--model", f"some={tiny_sd}:steps=2:prompts=9")  # more of the same arm: only the new prompts are drawn
     assert counts() == {"all": 10, "some": 9}
-    bad = cli("eval", "generate", "--study", str(directory), "--model", f"x={tiny_sd}:prompts=0", check=False)
+    bad = run_cli("eval", "generate", "--study", str(directory), "--model", f"x={tiny_sd}:prompts=0")
     assert bad.returncode == 2 and "prompts >= 1" in bad.stderr
     from addpipe.eval.generate import Arm
 
@@ -164,5 +165,5 @@ def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_di
     assert "FD@9/10" in result.stdout and "KID x1e3" in result.stdout and "[" in result.stdout
     report = (directory / "report" / "report.md").read_text()
     assert "| FD | FD∞ | KID ×10³ | precision | recall |" in report and (directory / "report" / "distances.png").is_file()
-    assert cli("eval", "metrics", "--study", str(directory), "--reference", str(reference), "--features",
-               f"dinov2:{tiny_dino}", "--resamples", "1", check=False).returncode == 2
+    assert run_cli("eval", "metrics", "--study", str(directory), "--reference", str(reference), "--features",
+                   f"dinov2:{tiny_dino}", "--resamples", "1").returncode == 2

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides, run_cli
 from test_train import clean_env, cli
 
 LORA = {"student.lora.rank": 4, "student.lora.init": "gaussian"}
@@ -178,9 +178,8 @@ def test_two_rank_lora_runs_match_one_rank(request, tmp_path, backend, extra):
 
 
 def test_target_modules_that_match_nothing_are_refused_by_name(request, tmp_path):
-    result = cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", tmp_path / "run", steps=1,
-                                                           **{"student.lora.target_modules": "[to_qq, to_k]"}),
-                 check=False)
+    result = run_cli("train", "-c", str(TINY_CONFIG), *settings(request, "sd", tmp_path / "run", steps=1,
+                                                           **{"student.lora.target_modules": "[to_qq, to_k]"}))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "student.lora.target_modules ['to_qq'] match no Linear or Conv2d layer" in result.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()

@@ -94,8 +94,7 @@ def test_inception_loads_from_a_torchscript_file_or_a_torchvision_state_dict(tmp
 def test_clip_score_is_100_times_the_clipped_cosine(tmp_path):
     import open_clip
 
-    from addpipe.dataprep.clip import load_clip
-    from addpipe.dataprep.config import EmbedConfig
+    from addpipe.clip import EmbedConfig, load_clip
     from addpipe.dataprep.tiny import build_tiny_clip
 
     tiny = build_tiny_clip(tmp_path / "clip")

@@ -29,7 +29,7 @@ from addpipe.dataprep.config import InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
 from image_server import curation_rows, hostile_redirect_rows, hostile_scheme_rows, jpeg, sample_photos, serve_rows
-from conftest import REPO
+from conftest import REPO, run_cli
 from test_train import clean_env
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
@@ -196,7 +196,7 @@ def test_empty_malformed_and_zero_byte_tables_fail_naming_the_file_before_any_st
     for name, message in expected.items():
         out = tmp_path / ("out-" + name)
         if name in ("empty.parquet", "ragged.csv"):  # through the CLI: exit 2, one line, no traceback
-            result = addpipe("prep", "--urls", str(tables / name), "--out", str(out), check=False)
+            result = run_cli("prep", "--urls", str(tables / name), "--out", str(out))
             assert result.returncode == 2, (name, result.stderr[-2000:])
             assert message in result.stderr and str(tables / name) in result.stderr, (name, result.stderr[-2000:])
             assert "Traceback" not in result.stderr and "img2dataset" not in result.stderr
@@ -509,14 +509,14 @@ def test_input_formats_and_column_errors(tmp_path):
 
 
 def test_cli_errors_are_clear_and_leave_no_output(tmp_path, curated):
-    result = addpipe("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o"), check=False)
+    result = run_cli("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no column 'url'" in result.stderr and "URL, TEXT, name" in result.stderr
-    result = addpipe("prep", "--out", str(tmp_path / "o2"), "--set", "filter.min_clipsim=0.3", check=False)
+    result = run_cli("prep", "--out", str(tmp_path / "o2"), "--set", "filter.min_clipsim=0.3")
     assert result.returncode == 2 and "unknown config key" in result.stderr and "min_clip_similarity" in result.stderr
-    result = addpipe("prep", "merge", "--out", str(tmp_path / "never"), check=False)
+    result = run_cli("prep", "merge", "--out", str(tmp_path / "never"))
     assert result.returncode == 2 and "prep download" in result.stderr
     result = addpipe("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o3"),
-                     *curated["settings"], "--set", "download.distributor=pyspark", check=False)
+                     *curated["settings"], "--set", "download.distributor=pyspark", check=False)  # Spark: its own process
     try:
         import pyspark  # noqa: F401
     except ImportError:  # pyspark is an extra: its absence must be explained, not a traceback

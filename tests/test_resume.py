@@ -20,7 +20,7 @@ import torch
 
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides, run_cli
 from test_train import clean_env, cli, unet_weights
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
@@ -156,8 +156,8 @@ def test_a_changed_learning_rate_on_resume_is_used_and_recorded(request, tmp_pat
     # A resume that is refused (another teacher architecture: the checkpoint's tensors do not fit) names the first
     # tensor that does not fit and leaves config.yaml as the run that trained wrote it.
     recorded = (run / "config.yaml").read_text()
-    refused = cli("train", "-c", str(TINY_CONFIG), "--resume",
-                  *overrides(request, run, steps=4, **{"model.teacher": request.getfixturevalue("tiny_sdxl")}), check=False)
+    refused = run_cli("train", "-c", str(TINY_CONFIG), "--resume",
+                  *overrides(request, run, steps=4, **{"model.teacher": request.getfixturevalue("tiny_sdxl")}))
     assert refused.returncode == 2 and re.search(r"does not fit this model: .*student\.model\.", refused.stderr), refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr and (run / "config.yaml").read_text() == recorded
 
@@ -183,7 +183,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(request, t
     # naming every checkpoint tried, through the CLI too.
     for path in (run / "checkpoints").glob("step_*/state/__0_0.distcp"):
         path.write_bytes(bytes(path.stat().st_size))
-    result = cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, run, steps=8, **settings), check=False)
+    result = run_cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, run, steps=8, **settings))
     assert result.returncode == 2 and "could be resumed" in result.stderr, result.stderr[-2000:]
     assert "step_00000006" in result.stderr and "step_00000002" in result.stderr
     assert "its bytes changed after the save" in result.stderr
@@ -199,7 +199,7 @@ def test_one_trainer_per_run_directory(request, tmp_path):
                               stdout=subprocess.PIPE, text=True, env=clean_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
-        refused = cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=1), check=False)
+        refused = run_cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=1))
         assert refused.returncode == 2 and f"another trainer (pid {holder.pid} on" in refused.stderr, refused.stderr[-2000:]
         assert str(run) in refused.stderr and not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
     finally:
@@ -207,13 +207,12 @@ def test_one_trainer_per_run_directory(request, tmp_path):
         holder.wait()
     cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=1))
     assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
-    again = cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=2), check=False)  # no --resume
+    again = run_cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=2))  # no --resume
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
 
 
 def test_a_non_finite_loss_ends_as_a_clear_error(request, tmp_path):
-    nan = cli("train", "-c", str(TINY_CONFIG), *overrides(request, tmp_path / "nan", steps=3, **{"distill.weight": ".nan"}),
-              check=False)
+    nan = run_cli("train", "-c", str(TINY_CONFIG), *overrides(request, tmp_path / "nan", steps=3, **{"distill.weight": ".nan"}))
     assert nan.returncode == 2 and "error: non-finite loss at step 1" in nan.stderr and "Traceback" not in nan.stderr
 
 

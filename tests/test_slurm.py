@@ -203,8 +203,7 @@ def test_clip_scores_do_not_depend_on_batches_resume_points_or_threads(tmp_path)
     import torch
     from PIL import Image
 
-    from addpipe.dataprep.clip import CPU_FORWARD_ROWS, load_clip
-    from addpipe.dataprep.config import EmbedConfig
+    from addpipe.clip import CPU_FORWARD_ROWS, EmbedConfig, load_clip
     from addpipe.dataprep.tiny import build_tiny_clip
 
     tiny = build_tiny_clip(tmp_path / "clip")
@@ -318,12 +317,11 @@ def test_on_a_real_cluster_requests_fit_its_nodes_and_a_failed_stage_cancels_the
 
 def test_loading_clip_logs_nothing_on_the_root_logger(tmp_path):
     """open_clip's `INFO root: ...` lines (config, tokenizer) stayed in every prep log."""
-    from addpipe.dataprep.config import EmbedConfig
     from addpipe.dataprep.tiny import build_tiny_clip
 
     tiny = build_tiny_clip(tmp_path / "clip")
     script = ("import logging; logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
-              "from addpipe.dataprep.clip import load_clip\nfrom addpipe.dataprep.config import EmbedConfig\n"
+              "from addpipe.clip import EmbedConfig, load_clip\n"
               f"load_clip(EmbedConfig(model={tiny['model']!r}, model_config={tiny['model_config']!r}, "
               f"pretrained={tiny['pretrained']!r}, device='cpu'))\nlogging.info('after')\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=clean_env())

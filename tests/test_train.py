@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
-from conftest import REPO, TINY_CONFIG, tiny_overrides
+from conftest import REPO, TINY_CONFIG, tiny_overrides, run_cli
 
 LOSS_TERMS = ["loss/generator_adversarial", "loss/distillation", "loss/discriminator_real", "loss/discriminator_fake",
               "loss/r1", "lr/student", "lr/discriminator", "perf/images_per_second"]
@@ -397,7 +397,7 @@ def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino
         assert done.exit_code == 0 and "timesteps [999, 600, 300]" in done.output, done.output
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
-    bad = cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2", check=False)
+    bad = run_cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2")
     assert bad.returncode == 2 and "trained on timesteps [999, 600, 300]: it samples with [1, 3] step(s)" in bad.stderr
     assert "--untrained-steps" in bad.stderr and "Traceback" not in bad.stderr
     from addpipe.train.sampling import sample_timesteps
@@ -412,12 +412,11 @@ def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino
 
 
 def test_bad_inputs_are_clear_errors(tiny_sd, tiny_dino, digit_shards, tmp_path):
-    missing_model = cli("train", "-c", str(TINY_CONFIG),
-                        *tiny_overrides(tmp_path / "no_such_model", tiny_dino, digit_shards, tmp_path / "r1"), check=False)
+    missing_model = run_cli("train", "-c", str(TINY_CONFIG),
+                        *tiny_overrides(tmp_path / "no_such_model", tiny_dino, digit_shards, tmp_path / "r1"))
     assert missing_model.returncode == 2 and "no_such_model" in missing_model.stderr
-    missing_shard = cli("train", "-c", str(TINY_CONFIG),
-                        *tiny_overrides(tiny_sd, tiny_dino, f"{digit_shards}/{{00000..00011}}.tar", tmp_path / "r2"),
-                        check=False)
+    missing_shard = run_cli("train", "-c", str(TINY_CONFIG),
+                        *tiny_overrides(tiny_sd, tiny_dino, f"{digit_shards}/{{00000..00011}}.tar", tmp_path / "r2"))
     assert missing_shard.returncode == 2 and "4 of 12 shards are missing" in missing_shard.stderr
     assert "00011.tar" in missing_shard.stderr
 

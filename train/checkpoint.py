@@ -44,12 +44,13 @@ import torch
 from addpipe.files import write_text_atomic
 from addpipe.train import distributed
 from addpipe.train.rundir import RunDirError, describe_write_error
+from addpipe.errors import UserError
 
 logger = logging.getLogger(__name__)
 STATE = "state"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed as asked (printed without a traceback)."""
 
 
@@ -270,6 +271,23 @@ def load(path: Path, models: dict[str, Any], ema_model: Optional[str] = None) ->
     if state.get("world_size") == distributed.world_size() and rng.is_file():
         restore_rng(torch.load(rng, weights_only=False))
     return state, shadow
+
+
+def start_from(run_dir: Path, models: dict[str, Any], ema_model: Optional[str], device: torch.device,
+               resume: bool) -> Optional[tuple[Path, dict[str, Any], Optional[list[torch.Tensor]]]]:
+    """Collective: where a run starts. With `resume`, load_latest (None, said in the log, when there is none yet: a
+    requeued job's first start, or a rerun of a job that never saved); without, a run directory that already holds
+    checkpoints is refused rather than overwritten."""
+    if not resume:
+        newest = latest(run_dir)
+        if newest is not None:
+            raise CheckpointError(f"{run_dir} already holds checkpoints (newest: {newest.name}): pass --resume to "
+                                  "continue that run, or give a new run_dir")
+        return None
+    found = load_latest(run_dir, models, ema_model, device)
+    if found is None and distributed.is_main():
+        logger.info("--resume: no checkpoint in %s yet; starting from step 0", run_dir)
+    return found
 
 
 def load_latest(run_dir: Path, models: dict[str, Any], ema_model: Optional[str],

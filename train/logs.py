@@ -58,3 +58,29 @@ def configure(rank: int) -> None:
         handler.addFilter(once)
         if handler not in root.handlers:
             root.addHandler(handler)
+
+
+class Progress:
+    """Training progress for a person: a bar on a terminal; in a batch job's log file (not a terminal, where a bar's
+    carriage returns make one endless line) a plain line at most every `every` seconds and at the end."""
+
+    def __init__(self, total: int, initial: int, name: str, shown: bool, every: float = 30.0):
+        from tqdm.auto import tqdm
+
+        self.total, self.name, self.every = total, name, every
+        self.terminal, self.shown, self.last_line = sys.stderr.isatty(), shown, 0.0
+        self.bar = tqdm(total=total, initial=initial, desc=name, dynamic_ncols=True, disable=not (shown and self.terminal))
+
+    def losses(self, step: int, losses: dict[str, str], now: float) -> None:
+        """The log window's mean losses, at `step` (time.perf_counter() `now`)."""
+        self.bar.set_postfix(losses)
+        if self.shown and not self.terminal and (now - self.last_line >= self.every or step == self.total):
+            self.last_line = now
+            logging.getLogger("addpipe.train.loop").info("%s step %d/%d: %s", self.name, step, self.total,
+                                                          ", ".join(f"{k} {v}" for k, v in losses.items()))
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from addpipe.config import differences, to_dict, to_yaml
 from addpipe.devices import allow_tf32, resolve_precision, synchronize
@@ -57,6 +55,13 @@ class Trainer:
         # One trainer per run directory, checked before anything is built, loaded or written (rank 0, from RANK);
         # held until the process ends.
         self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
+        try:
+            self._start(config, resume)
+        except BaseException:  # a refused start gives the run directory back (in-process callers live on)
+            self.close()
+            raise
+
+    def _start(self, config: TrainConfig, resume: bool) -> None:
         self.device = backends.initialize(config.engine)
         self.dtype = resolve_precision(config.engine.precision, self.device)
         allow_tf32(self.device)
@@ -79,26 +84,18 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Optional[Path] = None
         state: dict[str, Any] = {}
-        if resume:
-            found = checkpoint.load_latest(self.run_dir, self.models, self.method.ema_model if self.ema else None,
-                                           self.device)
-            if found is None:
-                if distributed.is_main():  # a requeued job's first start, or a rerun of a job that never saved
-                    logger.info("--resume: no checkpoint in %s yet; starting from step 0", self.run_dir)
-            else:
-                self.last_checkpoint, state, shadow = found
-                self.step = int(state["step"])
-                if self.ema is not None and shadow is not None:
-                    self.ema.load_shadow(shadow)
-                self.apply_configured_optimizers(self.last_checkpoint, state)
-                if distributed.is_main():
-                    logger.info("resumed from %s at step %d (written by %s on %s process(es), resumed on %d)",
-                                self.last_checkpoint, self.step, state.get("backend"), state.get("world_size"),
-                                distributed.world_size())
-        elif checkpoint.latest(self.run_dir) is not None:
-            raise checkpoint.CheckpointError(
-                f"{self.run_dir} already holds checkpoints (newest: {checkpoint.latest(self.run_dir).name}): pass --resume "
-                "to continue that run, or give a new run_dir")
+        found = checkpoint.start_from(self.run_dir, self.models, self.method.ema_model if self.ema else None,
+                                      self.device, resume)
+        if found is not None:
+            self.last_checkpoint, state, shadow = found
+            self.step = int(state["step"])
+            if self.ema is not None and shadow is not None:
+                self.ema.load_shadow(shadow)
+            self.apply_configured_optimizers(self.last_checkpoint, state)
+            if distributed.is_main():
+                logger.info("resumed from %s at step %d (written by %s on %s process(es), resumed on %d)",
+                            self.last_checkpoint, self.step, state.get("backend"), state.get("world_size"),
+                            distributed.world_size())
         self.data = TrainingData(config.data, distributed.rank(), distributed.world_size(), state.get("data"),
                                  self.method.sample_format())
         if distributed.is_main():  # only now: a refused start or resume leaves the recorded config as it was
@@ -173,13 +170,8 @@ class Trainer:
         signal, the run checkpoints at the end of the current step and raises Preempted."""
         config = self.config
         use(self.reporter)
-        # A terminal gets a bar; a batch job's log file gets a plain line every half minute (a bar's carriage returns
-        # make one endless line there).
-        terminal = sys.stderr.isatty()
-        shown = distributed.is_main() and config.log.progress
-        progress = tqdm(total=config.steps, initial=self.step, desc=self.method.name.upper(), dynamic_ncols=True,
-                        disable=not (shown and terminal))
-        window_started, window_images, last_line = time.perf_counter(), 0, 0.0
+        progress = logs.Progress(config.steps, self.step, self.method.name.upper(), distributed.is_main() and config.log.progress)
+        window_started, window_images = time.perf_counter(), 0
         try:
             while self.step < config.steps:
                 if stop is not None and stop.agreed():
@@ -198,13 +190,9 @@ class Trainer:
                     report("perf/images_per_second", window_images / (now - window_started))
                     window_started, window_images = now, 0
                     means = self.reporter.flush(self.step, self.device)
-                    losses = {k.split("/")[-1]: f"{v:.3g}" for k, v in means.items() if k.startswith("loss/")}
-                    progress.set_postfix(losses)
-                    if shown and not terminal and (now - last_line >= 30 or self.step == config.steps):
-                        last_line = now
-                        logger.info("%s step %d/%d: %s", self.method.name.upper(), self.step, config.steps,
-                                    ", ".join(f"{k} {v}" for k, v in losses.items()))
-                progress.update(1)
+                    progress.losses(self.step, {k.split("/")[-1]: f"{v:.3g}" for k, v in means.items()
+                                                if k.startswith("loss/")}, now)
+                progress.update()
                 if config.log.sample_every and self.step % config.log.sample_every == 0:
                     self.sample_grid()
                 if self.step % config.checkpoint.every == 0 and self.step < config.steps:
@@ -230,9 +218,11 @@ class Trainer:
 
     def close(self) -> None:
         """Flush the logs, end the data workers and give the run directory back (a process that dies gives it back
-        anyway)."""
-        self.reporter.close()
-        self.data.close()
+        anyway); after a refused start, whatever of these was made."""
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.close()
+        if getattr(self, "data", None) is not None:
+            self.data.close()
         use(None)
         if self.lock is not None:
             self.lock.release()

@@ -23,10 +23,12 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from addpipe.errors import UserError
+
 MIN_TOKENIZER_VOCAB = 1000
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model directory or hub id that cannot be loaded, with what was tried."""
 
 

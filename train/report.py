@@ -23,9 +23,10 @@ import torch
 from addpipe.files import write_text_atomic
 from addpipe.train import distributed
 from addpipe.train.rundir import RunDirError, describe_write_error
+from addpipe.errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Optional
 
 from addpipe.files import write_text_atomic
+from addpipe.errors import UserError
 
 LOCK_NAME = ".lock"
 # errno values that mean "the user's run directory cannot take this write", not a bug in addpipe
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR}
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The run directory cannot be used: another trainer holds it, or it cannot be written (printed without a traceback)."""
 
 

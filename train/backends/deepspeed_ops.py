@@ -166,11 +166,31 @@ def build_native_ops(engine=None) -> None:
                 logger.info("DeepSpeed's %s op built in %.0f s", builder.NAME, time.monotonic() - started)
 
 
+SHM_COMM = "ADDPIPE_DEEPSPEED_SHM_COMM"
+"""Set to 1 to build and use DeepSpeed's shared-memory collectives on the CPU."""
+
+
+def skip_shm_comm() -> bool:
+    """On the CPU, leave out DeepSpeed's shared-memory communication op unless SHM_COMM asks for it: it serves only
+    inference_all_reduce (tensor-parallel inference), never a training collective (those go through gloo either
+    way), and its first JIT build is a C++ compile of one to four minutes on a small machine, once per install."""
+    if torch.cuda.is_available() or os.environ.get(SHM_COMM, "0") == "1":
+        return False
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # what deepspeed.comm reads before building it
+    return True
+
+
 def start_process_group(engine, group: str) -> None:
     """DeepSpeed's own start of the process group (it keeps a handle on it), after its native ops are ready."""
     import deepspeed
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(native_ops_cache()))
+    skip_shm_comm()
     build_native_ops(engine)
     # its "built successfully" line, once per rank: rank 0's is enough
     with contextlib.redirect_stdout(io.StringIO()) if rank() != 0 else contextlib.nullcontext():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from addpipe.devices import IMAGENET_MEAN, IMAGENET_STD
-from addpipe.train.backbone import fit_classifier, labelled_images
+from addpipe.backbone import fit_classifier, labelled_images
 from addpipe.train.methods.diffusion2gan.latent_lpips import CHANNELS, LatentLPIPS
 
 DISTORTIONS = ("noise", "blur", "shift", "contrast", "patch")

@@ -9,7 +9,8 @@ saves only the backbone with `save_pretrained`. The trainer then loads it throug
 the discriminator's own (ImageNet normalisation at `input_size`), so the features it was trained on are
 the features the heads see.
 
-`labelled_images` and `fit_classifier` are shared with the evaluation classifier (eval/classifier.py).
+`labelled_images` and `fit_classifier` are shared with the evaluation classifier (eval/classifier.py) and
+Diffusion2GAN's perceptual loss, and the demo trains the backbone: a building block of the shared core.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """open_clip image and caption embeddings, L2-normalised, as the CLIP-similarity and aesthetic scores use them.
 
+Shared by curation (`addpipe prep`'s embed step, whose `embed:` section is `EmbedConfig`) and evaluation
+(`addpipe eval metrics` / `analyse`, which name a model with `embed_config_from_spec`). torch, open_clip and the
+device helpers are imported when a model is loaded, so the config trees that name `EmbedConfig` stay light.
+
 Batch-invariant: a sample's embedding must not depend on which samples share its forward pass, or a requeued or
 rerun array task (other batch boundaries, another embed.batch_size, another thread count) would write other bits
 than the first run (issue 31: one clip_similarity differed in its 7th digit). CPU kernels pick their blocking by
@@ -15,18 +19,34 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
-import numpy as np
-import torch
-from PIL import Image
-
-from addpipe.dataprep.config import EmbedConfig
-from addpipe.devices import resolve_device
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 CPU_FORWARD_ROWS = 8
 """Samples per forward pass on the CPU, a constant so that scores do not depend on embed.batch_size there."""
+
+
+@dataclass
+class EmbedConfig:
+    model: str = "ViT-L-14"
+    """open_clip model name. The LAION aesthetic predictor expects ViT-L-14 image embeddings (768-d)."""
+    pretrained: str = "openai"
+    """open_clip pretrained tag, hf-hub:org/name, or a local checkpoint file."""
+    model_config: Optional[str] = None
+    """An open_clip model-config JSON to register first (for architectures open_clip does not ship)."""
+    batch_size: int = 64
+    """Images (and captions) per forward pass on a GPU. On the CPU every forward takes exactly 8 (the last chunk of a
+    shard padded), so scores do not depend on batch boundaries, resume points or threads (addpipe/clip.py); there
+    this is only how many images are decoded per call."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision on GPU; embeddings are always stored as float32."""
 
 
 @dataclass
@@ -40,12 +60,16 @@ class ClipEmbedder:
     """Every forward pass sees exactly this many samples (the last chunk padded)."""
 
     def _autocast(self):
+        import torch
+
         if self.device.type != "cuda" or self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     def _fixed_shape(self, encode: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> np.ndarray:
         """`encode` over `inputs` in chunks of exactly forward_rows rows; -> L2-normalised float32 rows."""
+        import torch
+
         rows = self.forward_rows
         parts = []
         for start in range(0, len(inputs), rows):
@@ -58,17 +82,23 @@ class ClipEmbedder:
             parts.append(torch.nn.functional.normalize(features, dim=-1)[:real].cpu())
         return torch.cat(parts).numpy()
 
-    @torch.no_grad()
     def images(self, images: list[Image.Image]) -> np.ndarray:
-        return self._fixed_shape(self.model.encode_image, torch.stack([self.preprocess(image) for image in images]))
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            return self._fixed_shape(self.model.encode_image, torch.stack([self.preprocess(image) for image in images]))
+
     def texts(self, captions: list[str]) -> np.ndarray:
-        return self._fixed_shape(self.model.encode_text, self.tokenizer(captions))
+        import torch
+
+        with torch.no_grad():
+            return self._fixed_shape(self.model.encode_text, self.tokenizer(captions))
 
 
 def load_clip(config: EmbedConfig) -> ClipEmbedder:
     import open_clip
+
+    from addpipe.devices import resolve_device
 
     if config.model_config:
         if not os.path.isfile(config.model_config):
