@@ -179,6 +179,7 @@ def test_redeal_hands_out_exactly_what_no_stream_has_read():
     assert new[0].plans[0] == expected0[0::2] and new[1].plans[1] == expected1[1::2]  # round-robin, in order
 
 
+@pytest.mark.slow
 def test_a_process_whose_first_batch_failed_in_its_workers_still_exits():
     """The test above, alone in its own pytest process: the loaders whose first batch raised are left with workers
     that ignore SIGTERM and wait for work, and multiprocessing's exit handler joined them forever (how a CI run

@@ -37,6 +37,7 @@ def shard_images(pattern: str) -> list[tuple[Image.Image, str]]:
     return out
 
 
+@pytest.mark.slow
 def test_content_classifier_learns_the_digits_and_checks_prompts(labelled_digits, tmp_path):
     from addpipe.eval.classifier import adherence, load_classifier, train_classifier
     from addpipe.eval.metrics import features_of, frechet_between, load_feature_network
@@ -83,6 +84,7 @@ def test_classifier_metrics_on_a_gpu_match_the_cpu(labelled_digits, tmp_path):
     assert np.allclose(gpu_features, cpu_features, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dinov2_backbone_trains_on_shards_and_loads_as_the_discriminator_does(labelled_digits, tmp_path):
     from transformers import Dinov2Model
 
@@ -139,6 +141,7 @@ def test_judge_choice_follows_the_logistic_rule():
     assert all(choose(0.2, 0.9, rng, 1e-3, 0.01) == "right" for _ in range(50))
 
 
+@pytest.mark.slow
 def test_shortened_demo_runs_the_whole_chain_and_resumes(tmp_path):
     out = tmp_path / "demo_out"  # the README's default, so configs/tiny.yaml's paths find it below
     args = ["demo", "--images", "120", "--steps", "4", "--prompts", "4", "--judges", "2", "--clip-steps", "20",

@@ -71,6 +71,7 @@ def test_generation_is_paired_and_resumable(study):
     assert changed.returncode == 2 and "already exists" in changed.stderr
 
 
+@pytest.mark.slow
 def test_invite_vote_rate_report_metrics_and_export(study, tiny_dino, tmp_path):
     from addpipe.dataprep.tiny import build_tiny_clip
 
@@ -122,6 +123,7 @@ def test_invite_vote_rate_report_metrics_and_export(study, tiny_dino, tmp_path):
     assert rows and {"rater", "arm_a", "arm_b", "question", "choice", "golden"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_an_arm_on_the_first_prompts_and_metrics_with_intervals(tiny_sd, tiny_dino, tmp_path):
     """`:prompts=N` draws an expensive arm on the first N prompts only (a rerun with a larger N adds the rest); `eval
     metrics` gives every arm FD at its count, FD-infinity, KID, precision and recall, each inside its interval."""

@@ -93,6 +93,7 @@ def test_only_adapters_train_and_the_teacher_is_the_base_with_them_off(request, 
     assert (as_student - expected).abs().max() > 1e-4  # the adapters are on again, and trained
 
 
+@pytest.mark.slow
 def test_the_lora_export_loads_in_diffusers_and_samples_as_addpipe_does(request, tmp_path):
     from diffusers import LCMScheduler, StableDiffusionPipeline
 

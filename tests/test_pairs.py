@@ -164,6 +164,7 @@ def test_any_split_over_tasks_and_ranks_writes_the_same_files(tiny_sd, prompts, 
         collect_pairs(cfg, str(prompts), str(tmp_path / "bad"), task=2, tasks=2)
 
 
+@pytest.mark.slow
 def test_a_killed_pair_run_resumes_without_losing_or_repeating_a_pair(tiny_sd, tmp_path):
     lines = [f"a handwritten {i % 10} in red on a blue background" for i in range(24)]
     (tmp_path / "p.txt").write_text("\n".join(lines) + "\n")

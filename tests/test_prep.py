@@ -343,6 +343,7 @@ def _run_until(args: list[str], marker: Path, env: dict) -> bool:
     return killed
 
 
+@pytest.mark.slow
 def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated, dedup_settings):
     merge(curated, *dedup_settings)  # the reference: the uninterrupted run's output with these settings
     out = curated["root"] / "killed"
@@ -369,6 +370,7 @@ def test_a_run_killed_at_any_stage_and_rerun_gives_identical_output(curated, ded
     assert first["reasons"] == second["reasons"] and first["stages"] == second["stages"]
 
 
+@pytest.mark.slow
 def test_slurm_array_tasks_on_disjoint_shards_then_merge_equal_one_run(curated, dedup_settings):
     """The SLURM templates themselves run (their #SBATCH lines are comments to bash), once per array task."""
     merge(curated, *dedup_settings)  # the reference: one run's output with these settings
@@ -508,6 +510,7 @@ def test_input_formats_and_column_errors(tmp_path):
         read_table(InputConfig(urls=str(tmp_path / "nope.parquet")))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear_and_leave_no_output(tmp_path, curated):
     result = run_cli("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no column 'url'" in result.stderr and "URL, TEXT, name" in result.stderr

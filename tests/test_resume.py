@@ -57,6 +57,7 @@ def logged_steps(run: Path) -> list[int]:
     return steps
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_logs_every_step_once_with_the_uninterrupted_averages(request, tmp_path):
     """Log windows of 2 steps, checkpoints every 3: the run is killed after logging step 4, so its newest checkpoint
     (step 3) sits inside a window. The resumed run trims the lines after step 3, and the window ending at step 4
@@ -100,6 +101,7 @@ def uninterrupted_8_steps(request, tmp_path_factory):
     (signal.SIGTERM, 1000, 1),
     (signal.SIGUSR1, 1, 3),  # a checkpoint written every step: the signals land in writes, and come again
 ], ids=["SIGTERM", "SIGUSR1-thrice-during-checkpoint-writes"])
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_uninterrupted_run(request, tmp_path,
                                                                                             uninterrupted_8_steps,
                                                                                             signal_number, every, repeats):
@@ -162,6 +164,7 @@ def test_a_changed_learning_rate_on_resume_is_used_and_recorded(request, tmp_pat
     assert "Traceback" not in refused.stderr and (run / "config.yaml").read_text() == recorded
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(request, tmp_path, caplog):
     from addpipe.train.loop import train
 
@@ -190,6 +193,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one(request, t
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_one_trainer_per_run_directory(request, tmp_path):
     """A second trainer is refused while the first holds the run directory; once the holder dies (kill -9), the OS
     has dropped its lock and a trainer can start."""

@@ -10,7 +10,7 @@ import pytest
 
 from addpipe.slurm.submit import Allocation, SlurmError, render, seconds, signal_lead
 from addpipe.train.distributed import first_host, from_slurm
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, run_cli
 from test_train import clean_env
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
@@ -119,22 +119,18 @@ def test_slurm_commands_off_a_cluster_say_so(tmp_path):
     assert result.returncode == 2 and "sbatch not found" in result.stderr, result.stderr
 
 
-def test_slurm_train_refuses_what_addpipe_train_refuses_before_submitting(tmp_path):
+def test_slurm_train_refuses_what_addpipe_train_refuses_before_submitting(tmp_path, monkeypatch):
     """A typo in an override or an option of `addpipe train` is refused in-process, with `addpipe train`'s own
     message, before sbatch (here there is none: the check must come first) and on a dry run."""
-    env = {**clean_env(), "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent"}
-    direct = subprocess.run(ADDPIPE + ["train", "--config", str(TINY_CONFIG), "stepz=4"], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
+    monkeypatch.setenv("PATH", f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent")
+    direct = run_cli("train", "--config", str(TINY_CONFIG), "stepz=4", cwd=tmp_path)
     assert direct.returncode == 2 and "unknown config key stepz" in direct.stderr
     for dry in ([], ["--dry-run"]):
-        result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "3", "stepz=4"],
-                                capture_output=True, text=True, env=env, cwd=tmp_path)
+        result = run_cli("slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "3", "stepz=4", cwd=tmp_path)
         assert result.returncode == 2 and result.stderr == direct.stderr, result.stderr
-        zero = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "7"],
-                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        zero = run_cli("slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zero", "7", cwd=tmp_path)
         assert zero.returncode == 2 and "engine.zero must be 0, 1, 2 or 3, got 7" in zero.stderr, zero.stderr
-        option = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zeroo", "3"],
-                                capture_output=True, text=True, env=env, cwd=tmp_path)
+        option = run_cli("slurm", "train", "--config", str(TINY_CONFIG), *dry, "--zeroo", "3", cwd=tmp_path)
         assert option.returncode == 2 and "addpipe train would refuse these arguments: No such option: --zeroo" in \
             option.stderr and "Traceback" not in option.stderr
     assert not (tmp_path / "logs").exists()
@@ -257,7 +253,7 @@ def test_the_native_op_cache_is_per_install_and_a_wait_on_its_lock_is_logged(tmp
     def build():
         with native_build_lock(cache, report_every=0.3):
             entered.set()
-    caplog.set_level(logging.INFO, logger="addpipe.train.distributed")
+    caplog.set_level(logging.INFO, logger="addpipe.train.backends.deepspeed_ops")
     waiter = threading.Thread(target=build)
     waiter.start()
     try:

@@ -205,6 +205,7 @@ def test_oversized_chunked_body_is_refused_without_reading_it(study):
     assert answer.startswith("HTTP/1.1 413") and "larger than 4096 bytes" in answer
 
 
+@pytest.mark.slow
 def test_two_hundred_raters_fetching_images_and_voting_at_once_lose_nothing(tmp_path, postgres):
     """200 raters against `addpipe eval serve` in its own process, each a browser: next pair, both images at once,
     then the vote, sent twice (a retry after a lost answer) and, every third round, twice at the same moment.

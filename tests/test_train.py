@@ -38,6 +38,7 @@ def unet_weights(student_dir):
     return load_file(str(next((student_dir / "unet").glob("*.safetensors"))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["sd", "sdxl"])
 def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino, digit_shards, tmp_path):
     teacher = request.getfixturevalue(f"tiny_{architecture}")
@@ -428,7 +429,7 @@ def test_the_log_holds_each_terms_weighted_value_and_gradient_norm_and_measuring
     gamma * R1 and its share of the hinge. Measuring (log.term_norms) leaves the trained weights bit for bit alone."""
     from addpipe.train import losses
     from addpipe.train.loop import Trainer, train
-    from addpipe.train.methods.add import FAKE
+    from addpipe.train.methods.add.method import FAKE
     from addpipe.train.models import vae_decode
     from addpipe.train.schedule import add_noise, predicted_x0
 
