@@ -1,11 +1,9 @@
-import subprocess
-import sys
 
 import pytest
 
 from addpipe.config import ConfigError, load, to_yaml
 from addpipe.train.config import TrainConfig
-from conftest import REPO
+from conftest import REPO, run_cli
 
 
 @pytest.mark.parametrize("name", ["sd15_add", "sd21_add", "sdxl_add", "sdxl_add_1gpu", "tiny"])
@@ -107,8 +105,7 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 
 def test_cli_dry_run_prints_documented_config():
-    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "train", "-c", str(REPO / "configs/sdxl_add.yaml"),
-                             "--zero", "3", "--dry-run", "optim.student_lr=2e-6"], capture_output=True, text=True)
+    result = run_cli("train", "-c", str(REPO / "configs/sdxl_add.yaml"), "--zero", "3", "--dry-run", "optim.student_lr=2e-6")
     assert result.returncode == 0, result.stderr
     assert "student_lr: 2.0e-06" in result.stdout and "zero: 3" in result.stdout
     assert "# Peak AdamW learning rate of the student." in result.stdout
@@ -117,7 +114,6 @@ def test_cli_dry_run_prints_documented_config():
 
 
 def test_cli_unknown_key_exits_with_message():
-    result = subprocess.run([sys.executable, "-m", "addpipe.pipeline", "train", "--dry-run", "data.shard=x"],
-                            capture_output=True, text=True)
+    result = run_cli("train", "--dry-run", "data.shard=x")
     assert result.returncode == 2
     assert "unknown config key data.shard" in result.stderr and "shards:" in result.stderr

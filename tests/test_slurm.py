@@ -74,18 +74,15 @@ def test_rendering_replaces_the_templates_defaults(tmp_path):
 
 
 def test_slurm_train_dry_run_prints_the_script_and_submits_nothing(tmp_path):
-    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--gpus-per-node",
-                                       "4", "--time", "1:00:00", "--log-dir", str(tmp_path / "logs"), "--dry-run",
-                                       "--zero", "3", "steps=10"],
-                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    result = run_cli("slurm", "train", "--config", str(TINY_CONFIG), "--nodes", "2", "--gpus-per-node", "4", "--time",
+                     "1:00:00", "--log-dir", str(tmp_path / "logs"), "--dry-run", "--zero", "3", "steps=10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --nodes=2" in result.stdout and "#SBATCH --gpus-per-node=4" in result.stdout
     assert result.stdout.rstrip().splitlines()[-1].endswith(f"{TINY_CONFIG} --zero 3 steps=10")
     assert not (tmp_path / "logs").exists()
     (tmp_path / "urls.parquet").write_bytes(b"")  # it must exist: a missing table is refused before sbatch
-    prep = subprocess.run(ADDPIPE + ["slurm", "prep", "--urls", "urls.parquet", "--out", str(tmp_path / "out"), "--tasks",
-                                     "3", "--dry-run", "--set", "embed.batch_size=4"],
-                          capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    prep = run_cli("slurm", "prep", "--urls", "urls.parquet", "--out", str(tmp_path / "out"), "--tasks", "3", "--dry-run",
+                   "--set", "embed.batch_size=4", cwd=tmp_path)
     assert prep.returncode == 0, prep.stderr
     commands = [line for line in prep.stdout.splitlines() if line.startswith("sbatch ")]
     assert len(commands) == 3 and "--dependency=afterok:DOWNLOAD_JOB --kill-on-invalid-dep=yes" in commands[1]
@@ -104,18 +101,15 @@ def test_slurm_train_dry_run_prints_the_script_and_submits_nothing(tmp_path):
     (["--gpus-per-node", "-1"], "--gpus-per-node must be 0"),
 ])
 def test_slurm_train_refuses_bad_allocations_clearly(tmp_path, args, message):
-    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG), *args, "--dry-run"],
-                            capture_output=True, text=True, env=clean_env(), cwd=tmp_path)
+    result = run_cli("slurm", "train", "--config", str(TINY_CONFIG), *args, "--dry-run", cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_slurm_commands_off_a_cluster_say_so(tmp_path):
-    env = {**clean_env(), "PATH": f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent"}
-    missing = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(tmp_path / "nope.yaml"), "--dry-run"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path)
+def test_slurm_commands_off_a_cluster_say_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", f"{sys.executable.rsplit('/', 1)[0]}:/usr/bin/nonexistent")
+    missing = run_cli("slurm", "train", "--config", str(tmp_path / "nope.yaml"), "--dry-run", cwd=tmp_path)
     assert missing.returncode == 2 and "config not found" in missing.stderr
-    result = subprocess.run(ADDPIPE + ["slurm", "train", "--config", str(TINY_CONFIG)], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
+    result = run_cli("slurm", "train", "--config", str(TINY_CONFIG), cwd=tmp_path)
     assert result.returncode == 2 and "sbatch not found" in result.stderr, result.stderr
 
 
