@@ -1,4 +1,3 @@
-
 import pytest
 
 from addpipe.config import ConfigError, load, to_yaml
