@@ -199,7 +199,10 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | None 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:  # the parser's own account names the line and column
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         data = loaded or {}

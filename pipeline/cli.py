@@ -459,8 +459,12 @@ _DB = typer.Option(None, "--db", help="SQLAlchemy URL of the votes database (def
 
 
 def _db_url(study: Path, db: Optional[str]) -> str:
+    """The votes database of an existing study (a missing study directory is named, not a database error)."""
     from addpipe.eval.db import default_url
+    from addpipe.eval.study import StudyError
 
+    if not Path(study).is_dir():
+        raise StudyError(f"study directory {study} does not exist: make it with `addpipe eval generate --study {study}`")
     return db or default_url(study)
 
 

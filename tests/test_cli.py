@@ -88,3 +88,10 @@ def test_torch_threads_follow_the_allotted_cpus_and_can_be_overridden(tmp_path):
     if len(os.sched_getaffinity(0)) > 1 and shutil.which("taskset"):  # bound to one core (as SLURM binds a task)
         pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", probe], capture_output=True, text=True, env=env)
         assert pinned.stdout.strip().splitlines()[-1] == "threads 1", pinned.stderr[-2000:]
+
+
+def test_a_missing_study_is_named_not_a_database_traceback(tmp_path):
+    for command in (["eval", "elo"], ["eval", "invite", "--raters", "2"]):
+        result = run_cli(*command, "--study", str(tmp_path / "nonexistent"))
+        assert result.returncode == 2 and f"study directory {tmp_path / 'nonexistent'} does not exist" in result.stderr
+        assert "Traceback" not in result.stderr and not (tmp_path / "nonexistent").exists()

@@ -56,6 +56,14 @@ def test_unknown_key_lists_valid_keys():
     assert "optim.student_lrr" in message and "student_lr:" in message and "discriminator_lr:" in message
 
 
+def test_a_yaml_syntax_error_names_the_file_and_line_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nmodel:\n  teacher: [unclosed\n")
+    result = run_cli("train", "-c", str(bad), "--dry-run")
+    assert result.returncode == 2 and f"error: config file {bad} is not valid YAML" in result.stderr
+    assert "line 3, column 12" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bad_values_are_clear_errors():
     with pytest.raises(ConfigError, match="engine.zero must be"):
         load(TrainConfig, None, ["engine.zero=4"])
