@@ -97,6 +97,9 @@ def out_dir(config: PrepConfig) -> Path:
 
 def run_download(config: PrepConfig) -> list[int]:
     """Normalise the input table and download it; -> the shard ids."""
+    table = os.path.expanduser(config.input.urls or "")
+    if table and "://" not in table and not Path(table).exists():  # the first thing wrong is the first thing said
+        raise PrepError(f"URL table {config.input.urls} does not exist")
     root = out_dir(config)
     settings = input_settings(config)
     check_fingerprint(root / "input", settings, rebuild=False, record=False)

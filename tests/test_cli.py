@@ -95,3 +95,8 @@ def test_a_missing_study_is_named_not_a_database_traceback(tmp_path):
         result = run_cli(*command, "--study", str(tmp_path / "nonexistent"))
         assert result.returncode == 2 and f"study directory {tmp_path / 'nonexistent'} does not exist" in result.stderr
         assert "Traceback" not in result.stderr and not (tmp_path / "nonexistent").exists()
+
+
+def test_a_missing_url_table_is_named_before_a_missing_out(tmp_path):
+    result = run_cli("prep", "--urls", str(tmp_path / "missing.parquet"))
+    assert result.returncode == 2 and f"URL table {tmp_path / 'missing.parquet'} does not exist" in result.stderr
