@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from addpipe.config import load
 from addpipe.train import distributed
-from addpipe.train.backends.base import Backend, OptimizerSettings, Trained
+from addpipe.train.backends.base import Backend, OptimizerSettings, StateBytes, Trained
 from addpipe.train.config import TrainConfig
 
 ORIGINAL_LINEAR = torch.nn.functional.linear
@@ -72,6 +72,19 @@ class PlainTrained(Trained):
 
 class PlainBackend(Backend):
     name = "plain"
+
+    @classmethod
+    def create(cls, config, device, dtype):
+        return cls()
+
+    @staticmethod
+    def shards_weights(engine):
+        return False
+
+    @staticmethod
+    def state_bytes(engine, params, dtype, world, sharded, ema):  # replicated AdamW, as a one-process run holds it
+        master = 4 if dtype.itemsize != 4 else 0
+        return StateBytes(dtype.itemsize * params, dtype.itemsize * params, (master + 8) * params, 4 * params if ema else 0)
 
     def wrap(self, name: str, module: nn.Module, trainable: list[nn.Parameter], settings: OptimizerSettings,
              shard: bool) -> Trained:
