@@ -55,6 +55,8 @@ class Trainer:
         # One trainer per run directory, checked before anything is built, loaded or written (rank 0, from RANK);
         # held until the process ends.
         self.lock = rundir.RunDirLock(self.run_dir).acquire() if distributed.is_main() else None
+        self.reporter: Optional[Reporter] = None
+        self.data: Optional[TrainingData] = None
         try:
             self._start(config, resume)
         except BaseException:  # a refused start gives the run directory back (in-process callers live on)
@@ -219,9 +221,9 @@ class Trainer:
     def close(self) -> None:
         """Flush the logs, end the data workers and give the run directory back (a process that dies gives it back
         anyway); after a refused start, whatever of these was made."""
-        if getattr(self, "reporter", None) is not None:
+        if self.reporter is not None:
             self.reporter.close()
-        if getattr(self, "data", None) is not None:
+        if self.data is not None:
             self.data.close()
         use(None)
         if self.lock is not None:
