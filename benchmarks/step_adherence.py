@@ -42,7 +42,7 @@ def to_images(components, x0: torch.Tensor) -> list[Image.Image]:
 @torch.no_grad()
 def follow(student: str, prompts: list[str], classifier, step_counts: list[int], seed: int) -> dict:
     components, schedule, info = load_student(student, torch.device("cpu"))
-    conditioning = encode_prompts(components, prompts, "cpu").unet_kwargs(None)
+    denoiser = components.family.denoiser(components.unet, encode_prompts(components, prompts, "cpu"))
     size = int(components.unet.config.sample_size)  # the latent size the student was exported for
     shape = (len(prompts), components.vae.config.latent_channels, size, size)
     wanted = [classifier.requested(p) for p in prompts]
@@ -51,7 +51,7 @@ def follow(student: str, prompts: list[str], classifier, step_counts: list[int],
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(shape, generator=generator)
         timesteps = student_timesteps(count, info["num_train_timesteps"])
-        trajectory = sample_trajectory(components.unet, schedule, conditioning, noise, timesteps,
+        trajectory = sample_trajectory(denoiser, schedule, noise, timesteps,
                                        lambda _: torch.randn(shape, generator=generator))
         digit_ok, all_ok = [], []
         for x0 in trajectory:

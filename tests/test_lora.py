@@ -114,8 +114,8 @@ def test_the_lora_export_loads_in_diffusers_and_samples_as_addpipe_does(request,
                      output_type="latent").images
 
     components, schedule, _ = load_student(str(run / "student"), torch.device("cpu"))  # the fused export
-    ours = sample_latents(components.unet, schedule, encode_prompts(components, ["a red two"], "cpu").unet_kwargs(None),
-                          noise, [999])
+    kwargs = encode_prompts(components, ["a red two"], "cpu").unet_kwargs(None)
+    ours = sample_latents(lambda x, t: components.unet(x, t, **kwargs, return_dict=False)[0], schedule, noise, [999])
     torch.testing.assert_close(ours, with_lora, atol=2e-4, rtol=1e-4)
 
     # the fused UNet is base + LoRA: equal outputs on the same inputs

@@ -67,13 +67,14 @@ def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino
 
     # One diffusers step from the same noise equals our sampler's one step.
     from addpipe.train.sampling import load_student, sample_latents
-    from addpipe.train.models import encode_prompts, sdxl_time_ids
+    from addpipe.train.models import encode_prompts
 
     components, schedule, info = load_student(str(run / "student"), torch.device("cpu"))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    # SDXL's micro-conditioning written out: original 16x16, no crop, target 16x16
     ours_kwargs = encode_prompts(components, ["a red two"], "cpu").unet_kwargs(
-        sdxl_time_ids(torch.tensor([[16, 16]]), torch.zeros(1, 2, dtype=torch.long), 16) if architecture == "sdxl" else None)
-    ours = sample_latents(components.unet, schedule, ours_kwargs, noise, [999])
+        torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]) if architecture == "sdxl" else None)
+    ours = sample_latents(lambda x, t: components.unet(x, t, **ours_kwargs, return_dict=False)[0], schedule, noise, [999])
     theirs = pipe("a red two", timesteps=[999], guidance_scale=0.0, height=16, width=16, latents=noise.clone(),
                   output_type="latent").images
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
@@ -350,7 +351,8 @@ def test_an_epsilon_teacher_gives_an_epsilon_student_whose_first_step_is_the_tea
         method = trainer.method
         cond = encode_prompts(method.teacher, ["a handwritten seven in red"], "cpu").unet_kwargs(None)
         noise = torch.randn((1, *method.latent_shape), generator=torch.Generator().manual_seed(3))
-        x0 = sample_latents(method.student.module, method.student_schedule, cond, noise, [999])
+        x0 = sample_latents(lambda x, t: method.student.module(x, t, **cond, return_dict=False)[0], method.student_schedule,
+                            noise, [999])
         with torch.no_grad():
             eps = method.teacher.unet(noise, torch.tensor([999]), **cond, return_dict=False)[0]
         return trainer, x0, (noise - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar ** 0.5

@@ -20,8 +20,9 @@ class ModelConfig:
     """Hub revision of the teacher (branch, tag or commit)."""
     variant: Optional[str] = None
     """Weight file variant to load, e.g. fp16."""
-    architecture: Literal["auto", "sd", "sdxl"] = "auto"
-    """sd: one text encoder; sdxl: two encoders, pooled embedding and size/crop time ids; auto: from the directory."""
+    architecture: str = "auto"
+    """Model family (train/families/): sd (UNet, one CLIP text encoder), sdxl (UNet, two encoders, pooled embedding and
+    size/crop ids), a registered plug-in's name, or auto: found from the teacher's model_index.json."""
     vae: Optional[str] = None
     """Hub id or directory of a replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); default: the teacher's."""
     student_init: Optional[str] = None
@@ -32,6 +33,14 @@ class ModelConfig:
     otherwise; off on a CPU."""
     frozen_placement: Literal["replicate", "partition"] = "replicate"
     """Frozen teacher UNet: a full copy per rank, or partitioned across ranks by a ZeRO-3 inference engine (needs engine.zero=3)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture != "auto":
+            from addpipe.train.families import family_names
+
+            if self.architecture not in family_names():
+                raise ValueError(f"model.architecture={self.architecture!r} is not a known model family: auto or one of "
+                                 f"{', '.join(family_names())}")
 
 
 ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")

@@ -31,10 +31,8 @@ def student_scheduler(components: TeacherComponents, prediction_type: str, zero_
 def export_student(state: Optional[dict[str, torch.Tensor]], unet_config: Any, components: TeacherComponents, out_dir: Path,
                    prediction_type: str, zero_terminal_snr: bool, timesteps: Sequence[int]) -> Path:
     """`state`: the student's whole state dict on rank 0 (a backend's full_state_dict); rank 0 writes, all wait."""
-    from diffusers import UNet2DConditionModel
-
     if distributed.is_main():
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = components.family.denoiser_class().from_config(unet_config)
         unet.load_state_dict(state)
         pipeline = diffusers_pipeline(components, student_scheduler(components, prediction_type, zero_terminal_snr), unet)
         out_dir = Path(out_dir)
@@ -55,8 +53,6 @@ def export_lora_student(state: Optional[dict[str, torch.Tensor]], unet_config: A
     by `pipe.load_lora_weights`, with the adapter config as its metadata), the student's scheduler (`scheduler/`,
     for the trained timesteps) and student_info.json naming the base model; `fused_dir`, when given, the full
     pipeline with the adapters merged into the UNet. Returns the fused pipeline's directory, else the LoRA's."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     from addpipe.train.lora import adapter_metadata, split_state
 
     fused_state = None
@@ -64,7 +60,7 @@ def export_lora_student(state: Optional[dict[str, torch.Tensor]], unet_config: A
         lora, fused_state = split_state(state, unet_config, lora_config)
         lora_dir = Path(lora_dir)
         lora_dir.mkdir(parents=True, exist_ok=True)
-        loader = StableDiffusionXLPipeline if components.architecture == "sdxl" else StableDiffusionPipeline
+        loader = components.family.pipeline_class()
         metadata = adapter_metadata(lora_config)
         loader.save_lora_weights(lora_dir, unet_lora_layers=lora, unet_lora_adapter_metadata=metadata)
         student_scheduler(components, prediction_type, zero_terminal_snr).save_pretrained(lora_dir / "scheduler")

@@ -152,24 +152,25 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     return planner(config, world_size, dtype)
 
 
-def architecture_of(model) -> str:
-    from addpipe.train.models import detect_architecture
+def family_of(model):
+    """The model family (train/families/) of `model` (a ModelConfig): named, or found from the teacher's directory."""
+    from addpipe.train.families import family
+    from addpipe.train.models import resolve_architecture
 
-    return model.architecture if model.architecture != "auto" else detect_architecture(model.teacher, model.revision)
+    return family(resolve_architecture(model))
 
 
-def frozen_vae_and_text(config, architecture: str, dtype: torch.dtype) -> tuple[nn.Module, Line, int]:
+def frozen_vae_and_text(config, family, dtype: torch.dtype) -> tuple[nn.Module, Line, int]:
     """The teacher's VAE (on the meta device), the line of the frozen VAE and text encoders, and the width of the
     pooled text embedding."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     model = config.model
     vae_config = model_config(AutoencoderKL, model.vae) if model.vae else model_config(AutoencoderKL, model.teacher, "vae")
     vae = meta(lambda: AutoencoderKL.from_config(vae_config))
     text_params, pooled = 0, 0
-    for sub, cls in [("text_encoder", CLIPTextModel)] + ([("text_encoder_2", CLIPTextModelWithProjection)]
-                                                          if architecture == "sdxl" else []):
+    for sub, cls in family.text_encoders():
         text_config = CLIPTextConfig.from_pretrained(model.teacher, subfolder=sub)
         encoder = meta(lambda: cls(text_config))
         text_params += count(encoder)
@@ -180,8 +181,8 @@ def frozen_vae_and_text(config, architecture: str, dtype: torch.dtype) -> tuple[
     return vae, line, pooled
 
 
-def student_inputs(config, student, vae, unet_config, architecture, dtype):
-    """A counter, the UNet's conditioning and its latent input at the configured per-rank batch (meta tensors), with
+def student_inputs(config, student, vae, unet_config, family, dtype):
+    """A counter, the denoiser's conditioning (as its family takes it) and its latent input at the configured per-rank batch (meta tensors), with
     the student prepared for counting: training mode, gradient checkpointing as configured, weights requiring grad."""
     batch, resolution = config.data.batch_size, config.data.resolution
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -193,13 +194,7 @@ def student_inputs(config, student, vae, unet_config, architecture, dtype):
     if not config.student.lora.enabled:  # a LoRA student's base stays frozen: no weight gradient saves its input
         for p in student.parameters():
             p.requires_grad_(True)
-    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.empty(batch, 77, unet_config["cross_attention_dim"],
-                                                                    device="meta", dtype=dtype)}
-    if architecture == "sdxl":
-        text_embeds = unet_config.get("projection_class_embeddings_input_dim", 2816) - 6 * unet_config.get("addition_time_embed_dim", 256)
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text_embeds, device="meta", dtype=dtype),
-                                       "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype)}
-    x = torch.empty(batch, unet_config["in_channels"], latent, latent, device="meta", dtype=dtype)
+    x, kwargs = family.planning_inputs(unet_config, batch, latent, dtype)
     return SavedBytes(), kwargs, x
 
 

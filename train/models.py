@@ -1,4 +1,5 @@
-"""Loading the teacher's components and turning prompts into UNet conditioning (SD- and SDXL-style).
+"""Loading the teacher's components and turning prompts into its denoiser's conditioning, through its model family
+(train/families/: SD- and SDXL-style UNets built in).
 
 Everything loads through `from_pretrained` from a hub id or a local diffusers-format directory, the
 way users point at `stabilityai/sdxl-turbo`-style repositories; tests point it at tiny random-init
@@ -21,7 +22,7 @@ import torch.nn as nn
 
 # diffusers must be imported before deepspeed.zero.Init ever runs (docs/engineering.md).
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from addpipe.errors import UserError
 
@@ -64,24 +65,38 @@ def load_pretrained(cls, name: str, subfolder: Optional[str] = None, **kwargs):
         raise ModelLoadError(f"could not load {cls.__name__} from {component}{hint}: {error}") from error
 
 
-def detect_architecture(teacher: str, revision: Optional[str] = None) -> str:
-    """'sdxl' when the pipeline has a second text encoder, else 'sd'."""
-    index: dict[str, Any]
+def read_model_index(teacher: str, revision: Optional[str] = None) -> dict[str, Any]:
+    """The pipeline's model_index.json, from a local directory or the hub."""
     if looks_local(teacher):
         if not os.path.isdir(os.path.expanduser(teacher)):
             raise missing_directory(teacher, "the teacher pipeline")
         index_path = Path(os.path.expanduser(teacher)) / "model_index.json"
         if not index_path.is_file():
             raise ModelLoadError(f"{index_path} not found: {teacher} is not a diffusers pipeline directory")
-        index = json.loads(index_path.read_text())
-    else:
-        from huggingface_hub import hf_hub_download
+        return json.loads(index_path.read_text())
+    from huggingface_hub import hf_hub_download
 
-        try:
-            index = json.loads(Path(hf_hub_download(teacher, "model_index.json", revision=revision)).read_text())
-        except Exception as error:  # network, auth and missing-file errors all mean the same here
-            raise ModelLoadError(f"could not read model_index.json of {teacher}: {error}") from error
-    return "sdxl" if "text_encoder_2" in index else "sd"
+    try:
+        return json.loads(Path(hf_hub_download(teacher, "model_index.json", revision=revision)).read_text())
+    except Exception as error:  # network, auth and missing-file errors all mean the same here
+        raise ModelLoadError(f"could not read model_index.json of {teacher}: {error}") from error
+
+
+def detect_architecture(teacher: str, revision: Optional[str] = None) -> str:
+    """The name of the model family (train/families/) the pipeline belongs to, from its model_index.json."""
+    from addpipe.train.families import family_of_index
+
+    try:
+        return family_of_index(read_model_index(teacher, revision), teacher).name
+    except ValueError as error:
+        raise ModelLoadError(str(error)) from None
+
+
+def resolve_architecture(model_config) -> str:
+    """`model.architecture`, or the detected family where it says auto."""
+    if model_config.architecture != "auto":
+        return model_config.architecture
+    return detect_architecture(model_config.teacher, model_config.revision)
 
 
 def check_tokenizer(tokenizer, where: str) -> None:
@@ -110,6 +125,13 @@ class TeacherComponents:
     and so what an SDXL teacher's guidance was used with."""
 
     @property
+    def family(self):
+        """The model family (train/families/) that loaded these components and knows how to run them."""
+        from addpipe.train.families import family
+
+        return family(self.architecture)
+
+    @property
     def pooled_dim(self) -> int:
         """Width of the pooled text embedding (the discriminator's text condition)."""
         encoder = self.text_encoders[-1]
@@ -133,54 +155,17 @@ class TeacherComponents:
 
 
 def load_teacher(model_config, dtype: torch.dtype = torch.float32, with_unet: bool = True) -> TeacherComponents:
-    from diffusers import DDPMScheduler
+    """The teacher's frozen components, loaded by its model family (`model.architecture`, or found from the
+    directory)."""
+    from addpipe.train.families import family
 
-    name, revision, variant = model_config.teacher, model_config.revision, model_config.variant
-    architecture = model_config.architecture
-    if architecture == "auto":
-        architecture = detect_architecture(name, revision)
-    common = {"revision": revision, "variant": variant}
-    unet = load_pretrained(UNet2DConditionModel, name, "unet", torch_dtype=dtype, **common) if with_unet else None
-    vae_source = model_config.vae
-    vae = (load_pretrained(AutoencoderKL, vae_source, torch_dtype=dtype) if vae_source
-           else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, **common))
-    if needs_upcast(vae, dtype):  # held in fp32 from the start: switching dtypes between a forward and its backward is not safe
-        vae.to(torch.float32)
-    try:  # the raw scheduler config: its class, prediction type and zero-SNR flag as the authors wrote them
-        scheduler_config = dict(DDPMScheduler.load_config(name, subfolder="scheduler", revision=revision))
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not read the scheduler config of {name}: {error}") from error
-    tokenizer_names = ["tokenizer"] + (["tokenizer_2"] if architecture == "sdxl" else [])
-    tokenizers = []
-    for sub in tokenizer_names:
-        tokenizer = load_pretrained(CLIPTokenizer, name, sub, revision=revision)
-        check_tokenizer(tokenizer, f"{name}/{sub}")
-        tokenizers.append(tokenizer)
-    if architecture == "sdxl":
-        text_encoders = [
-            load_pretrained(CLIPTextModel, name, "text_encoder", torch_dtype=dtype, **common),
-            load_pretrained(CLIPTextModelWithProjection, name, "text_encoder_2", torch_dtype=dtype, **common),
-        ]
-    else:
-        text_encoders = [load_pretrained(CLIPTextModel, name, "text_encoder", torch_dtype=dtype, **common)]
-    for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
-        module.requires_grad_(False)
-        module.eval()
-    return TeacherComponents(architecture, unet, vae, text_encoders, tokenizers, scheduler_config, name,
-                             zero_unconditional=architecture == "sdxl" and forces_zeros(name, revision))
+    return family(resolve_architecture(model_config)).load(model_config, dtype, with_denoiser=with_unet)
 
 
 def diffusers_pipeline(components: TeacherComponents, scheduler, unet: Optional[nn.Module] = None):
-    """`components` as diffusers' own pipeline (SD or SDXL), with `unet` in place of theirs when given: what
-    exports save and what the ODE pairs are sampled with."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    parts = dict(vae=components.vae, text_encoder=components.text_encoders[0], tokenizer=components.tokenizers[0],
-                 unet=unet if unet is not None else components.unet, scheduler=scheduler)
-    if components.architecture == "sdxl":
-        return StableDiffusionXLPipeline(**parts, text_encoder_2=components.text_encoders[1],
-                                         tokenizer_2=components.tokenizers[1])
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """`components` as their family's diffusers pipeline, with `unet` in place of theirs when given: what exports
+    save and what the ODE pairs are sampled with."""
+    return components.family.pipeline(components, scheduler, unet)
 
 
 def forces_zeros(name: str, revision: Optional[str]) -> bool:
@@ -193,10 +178,10 @@ def forces_zeros(name: str, revision: Optional[str]) -> bool:
         return True
 
 
-def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
-    """The student starts as a trainable copy of the teacher's UNet (initialisation is crucial, docs/method.md)."""
+def make_student(teacher: TeacherComponents, model_config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The student starts as a trainable copy of the teacher's denoiser (initialisation is crucial, docs/method.md)."""
     if model_config.student_init:
-        student = load_pretrained(UNet2DConditionModel, model_config.student_init, torch_dtype=dtype)
+        student = load_pretrained(teacher.family.denoiser_class(), model_config.student_init, torch_dtype=dtype)
     else:
         student = copy.deepcopy(teacher.unet)
         if next(student.parameters()).dtype != dtype:
@@ -237,27 +222,10 @@ class TextConditioning:
 
 def encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str,
                    grad: bool = False) -> TextConditioning:
-    """SD: last hidden state of CLIP-L (pooled: its EOS token). SDXL: penultimate hidden states of both
-    encoders concatenated; pooled: the projected EOS embedding of the second encoder.
-    Without gradients unless `grad` (only teacher pretraining trains a text encoder)."""
+    """The text conditioning the teacher's family makes of `prompts` (train/families/). Without gradients unless
+    `grad` (only teacher pretraining trains a text encoder)."""
     with torch.set_grad_enabled(grad):
-        return _encode_prompts(teacher, prompts, device)
-
-
-def _encode_prompts(teacher: TeacherComponents, prompts: list[str], device: torch.device | str) -> TextConditioning:
-    hidden_parts, pooled = [], None
-    for tokenizer, encoder in zip(teacher.tokenizers, teacher.text_encoders):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        output = encoder(ids, output_hidden_states=True)
-        if teacher.architecture == "sdxl":
-            hidden_parts.append(output.hidden_states[-2])
-            pooled = output.text_embeds if isinstance(encoder, CLIPTextModelWithProjection) else output.pooler_output
-        else:
-            hidden_parts.append(output.last_hidden_state)
-            pooled = output.pooler_output
-    return TextConditioning(torch.cat(hidden_parts, dim=-1), pooled)
+        return teacher.family.encode(teacher, prompts, device)
 
 
 def clip_text_config(name: str):
@@ -297,18 +265,10 @@ class TextEmbedder:
 
 
 def unconditional(teacher: TeacherComponents, device: torch.device | str) -> TextConditioning:
-    """The teacher's unconditional branch for classifier-free guidance: zeros for SDXL (see zero_unconditional),
-    the encoding of the empty prompt for SD."""
-    empty = encode_prompts(teacher, [""], device)
-    if teacher.zero_unconditional:
-        return TextConditioning(torch.zeros_like(empty.hidden_states), torch.zeros_like(empty.pooled))
-    return empty
-
-
-def sdxl_time_ids(original_sizes: torch.Tensor, crops: torch.Tensor, target_size: int) -> torch.Tensor:
-    """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
-    target = torch.tensor([target_size, target_size], dtype=original_sizes.dtype).expand(original_sizes.shape[0], 2)
-    return torch.cat([original_sizes, crops, target.to(original_sizes.device)], dim=1).float()
+    """The teacher's unconditional branch for classifier-free guidance, as its family defines it (zeros for SDXL
+    where model_index.json forces them, the encoding of the empty prompt for SD)."""
+    with torch.no_grad():
+        return teacher.family.unconditional(teacher, device)
 
 
 def needs_upcast(vae: nn.Module, dtype: torch.dtype) -> bool:

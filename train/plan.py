@@ -26,7 +26,7 @@ def dry_run(config, world_size: int, gpu_memory: Optional[float] = None) -> str:
     `model.gradient_checkpointing: auto` decided as the run would on a GPU of `gpu_memory` GiB)."""
     from addpipe.config import to_yaml
     from addpipe.train.memory import plan_memory, resolve_checkpointing
-    from addpipe.train.models import ModelLoadError
+    from addpipe.train.models import ModelLoadError, looks_local
 
     plan = describe_plan(config)
     if world_size < 1:
@@ -35,6 +35,9 @@ def dry_run(config, world_size: int, gpu_memory: Optional[float] = None) -> str:
         why = resolve_checkpointing(config, world_size, gpu_memory, unknown_gpu=True)
         note = f"# model.gradient_checkpointing auto: {why}\n" if why else ""
         memory = note + plan_memory(config, world_size).describe(gpu_memory)
-    except (OSError, ValueError, ModelLoadError) as error:  # model configs not reachable (a hub id offline): the rest still helps
+    except (OSError, ValueError, ModelLoadError) as error:
+        if isinstance(error, ModelLoadError) and looks_local(config.model.teacher):
+            raise  # a local teacher that is missing or no model we can train: the run would fail, so the plan does
+        # model configs not reachable (a hub id offline): the rest of the plan still helps
         memory = f"# memory plan: not available: {str(error).strip().splitlines()[0]}\n"
     return to_yaml(config, with_docs=True) + "\n" + plan + memory

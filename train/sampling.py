@@ -11,7 +11,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from addpipe.train.models import TeacherComponents, encode_prompts, sdxl_time_ids, vae_decode
+from addpipe.train.families import Denoiser
+from addpipe.train.models import TeacherComponents, encode_prompts, vae_decode
 from addpipe.train.schedule import NoiseSchedule, predicted_x0, schedule_from_config, student_timesteps, trained_subset
 
 STUDENT_INFO = "addpipe_student.json"
@@ -22,14 +23,15 @@ def vae_downsample_factor(components: TeacherComponents) -> int:
 
 
 @torch.no_grad()
-def sample_trajectory(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
-                      timesteps: Sequence[int], fresh: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
+def sample_trajectory(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, timesteps: Sequence[int],
+                      fresh: Callable[[int], torch.Tensor]) -> list[torch.Tensor]:
     """The few-step sampler: x at timesteps[0] is pure noise (alpha = 0 under zero terminal SNR); returns the
-    x0 predicted at each timestep. `fresh(i)` is the noise that re-noises step i's x0 to timesteps[i + 1]."""
+    x0 predicted at each timestep. `denoiser`: a model bound to the batch's conditioning by its family
+    (ModelFamily.denoiser); `fresh(i)` is the noise that re-noises step i's x0 to timesteps[i + 1]."""
     x, predictions = noise, []
     for index, timestep in enumerate(timesteps):
         t = torch.full((x.shape[0],), int(timestep), dtype=torch.long, device=x.device)
-        output = unet(x, t, **unet_kwargs, return_dict=False)[0].float()
+        output = denoiser(x, t).float()
         alpha, sigma = schedule.at(t, x.ndim)
         predictions.append(predicted_x0(output, x, alpha, sigma, schedule.prediction_type))
         if index < len(timesteps) - 1:
@@ -38,10 +40,10 @@ def sample_trajectory(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dic
     return predictions
 
 
-def sample_latents(unet: nn.Module, schedule: NoiseSchedule, unet_kwargs: dict, noise: torch.Tensor,
-                   timesteps: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_latents(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, timesteps: Sequence[int],
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """The final x0 of the sampler, fresh noise drawn from `generator` (a CPU generator: same seed, same images)."""
-    return sample_trajectory(unet, schedule, unet_kwargs, noise, timesteps,
+    return sample_trajectory(denoiser, schedule, noise, timesteps,
                              lambda _: torch.randn(noise.shape, generator=generator, dtype=noise.dtype))[-1]
 
 
@@ -53,12 +55,10 @@ def generate(unet: nn.Module, components: TeacherComponents, schedule: NoiseSche
     size = resolution // vae_downsample_factor(components)
     channels = components.vae.config.latent_channels
     noise = torch.randn((len(prompts), channels, size, size), generator=generator).to(device)
-    conditioning = encode_prompts(components, prompts, device)
-    time_ids = None
-    if components.architecture == "sdxl":
-        n = len(prompts)
-        time_ids = sdxl_time_ids(torch.full((n, 2), resolution), torch.zeros(n, 2, dtype=torch.long), resolution).to(device)
-    latents = sample_latents(unet, schedule, conditioning.unet_kwargs(time_ids), noise, timesteps, generator)
+    family = components.family
+    micro = family.micro_conditioning(len(prompts), resolution)
+    denoiser = family.denoiser(unet, encode_prompts(components, prompts, device), None if micro is None else micro.to(device))
+    latents = sample_latents(denoiser, schedule, noise, timesteps, generator)
     return ((vae_decode(components, latents) + 1.0) / 2.0).clamp(0.0, 1.0)
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import torch
 
 from addpipe.train.backends import backend_class
-from addpipe.train.memory import (MemoryPlan, Line, architecture_of, count, frozen_vae_and_text, meta, model_config,
+from addpipe.train.memory import (MemoryPlan, Line, family_of, count, frozen_vae_and_text, meta, model_config,
                                   student_inputs, trained_state)
 
 
 def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
     """ADD: the student (or its LoRA adapters), the frozen teacher UNet, VAE and text encoders, the frozen
     discriminator networks and the trained heads; the generator phase's activations."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection, Dinov2Config, Dinov2Model
 
     from addpipe.train.methods.add.discriminator import Discriminator, evenly_spaced_layers
@@ -22,12 +21,13 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
     engine, model, disc = config.engine, config.model, config.discriminator
     b = dtype.itemsize
     world = world_size
-    architecture = architecture_of(model)
+    family = family_of(model)
     ema = config.optim.ema_enabled
     plan = MemoryPlan(world, str(dtype).replace("torch.", ""))
 
-    unet_config = model_config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
-    student = meta(lambda: UNet2DConditionModel.from_config(unet_config))
+    denoiser, folder = family.denoiser_class(), family.denoiser_folder
+    unet_config = model_config(denoiser, model.student_init or model.teacher, None if model.student_init else folder)
+    student = meta(lambda: denoiser.from_config(unet_config))
     student_params = count(student)
     lora = config.student.lora
     if lora.enabled:  # one UNet: the frozen base serves the teacher (adapters off) and the student
@@ -44,13 +44,12 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
                                note="sharded with the student" if sharded else "replicated"))
     else:
         plan.lines.append(trained_state("student UNet (trained)", student_params, engine, dtype, world, True, ema))
-        teacher_unet_params = count(meta(lambda: UNet2DConditionModel.from_config(
-            model_config(UNet2DConditionModel, model.teacher, "unet"))))
+        teacher_unet_params = count(meta(lambda: denoiser.from_config(model_config(denoiser, model.teacher, folder))))
         partition = model.frozen_placement == "partition"
         plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params,
                                weights=b * teacher_unet_params / (world if partition else 1),
                                note="sharded" if partition else "replicated"))
-    vae, frozen, pooled = frozen_vae_and_text(config, architecture, dtype)
+    vae, frozen, pooled = frozen_vae_and_text(config, family, dtype)
     plan.lines.append(frozen)
 
     dino_config = Dinov2Config.from_pretrained(disc.feature_network)
@@ -74,17 +73,17 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
     heads = count(discriminator.heads)
     plan.lines.append(trained_state("discriminator heads (trained)", heads, engine, torch.float32, world, False, False))
 
-    plan.activations, plan.activation_note = _activations(config, student, vae, dino, unet_config, architecture, dtype)
+    plan.activations, plan.activation_note = _activations(config, student, vae, dino, unet_config, family, dtype)
     return plan
 
 
-def _activations(config, student, vae, dino, unet_config, architecture, dtype) -> tuple[float, str]:
+def _activations(config, student, vae, dino, unet_config, family, dtype) -> tuple[float, str]:
     """What the generator phase saves for its backward at the configured per-rank batch: the student UNet (with
     or without gradient checkpointing, as configured), the VAE decoder of the student's x0 (pixel-space losses),
     and the frozen DINOv2 on the decoded fakes (the adversarial loss flows through it)."""
     batch, resolution = config.data.batch_size, config.data.resolution
     checkpointing = config.model.gradient_checkpointing is True
-    counter, kwargs, x = student_inputs(config, student, vae, unet_config, architecture, dtype)
+    counter, kwargs, x = student_inputs(config, student, vae, unet_config, family, dtype)
     with counter.counting(student, vae), torch.autocast("cpu", enabled=False):
         student = student.to(dtype)
         out = student(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]

@@ -26,8 +26,8 @@ from addpipe.train.export import export_lora_student, export_student
 from addpipe.train.methods.add.memory import plan_add
 from addpipe.train.lora import AdaptersOff, add_adapters, describe as describe_lora
 from addpipe.train.methods.base import Method, Phase
-from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, sdxl_time_ids,
-                                  unconditional, vae_decode, vae_encode)
+from addpipe.train.models import (TextConditioning, TextEmbedder, encode_prompts, load_teacher, make_student, unconditional,
+                                  vae_decode, vae_encode)
 from addpipe.train.report import report
 from addpipe.train.sampling import generate, sample_trajectory, save_grid, vae_downsample_factor
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_eps, predicted_x0,
@@ -196,9 +196,9 @@ class ADD(Method):
             with autocast(self.device, self.dtype):
                 latents = vae_encode(self.teacher, pixels)
                 conditioning = encode_prompts(self.teacher, batch.captions, self.device)
-        time_ids = None
-        if self.teacher.architecture == "sdxl":
-            time_ids = sdxl_time_ids(batch.original_sizes, batch.crops, self.config.data.resolution).to(self.device)
+        time_ids = self.teacher.family.micro_conditioning(len(batch.captions), self.config.data.resolution,
+                                                          batch.original_sizes, batch.crops)
+        time_ids = None if time_ids is None else time_ids.to(self.device)
         image_embedding = self.discriminator.module.image_embedding(pixels)
         text_embedding = self.text_embedder(batch.captions) if self.text_embedder is not None else None
         return StepInputs(latents, pixels, conditioning, time_ids, image_embedding, batch.streams, text_embedding)
@@ -233,9 +233,9 @@ class ADD(Method):
         start_noise = noise.simulation_noise.to(self.device)[run]
         time_ids = None if inputs.time_ids is None else inputs.time_ids[run]
         with autocast(self.device, self.dtype):
-            trajectory = sample_trajectory(self.student.module, self.student_schedule,
-                                           inputs.conditioning.select(run).unet_kwargs(time_ids), start_noise[:, 0],
-                                           self.timesteps[:depth], lambda step: start_noise[:, step + 1])
+            denoiser = self.teacher.family.denoiser(self.student.module, inputs.conditioning.select(run), time_ids)
+            trajectory = sample_trajectory(denoiser, self.student_schedule, start_noise[:, 0], self.timesteps[:depth],
+                                           lambda step: start_noise[:, step + 1])
         reached = torch.stack(trajectory)[(index[run] - 1).clamp(min=0), torch.arange(run.shape[0], device=self.device)]
         keep = chosen[run_cpu].nonzero().squeeze(1)  # positions in `run` of the chosen rows (all of them unless fixed)
         rows, reached = run_cpu[keep].to(self.device), reached[keep.to(self.device)]
@@ -273,8 +273,8 @@ class ADD(Method):
         time_ids = None if inputs.time_ids is None else inputs.time_ids.repeat(len(branches), 1)
         k = len(branches)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            output = self.teacher_unet(x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k), **conditioning.unet_kwargs(time_ids),
-                                       return_dict=False)[0].float()
+            output = self.teacher.family.denoise(self.teacher_unet, x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k),
+                                                 conditioning, time_ids).float()
             prediction = self.teacher_schedule.prediction_type
             if cfg.weighting == "nfsd":
                 eps = [predicted_eps(branch, x_t, alpha, sigma, prediction) for branch in output.chunk(k)]
@@ -296,8 +296,8 @@ class ADD(Method):
         with autocast(self.device, self.dtype):
             # In bf16 DeepSpeed holds the student in bf16 and, on CUDA, turns torch.autocast off inside the engine's
             # forward (it follows only its own `torch_autocast` setting): the inputs must arrive in the weights' dtype.
-            output = self.student.forward(x_s.to(self.dtype), timesteps,
-                                          **inputs.conditioning.unet_kwargs(inputs.time_ids, self.dtype), return_dict=False)[0]
+            output = self.teacher.family.denoise(self.student.forward, x_s.to(self.dtype), timesteps, inputs.conditioning,
+                                                 inputs.time_ids, self.dtype)
             x0 = predicted_x0(output.float(), x_s, alpha, sigma, self.student_schedule.prediction_type)
             need_pixels = cfg.adversarial or cfg.resolved_space == "pixel"
             fake_pixels = vae_decode(self.teacher, x0) if need_pixels else None

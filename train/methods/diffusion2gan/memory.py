@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from addpipe.train.memory import (MemoryPlan, architecture_of, count, frozen_vae_and_text, meta, model_config,
+from addpipe.train.memory import (MemoryPlan, family_of, count, frozen_vae_and_text, meta, model_config,
                                   student_inputs, trained_state)
 
 
@@ -19,7 +19,7 @@ def plan_diffusion2gan(config, world_size: int, dtype: torch.dtype) -> MemoryPla
 
     engine, model = config.engine, config.model
     plan = MemoryPlan(world_size, str(dtype).replace("torch.", ""))
-    architecture = architecture_of(model)
+    family = family_of(model)
     unet_config = model_config(UNet2DConditionModel, model.student_init or model.teacher, None if model.student_init else "unet")
     student = meta(lambda: UNet2DConditionModel.from_config(unet_config))
     plan.lines.append(trained_state("student UNet (trained)", count(student), engine, dtype, world_size, True,
@@ -30,11 +30,11 @@ def plan_diffusion2gan(config, world_size: int, dtype: torch.dtype) -> MemoryPla
         discriminator = meta(lambda: UNetEncoderDiscriminator(teacher_unet))
         plan.lines.append(trained_state("discriminator: UNet encoder (trained)", count(discriminator), engine,
                                         torch.float32, world_size, False, False))
-    vae, frozen, _ = frozen_vae_and_text(config, architecture, dtype)
+    vae, frozen, _ = frozen_vae_and_text(config, family, dtype)
     plan.lines.append(frozen)
 
     batch = config.data.batch_size
-    counter, kwargs, x = student_inputs(config, student, vae, unet_config, architecture, dtype)
+    counter, kwargs, x = student_inputs(config, student, vae, unet_config, family, dtype)
     with counter.counting(student), torch.autocast("cpu", enabled=False):
         out = student.to(dtype)(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
         if discriminator is not None:  # in the generator phase its weights are frozen, its activations are not

@@ -33,7 +33,7 @@ from addpipe.train.methods.diffusion2gan.data import OdePairs
 from addpipe.train.methods.diffusion2gan.latent_lpips import LatentLPIPS
 from addpipe.train.methods.diffusion2gan.memory import plan_diffusion2gan
 from addpipe.train.methods.base import Method, Phase
-from addpipe.train.models import ModelLoadError, TextConditioning, load_teacher, make_student, sdxl_time_ids
+from addpipe.train.models import ModelLoadError, TextConditioning, load_teacher, make_student
 from addpipe.train.sampling import generate, save_grid
 from addpipe.train.schedule import (add_noise, draw_training_noise, pipeline_schedule, predicted_x0, schedule_from_config,
                                     step_generator, stream_groups, student_parameterisation, warmup_factor)
@@ -130,10 +130,8 @@ class Diffusion2GAN(Method):
         n, resolution = len(batch.captions), self.config.data.resolution
         low, high = self.config.d2g.discriminator_t
         drawn = draw_training_noise(self.config.seed, step, batch.streams, tuple(batch.latents.shape[1:]), 1, low, high)
-        time_ids = None
-        if self.teacher.architecture == "sdxl":  # pairs are whole images at the training resolution
-            time_ids = sdxl_time_ids(torch.full((n, 2), resolution), torch.zeros(n, 2, dtype=torch.long),
-                                     resolution).to(self.device)
+        time_ids = self.teacher.family.micro_conditioning(n, resolution)  # pairs are whole images at the training resolution
+        time_ids = None if time_ids is None else time_ids.to(self.device)
         return PairStep(batch.extra["noise"].to(self.device), batch.latents.to(self.device),
                         TextConditioning(batch.prompt_embeds.to(self.device), batch.pooled_embeds.to(self.device)),
                         time_ids, batch.streams, drawn.teacher_t.to(self.device), drawn.teacher_noise.to(self.device), step,
@@ -169,8 +167,8 @@ class Diffusion2GAN(Method):
         alpha, sigma = self.student_schedule.at(t, state.noise.ndim)
         terms: dict[str, torch.Tensor] = {}
         with autocast(self.device, self.dtype):
-            output = self.student.forward(state.noise.to(self.dtype), t,
-                                          **state.conditioning.unet_kwargs(state.time_ids, self.dtype), return_dict=False)[0]
+            output = self.teacher.family.denoise(self.student.forward, state.noise.to(self.dtype), t, state.conditioning,
+                                                 state.time_ids, self.dtype)
             fake = predicted_x0(output.float(), state.noise, alpha, sigma, self.student_schedule.prediction_type)
             terms["loss/lpips"] = self.ensemble_lpips(fake.float(), state.target, state).mean()
             total = d2g.lpips_weight * terms["loss/lpips"]

@@ -189,14 +189,7 @@ def _sample(pipe, teacher, empty, prompts: list[str], indices: list[int], shape,
     n = len(prompts)
     noise = torch.stack([pair_noise(settings.seed, i, shape) for i in indices])
     text = encode_prompts(teacher, prompts, device)
-    kwargs: dict[str, Any] = {
-        "prompt_embeds": text.hidden_states.to(dtype),
-        "negative_prompt_embeds": empty.hidden_states.expand(n, -1, -1).to(dtype),
-    }
-    if teacher.architecture == "sdxl":  # full, uncropped images at the training resolution
-        kwargs.update(pooled_prompt_embeds=text.pooled.to(dtype),
-                      negative_pooled_prompt_embeds=empty.pooled.expand(n, -1).to(dtype),
-                      original_size=(resolution, resolution), target_size=(resolution, resolution))
+    kwargs = teacher.family.pipeline_embeddings(text, empty.select([0] * n), resolution, dtype)
     latents = pipe(**kwargs, latents=noise.to(device, dtype), num_inference_steps=settings.steps,
                    guidance_scale=settings.guidance, eta=0.0, height=resolution, width=resolution,
                    output_type="latent").images.float().cpu()
