@@ -2,6 +2,11 @@
 
     python dist_worker.py train CONFIG REPORT [--resume] overrides...    # Trainer.run on any backend
     python dist_worker.py reference CONFIG REPORT overrides...            # the same ADD steps, no backend at all
+    python dist_worker.py batch JOBS.json                                  # several train runs in one launch
+
+A batch runs its jobs one after another in the same process group ({"config", "report", "overrides", "resume",
+"copy": [from, to] before the run}): a torchrun launch costs about twenty seconds before the first step, so a test
+module starts one for all of its two-rank runs.
 
 Each writes a JSON report: world size, the student's local and full parameter counts, the losses of every step and,
 after a resume, a digest of the student's parameters as loaded (before any further step).
@@ -164,6 +169,19 @@ def train(config: TrainConfig, resume: bool) -> dict[str, Any]:
     return report
 
 
+def batch(jobs_path: str) -> None:
+    import shutil
+
+    jobs = json.loads(open(jobs_path).read())
+    assert not jobs[0].get("copy"), "the first job starts the process group: a copy before it could race the other ranks"
+    for job in jobs:
+        if job.get("copy") and distributed.is_main():
+            shutil.copytree(*job["copy"])
+        distributed.barrier()
+        main("train", job["config"], job["report"], *job["overrides"], *(["--resume"] if job.get("resume") else []))
+        distributed.barrier()
+
+
 def main(mode: str, config_path: str, report_path: str, *rest: str) -> None:
     resume = "--resume" in rest
     overrides = [r for r in rest if r != "--resume"]
@@ -176,4 +194,4 @@ def main(mode: str, config_path: str, report_path: str, *rest: str) -> None:
 
 if __name__ == "__main__":
     with contextlib.suppress(BrokenPipeError):
-        main(*sys.argv[1:])
+        batch(sys.argv[2]) if sys.argv[1] == "batch" else main(*sys.argv[1:])

@@ -63,20 +63,92 @@ def reference(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
     return run_worker("reference", 1, directory / "report.json", overrides)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend, processes, extra", [
+MATCH = [
     ("deepspeed", 1, {"engine.zero": 2}),
     ("deepspeed", 2, {"engine.zero": 3, "model.frozen_placement": "partition"}),
     ("fsdp2", 1, {}),
     # activation checkpointing recomputes the same values: FSDP2 with it still matches the reference without it
     ("fsdp2", 2, {"model.frozen_placement": "partition", "model.gradient_checkpointing": True}),
-])
-def test_backends_match_a_plain_pytorch_reference(backend, processes, extra, reference, tiny_sd, tiny_dino, digit_shards,
-                                                  tmp_path):
-    run = tmp_path / "run"
-    overrides = tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=3, **COMMON, **layout(processes),
-                               **{"engine.backend": backend, **extra})
-    report = run_worker("train", processes, tmp_path / "report.json", overrides)
+]
+RESHARD = [
+    (("deepspeed", 2), ("deepspeed", 1)),
+    (("deepspeed", 1), ("deepspeed", 2)),
+    (("fsdp2", 2), ("fsdp2", 1)),
+    (("fsdp2", 1), ("fsdp2", 2)),
+    (("deepspeed", 2), ("fsdp2", 1)),
+    (("fsdp2", 2), ("deepspeed", 2)),
+]
+# The EMA by half-life: its images are counted from the step and the global batch, the same on 1 or 2 ranks.
+RESHARD_COMMON = {**COMMON, "optim.ema_decay": 0, "optim.ema_halflife_kimg": 0.02, "checkpoint.every": 2,
+                  "engine.zero": 3}
+
+
+def match_overrides(tiny_sd, tiny_dino, digit_shards, run, backend, processes, extra):
+    return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=3, **COMMON, **layout(processes),
+                          **{"engine.backend": backend, **extra})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
+    """Every training run of this module: the one-rank ones in this process, all the two-rank ones in a single torchrun
+    launch (one start-up instead of seven). -> {key: (run directory, report)}; the keys: ("match", backend,
+    processes), ("first", backend, processes) (steps 1-2 of the resharding runs), ("resume", first, second)
+    (steps 3-4 from a copy of that first half) and "whole" (steps 1-4 uninterrupted)."""
+    root = tmp_path_factory.mktemp("runs")
+
+    def reshard(run, steps, backend, processes):
+        return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps, **RESHARD_COMMON, **layout(processes),
+                              **{"engine.backend": backend})
+
+    found, jobs = {}, []
+
+    def plan(key, run, overrides, processes, resume=False, copy=None):
+        report = root / f"{run.name}.json"
+        found[key] = (run, report)
+        if processes == 2:
+            jobs.append({"config": str(TINY_CONFIG), "report": str(report), "overrides": overrides, "resume": resume,
+                         "copy": [str(c) for c in copy] if copy else None})
+        else:
+            if copy:
+                import shutil
+
+                shutil.copytree(*copy)
+            report.write_text(json.dumps(run_worker("train", 1, report, overrides, resume=resume)))
+
+    for backend, processes, extra in MATCH:
+        run = root / f"match-{backend}-{processes}"
+        plan(("match", backend, processes), run, match_overrides(tiny_sd, tiny_dino, digit_shards, run, backend,
+                                                                 processes, extra), processes)
+    plan("whole", root / "whole", reshard(root / "whole", 4, "fsdp2", 1), 1)
+    firsts = sorted({first for first, _ in RESHARD}, key=lambda layout_: layout_[1])  # one-rank halves first
+    for backend, processes in firsts:
+        run = root / f"first-{backend}-{processes}"
+        plan(("first", backend, processes), run, reshard(run, 2, backend, processes), processes)
+    for first, second in sorted(RESHARD, key=lambda pair: pair[1][1]):  # two-rank resumes join the launch
+        run = root / f"resume-{'-'.join(map(str, first))}-to-{'-'.join(map(str, second))}"
+        if second[1] == 1 and first[1] == 2:
+            continue  # a one-rank resume of a two-rank half: after the launch, below
+        plan(("resume", first, second), run, reshard(run, 4, *second), second[1], resume=True,
+             copy=(found[("first", *first)][0], run))
+    jobs_path = root / "two_rank_jobs.json"
+    jobs_path.write_text(json.dumps(jobs))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+               "batch", str(jobs_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=1800,
+                            cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    for first, second in RESHARD:  # the one-rank resumes of two-rank halves
+        if ("resume", first, second) not in found:
+            run = root / f"resume-{'-'.join(map(str, first))}-to-{'-'.join(map(str, second))}"
+            plan(("resume", first, second), run, reshard(run, 4, *second), second[1], resume=True,
+                 copy=(found[("first", *first)][0], run))
+    return {key: (run, json.loads(report.read_text())) for key, (run, report) in found.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, processes, extra", MATCH)
+def test_backends_match_a_plain_pytorch_reference(backend, processes, extra, reference, runs):
+    run, report = runs[("match", backend, processes)]
     assert report["world_size"] == processes and report["linear_untouched"]
     if processes == 2:  # really sharded: each rank holds about half of the student
         assert all(count <= report["full_numel"] // 2 + 5000 for count in report["local_numel_per_rank"]), report
@@ -93,50 +165,15 @@ def tensor_digest(tensors):
     return hashlib.sha256(b"".join(tensors[k].float().numpy().tobytes() for k in sorted(tensors))).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def resharding(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
-    """The uninterrupted run, and each first half once (copied for every test that resumes it)."""
-    root = tmp_path_factory.mktemp("resharding")
-    # the EMA by half-life: its images are counted from the step and the global batch, the same on 1 or 2 ranks
-    common = {**COMMON, "optim.ema_decay": 0, "optim.ema_halflife_kimg": 0.02, "checkpoint.every": 2, "engine.zero": 3}
-
-    def overrides(run, steps, backend, processes):
-        return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps, **common, **layout(processes),
-                              **{"engine.backend": backend})
-
-    run_worker("train", 1, root / "whole.json", overrides(root / "whole", 4, "fsdp2", 1))
-    halves = {}
-
-    def first_half(backend, processes):
-        if (backend, processes) not in halves:
-            run = root / f"first-{backend}-{processes}"
-            run_worker("train", processes, root / f"{run.name}.json", overrides(run, 2, backend, processes))
-            halves[(backend, processes)] = run
-        return halves[(backend, processes)]
-
-    return {"whole": root / "whole", "first_half": first_half, "overrides": overrides}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("first, second", [
-    (("deepspeed", 2), ("deepspeed", 1)),
-    (("deepspeed", 1), ("deepspeed", 2)),
-    (("fsdp2", 2), ("fsdp2", 1)),
-    (("fsdp2", 1), ("fsdp2", 2)),
-    (("deepspeed", 2), ("fsdp2", 1)),
-    (("fsdp2", 2), ("deepspeed", 2)),
-])
-def test_a_checkpoint_resumes_on_another_number_of_ranks_and_backend(first, second, resharding, tmp_path):
+@pytest.mark.parametrize("first, second", RESHARD)
+def test_a_checkpoint_resumes_on_another_number_of_ranks_and_backend(first, second, runs):
     """Saved at step 2 by one layout, resumed to step 4 by another: the weights, Adam moments, EMA, schedule and data
     position carry over, the parameters loaded equal those saved exactly, and the result is the uninterrupted run's."""
-    import shutil
-
     from addpipe.train.checkpoint import read_tensors
 
-    split = tmp_path / "split"
-    shutil.copytree(resharding["first_half"](*first), split)
-    saved = read_tensors(split / "checkpoints" / "step_00000002", "student.")
-    resumed = run_worker("train", second[1], tmp_path / "second.json", resharding["overrides"](split, 4, *second), resume=True)
+    saved = read_tensors(runs[("first", *first)][0] / "checkpoints" / "step_00000002", "student.")
+    split, resumed = runs[("resume", first, second)]
 
     assert resumed["step_at_start"] == 2 and resumed["world_size"] == second[1]
     model = {k[len("student.model."):]: v for k, v in saved.items() if k.startswith("student.model.")}
@@ -145,7 +182,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_and_backend(first, seco
     assert resumed["ema_at_start"] == tensor_digest(ema)
     warmup = 10  # configs/tiny.yaml: the rate the schedule gives after two steps
     assert resumed["lr_at_start"] == pytest.approx(5e-5 * 3 / warmup)
-    whole = resharding["whole"]
+    whole = runs["whole"][0]
     ours, theirs = metrics(split), metrics(whole)
     assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [1, 2, 3, 4]
     for a, b in zip(ours, theirs):
