@@ -145,6 +145,24 @@ def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **ext
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def torchrun_batch(jobs: list[dict], root: Path, processes: int = 2) -> None:
+    """Train runs [{"overrides", "report", "resume"?, "copy"?, "config"?}] one after another in a single torchrun
+    launch of tests/dist_worker.py (about twenty seconds of start-up each otherwise); their reports land where
+    each job says."""
+    import json
+
+    jobs = [{"config": str(TINY_CONFIG), **job, "report": str(job["report"]), "overrides": [str(o) for o in job["overrides"]],
+             "copy": [str(c) for c in job["copy"]] if job.get("copy") else None} for job in jobs]
+    path = root / "torchrun_jobs.json"
+    path.write_text(json.dumps(jobs))
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}  # in-process trainers set them
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               str(Path(__file__).with_name("dist_worker.py")), "batch", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=Path(__file__).parent,
+                            env={k: v for k, v in os.environ.items() if k not in drop})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 TINY_D2G_CONFIG = REPO / "configs" / "tiny_d2g.yaml"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides, torchrun_batch
 from test_train import clean_env
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -106,8 +106,7 @@ def runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
         report = root / f"{run.name}.json"
         found[key] = (run, report)
         if processes == 2:
-            jobs.append({"config": str(TINY_CONFIG), "report": str(report), "overrides": overrides, "resume": resume,
-                         "copy": [str(c) for c in copy] if copy else None})
+            jobs.append({"report": report, "overrides": overrides, "resume": resume, "copy": copy})
         else:
             if copy:
                 import shutil
@@ -130,13 +129,7 @@ def runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
             continue  # a one-rank resume of a two-rank half: after the launch, below
         plan(("resume", first, second), run, reshard(run, 4, *second), second[1], resume=True,
              copy=(found[("first", *first)][0], run))
-    jobs_path = root / "two_rank_jobs.json"
-    jobs_path.write_text(json.dumps(jobs))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-               "batch", str(jobs_path)]
-    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=1800,
-                            cwd=Path(__file__).parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    torchrun_batch(jobs, root)
     for first, second in RESHARD:  # the one-rank resumes of two-rank halves
         if ("resume", first, second) not in found:
             run = root / f"resume-{'-'.join(map(str, first))}-to-{'-'.join(map(str, second))}"

@@ -5,8 +5,6 @@ diffusers' own `load_lora_weights` reads back into the same images."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ from safetensors.torch import load_file
 
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
-from conftest import TINY_CONFIG, tiny_overrides, run_cli
-from test_train import clean_env, cli
+from conftest import TINY_CONFIG, run_cli, tiny_overrides, torchrun_batch
+from test_train import cli
 
 LORA = {"student.lora.rank": 4, "student.lora.init": "gaussian"}
 
@@ -155,22 +153,35 @@ def test_a_lora_resume_equals_the_uninterrupted_run(request, tmp_path):
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+TWO_RANK_BACKENDS = {"deepspeed": {"engine.zero": 3}, "fsdp2": {}}
+
+
+@pytest.fixture(scope="module")
+def two_rank_lora(request, tmp_path_factory):
+    """Each backend's LoRA run on two ranks, both in one torchrun launch. -> {backend: run directory}."""
+    root = tmp_path_factory.mktemp("two_rank_lora")
+    runs = {backend: root / backend for backend in TWO_RANK_BACKENDS}
+    torchrun_batch([{"report": root / f"{backend}.json",
+                     "overrides": settings(request, "sd", run, **lora_common(backend),
+                                           **{"data.batch_size": 2, "data.num_workers": 1})}
+                    for backend, run in runs.items()], root)
+    return runs
+
+
+def lora_common(backend: str) -> dict:
+    return {"steps": 3, "discriminator.virtual_batch_size": 2, "engine.backend": backend, **TWO_RANK_BACKENDS[backend]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, extra", [("deepspeed", {"engine.zero": 3}), ("fsdp2", {})])
-def test_two_rank_lora_runs_match_one_rank(request, tmp_path, backend, extra):
+@pytest.mark.parametrize("backend", TWO_RANK_BACKENDS)
+def test_two_rank_lora_runs_match_one_rank(request, tmp_path, backend, two_rank_lora):
     """Global batch 4 either way; local batch-norm groups of 2 keep each stream's samples in their own group."""
-    common = {"steps": 3, "discriminator.virtual_batch_size": 2, "engine.backend": backend, **extra}
     from addpipe.train.loop import train
 
     one = tmp_path / "one"  # in this process: a second's start instead of twenty
-    train(load(TrainConfig, TINY_CONFIG, settings(request, "sd", one, **common,
+    train(load(TrainConfig, TINY_CONFIG, settings(request, "sd", one, **lora_common(backend),
                                                   **{"data.batch_size": 4, "data.num_workers": 2})))
-    two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "addpipe.pipeline", "train", "-c", str(TINY_CONFIG),
-               *settings(request, "sd", two, **common, **{"data.batch_size": 2, "data.num_workers": 1})]
-    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    two = two_rank_lora[backend]
     for export in ("student_lora", "student_lora_raw"):  # the EMA'd adapters and the trained ones
         a, b = lora_weights(one / export), lora_weights(two / export)
         assert a.keys() == b.keys()
