@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -134,6 +135,18 @@ def digit_shards(tmp_path_factory) -> Path:
     return write_digit_shards(tmp_path_factory.mktemp("shards"), 96, 16, samples_per_shard=12)
 
 
+@pytest.fixture(scope="session")
+def tiny_student(tiny_sd, tiny_dino, digit_shards, tmp_path_factory) -> Path:
+    """A student exported by the trainer after two ADD steps on the tiny SD teacher (timesteps 999/749/499/249), for the
+    tests that need an exported student and not how it was trained: trained once per session."""
+    from addpipe.config import load
+    from addpipe.train.config import TrainConfig
+    from addpipe.train.loop import train
+
+    run = tmp_path_factory.mktemp("tiny_student") / "run"
+    return train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=2)))
+
+
 def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **extra) -> list[str]:
     """Overrides on configs/tiny.yaml pointing at the session's tiny models and shards."""
     values = {
@@ -145,13 +158,13 @@ def tiny_overrides(teacher: Path, dino: Path, shards: Path, run_dir: Path, **ext
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def torchrun_batch(jobs: list[dict], root: Path, processes: int = 2) -> None:
+def torchrun_batch(jobs: list[dict], root: Path, processes: int = 2, env: Optional[dict] = None) -> None:
     """Train runs [{"overrides", "report", "resume"?, "copy"?, "config"?}] one after another in a single torchrun
     launch of tests/dist_worker.py (about twenty seconds of start-up each otherwise); their reports land where
     each job says."""
     import json
 
-    jobs = [{"config": str(TINY_CONFIG), **job, "report": str(job["report"]), "overrides": [str(o) for o in job["overrides"]],
+    jobs = [{**job, "config": str(job.get("config", TINY_CONFIG)), "report": str(job["report"]), "overrides": [str(o) for o in job["overrides"]],
              "copy": [str(c) for c in job["copy"]] if job.get("copy") else None} for job in jobs]
     path = root / "torchrun_jobs.json"
     path.write_text(json.dumps(jobs))
@@ -159,7 +172,7 @@ def torchrun_batch(jobs: list[dict], root: Path, processes: int = 2) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                str(Path(__file__).with_name("dist_worker.py")), "batch", str(path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800, cwd=Path(__file__).parent,
-                            env={k: v for k, v in os.environ.items() if k not in drop})
+                            env={**{k: v for k, v in os.environ.items() if k not in drop}, **(env or {})})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 

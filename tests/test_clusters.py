@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, tiny_overrides
+from conftest import TINY_CONFIG, tiny_overrides, torchrun_batch
 from test_train import clean_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -48,17 +48,17 @@ def logged_steps(run: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def torchrun_reference(request, tmp_path_factory):
-    """The same config, two ranks under torchrun on one machine, uninterrupted; per backend, built on first use."""
+    """The same config, two ranks under torchrun on one machine, uninterrupted: both backends' runs in one launch,
+    made on first use. -> backend -> its run directory."""
     found: dict[str, Path] = {}
 
     def get(backend: str) -> Path:
-        if backend not in found:
-            run = tmp_path_factory.mktemp(f"torchrun-{backend}") / "run"
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                       "addpipe.pipeline", "train", "-c", str(TINY_CONFIG), *settings(request, run, backend)]
-            result = subprocess.run(command, capture_output=True, text=True, env={**clean_env(), **ONE_THREAD}, timeout=900)
-            assert result.returncode == 0, result.stderr[-4000:]
-            found[backend] = run
+        if not found:
+            root = tmp_path_factory.mktemp("torchrun")
+            runs = {name: root / name / "run" for name in BACKENDS}
+            torchrun_batch([{"report": root / f"{name}.json", "overrides": settings(request, run, name)}
+                            for name, run in runs.items()], root, env=ONE_THREAD)
+            found.update(runs)
         return found[backend]
     return get
 

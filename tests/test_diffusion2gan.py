@@ -5,8 +5,6 @@ two ranks equal to one on both backends, the regression-only ablation, and clear
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +13,8 @@ import torch
 from addpipe.config import load
 from addpipe.train import losses
 from addpipe.train.config import TrainConfig
-from conftest import TINY_D2G_CONFIG, run_cli
-from test_train import clean_env, unet_weights
+from conftest import TINY_D2G_CONFIG, run_cli, torchrun_batch
+from test_train import unet_weights
 
 
 @pytest.fixture(scope="module")
@@ -160,21 +158,34 @@ def test_the_regression_only_ablation_has_no_discriminator(tiny_sd, pairs, lpips
         found[0]["loss/lpips"])
 
 
+TWO_RANK_BACKENDS = {"deepspeed": {"engine.zero": 3}, "fsdp2": {}}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_sd, pairs, lpips_weights, tmp_path_factory):
+    """Each backend's two-rank run, both in one torchrun launch. -> {backend: run directory}."""
+    root = tmp_path_factory.mktemp("d2g_two_ranks")
+    runs = {backend: root / backend for backend in TWO_RANK_BACKENDS}
+    torchrun_batch([{"config": TINY_D2G_CONFIG, "report": root / f"{backend}.json",
+                     "overrides": settings(tiny_sd, pairs, lpips_weights, run, **two_rank_common(backend),
+                                           **{"data.batch_size": 2, "data.num_workers": 1})}
+                    for backend, run in runs.items()], root)
+    return runs
+
+
+def two_rank_common(backend: str) -> dict:
+    return {"steps": 2, "engine.backend": backend, **TWO_RANK_BACKENDS[backend]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, extra", [("deepspeed", {"engine.zero": 3}), ("fsdp2", {})])
-def test_two_rank_runs_match_one_rank(tiny_sd, pairs, lpips_weights, tmp_path, backend, extra):
+@pytest.mark.parametrize("backend", TWO_RANK_BACKENDS)
+def test_two_rank_runs_match_one_rank(tiny_sd, pairs, lpips_weights, tmp_path, backend, two_rank_runs):
     from addpipe.train.loop import train
 
-    common = {"steps": 2, "engine.backend": backend, **extra}
     one = tmp_path / "one"
-    train(load(TrainConfig, TINY_D2G_CONFIG, settings(tiny_sd, pairs, lpips_weights, one, **common,
+    train(load(TrainConfig, TINY_D2G_CONFIG, settings(tiny_sd, pairs, lpips_weights, one, **two_rank_common(backend),
                                                   **{"data.batch_size": 4, "data.num_workers": 2})))
-    two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "addpipe.pipeline", "train", "-c", str(TINY_D2G_CONFIG),
-               *settings(tiny_sd, pairs, lpips_weights, two, **common, **{"data.batch_size": 2, "data.num_workers": 1})]
-    result = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    two = two_rank_runs[backend]
     for a, b in zip(metrics(one), metrics(two)):
         for term in ("loss/lpips", "loss/generator_adversarial", "loss/discriminator_total"):
             assert a[term] == pytest.approx(b[term], rel=1e-4, abs=1e-6), term

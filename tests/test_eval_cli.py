@@ -19,15 +19,9 @@ from test_train import cli
 
 
 @pytest.fixture(scope="module")
-def student(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
-    """A student exported by the trainer after two steps (its quality is irrelevant here)."""
-    from addpipe.config import load
-    from addpipe.train.config import TrainConfig
-    from addpipe.train.loop import train
-    from conftest import TINY_CONFIG, tiny_overrides
-
-    run = tmp_path_factory.mktemp("student_run")
-    return train(load(TrainConfig, TINY_CONFIG, tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=2)))
+def student(tiny_student):
+    """The session's exported student (its quality is irrelevant here)."""
+    return tiny_student
 
 
 @pytest.fixture(scope="module")

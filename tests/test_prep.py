@@ -78,7 +78,8 @@ def decisions(out: Path) -> pd.DataFrame:
 
 
 def merge(curated, *extra: str) -> dict:
-    addpipe("prep", "merge", "--out", str(curated["out"]), *extra)
+    result = run_cli("prep", "merge", "--out", str(curated["out"]), *extra)  # in this process: no start-up
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return json.loads((curated["out"] / "report.json").read_text())
 
 

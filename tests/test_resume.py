@@ -21,7 +21,7 @@ import torch
 from addpipe.config import load
 from addpipe.train.config import TrainConfig
 from conftest import TINY_CONFIG, tiny_overrides, run_cli
-from test_train import clean_env, cli, unet_weights
+from test_train import clean_env, unet_weights
 
 ADDPIPE = [sys.executable, "-m", "addpipe.pipeline"]
 
@@ -62,9 +62,11 @@ def test_kill_9_and_resume_logs_every_step_once_with_the_uninterrupted_averages(
     """Log windows of 2 steps, checkpoints every 3: the run is killed after logging step 4, so its newest checkpoint
     (step 3) sits inside a window. The resumed run trims the lines after step 3, and the window ending at step 4
     averages steps 3 and 4 as the uninterrupted run does, because the log accumulator was checkpointed."""
+    from addpipe.train.loop import train
+
     settings = {"steps": 10, "checkpoint.every": 3, "checkpoint.keep_last": 5, "log.every": 2}
-    whole = tmp_path / "whole"
-    cli("train", "-c", str(TINY_CONFIG), *overrides(request, whole, **settings))
+    whole = tmp_path / "whole"  # the reference and the resume in this process: only the kill needs its own
+    train(load(TrainConfig, TINY_CONFIG, overrides(request, whole, **settings)))
 
     split = tmp_path / "split"
     command = ADDPIPE + ["train", "-c", str(TINY_CONFIG), *overrides(request, split, **settings)]
@@ -79,7 +81,7 @@ def test_kill_9_and_resume_logs_every_step_once_with_the_uninterrupted_averages(
     assert (split / "checkpoints" / "latest").read_text() == "step_00000003", "killed too late to test a spanned window"
     assert 4 in logged_steps(split)  # logged after the checkpoint: must not appear twice
 
-    cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, split, **settings))
+    train(load(TrainConfig, TINY_CONFIG, overrides(request, split, **settings)), resume=True)
     resumed, reference = metrics(split), metrics(whole)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [2, 4, 6, 8, 10]
     for a, b in zip(resumed, reference):
@@ -106,6 +108,7 @@ def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_unint
                                                                                             uninterrupted_8_steps,
                                                                                             signal_number, every, repeats):
     """Outside SLURM too: the step in progress finishes, is logged and checkpointed; nothing after it runs."""
+    from addpipe.train.loop import train
     from addpipe.train.preemption import REQUEUE_EXIT
 
     settings = {"steps": 8, "log.every": 1, "checkpoint.every": every, "checkpoint.keep_last": 20}
@@ -127,7 +130,7 @@ def test_a_stop_signal_checkpoints_the_step_exits_75_and_resume_equals_the_unint
     assert not list((split / "checkpoints").glob(".*.tmp"))  # no write left half-done
     assert f"stopped by {signal.Signals(signal_number).name} at step {step}; checkpoint" in stderr
     assert "Traceback" not in stderr
-    cli("train", "-c", str(TINY_CONFIG), "--resume", *overrides(request, split, **settings))
+    train(load(TrainConfig, TINY_CONFIG, overrides(request, split, **settings)), resume=True)  # in this process
     assert logged_steps(split) == list(range(1, 9))
     a, b = unet_weights(split / "student"), unet_weights(uninterrupted_8_steps / "student")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -209,7 +212,8 @@ def test_one_trainer_per_run_directory(request, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=1))
+    started = run_cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=1))
+    assert started.returncode == 0, started.stderr[-2000:]
     assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
     again = run_cli("train", "-c", str(TINY_CONFIG), *overrides(request, run, steps=2))  # no --resume
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
