@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+
+from addpipe.assets import ASSET_OPEN_CLIP
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +37,7 @@ CPU_FORWARD_ROWS = 8
 class EmbedConfig:
     model: str = "ViT-L-14"
     """open_clip model name. The LAION aesthetic predictor expects ViT-L-14 image embeddings (768-d)."""
-    pretrained: str = "openai"
+    pretrained: str = field(default="openai", metadata=ASSET_OPEN_CLIP)
     """open_clip pretrained tag, hf-hub:org/name, or a local checkpoint file."""
     model_config: Optional[str] = None
     """An open_clip model-config JSON to register first (for architectures open_clip does not ship)."""

@@ -9,6 +9,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from addpipe.assets import ASSET_URL
 from addpipe.clip import EmbedConfig  # the embed: section; the core's, as evaluation names CLIP models with it too
 
 AESTHETIC_WEIGHTS_URL = (
@@ -113,7 +114,7 @@ class FilterConfig:
     """Drop rows whose image-caption cosine similarity is below this (None: no threshold)."""
     clip_keep_fraction: Optional[float] = None
     """Instead or as well: keep only this top fraction (0-1] by similarity of the rows reaching the CLIP filter."""
-    aesthetic_weights: Optional[str] = AESTHETIC_WEIGHTS_URL
+    aesthetic_weights: Optional[str] = field(default=AESTHETIC_WEIGHTS_URL, metadata=ASSET_URL)
     """LAION improved aesthetic predictor weights (.pth state dict), local path or URL; None: no aesthetic score."""
     min_aesthetic: Optional[float] = 5.0
     """Drop rows whose aesthetic score is below this (None: score only)."""

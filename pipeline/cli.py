@@ -92,6 +92,52 @@ def train(
 
 
 @app.command()
+def fetch(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the training config, e.g. model.teacher=org/name"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config whose models to fetch (configs/*.yaml)"),
+    prep: bool = typer.Option(False, "--prep", help="Also the curation's models (open_clip, the aesthetic predictor)"),
+    prep_set: Optional[List[str]] = typer.Option(None, "--prep-set", help="A prep setting, as `addpipe prep --set` takes it "
+                                                 "(repeatable), e.g. embed.pretrained=laion2b_s32b_b82k"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="Hub cache to fill [default: HF_HUB_CACHE, "
+                                            "else ~/.cache/huggingface/hub]"),
+) -> None:
+    """Download every model a config names into the cache, once, for nodes without a network; offline
+    (HF_HUB_OFFLINE=1) only check that each is there, naming what is missing in one line.
+
+    Hub pipelines come without what addpipe never loads (single-file checkpoints at the repository's root, ONNX or
+    Flax exports, other variants' weights); local paths in the config are not fetched."""
+    from addpipe.assets import assets, fetch_all, offline
+
+    found = []
+    if config is not None or overrides:
+        from addpipe.config import load
+        from addpipe.train.config import TrainConfig
+
+        found += list(assets(load(TrainConfig, config, list(overrides or []))))
+    if prep:
+        from addpipe.config import load
+        from addpipe.dataprep.config import PrepConfig
+
+        found += list(assets(load(PrepConfig, None, list(prep_set or []))))
+    if not found:
+        if config is None and not prep:
+            raise UserError("nothing to fetch: pass --config CONFIG and/or --prep")
+        typer.echo("nothing to fetch: every model the config names is a local path")
+        return
+    paths, problems = fetch_all(found, cache_dir)
+    for asset, path in paths.items():
+        typer.echo(f"ok       {asset} -> {path}")
+    if problems:
+        raise UserError(("missing (offline, HF_HUB_OFFLINE=1): " if offline() else "could not fetch: ")
+                        + "; ".join(problems))
+    from huggingface_hub import constants
+
+    typer.echo(f"all {len(paths)} model(s) are in the cache. On the nodes: export HF_HUB_OFFLINE=1"
+               f" HF_HUB_CACHE={cache_dir or constants.HF_HUB_CACHE}"
+               + (" (and TORCH_HOME as here, for the aesthetic weights)" if any(a.kind == "url" for a in paths) else ""))
+
+
+@app.command()
 def pairs(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. pairs.guidance=8 pairs.steps=50"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*_d2g.yaml)"),

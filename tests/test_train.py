@@ -79,17 +79,17 @@ def test_cli_trains_exports_and_diffusers_loads(architecture, request, tiny_dino
                   output_type="latent").images
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
 
-    # The README's snippet, exactly as written but for the path, loads this student (SD or SDXL) and draws one step.
-    snippet = readme_python_block("exported student also loads in diffusers directly")
+    # The docs' snippet, exactly as written but for the path, loads this student (SD or SDXL) and draws one step.
+    snippet = docs_python_block("evaluation.md", "exported student also loads in diffusers directly")
     assert '"runs/x/student"' in snippet and '"fox.png"' in snippet
     exec(snippet.replace('"runs/x/student"', repr(str(run / "student"))).replace('"fox.png"', repr(str(tmp_path / "fox.png"))), {})
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     assert Image.open(tmp_path / "fox.png").size == (size, size)
 
 
-def readme_python_block(after: str) -> str:
-    """The first ```python block of the README after the sentence `after`."""
-    text = (REPO / "README.md").read_text()
+def docs_python_block(page: str, after: str) -> str:
+    """The first ```python block of docs/`page` after the sentence `after`."""
+    text = (REPO / "docs" / page).read_text()
     start = text.index(after)
     return text[text.index("```python\n", start) + len("```python\n"): text.index("```", text.index("```python\n", start) + 9)]
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
+from addpipe.assets import ASSET_MODEL, ASSET_PIPELINE
+
 
 @dataclass
 class ModelConfig:
-    teacher: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    teacher: str = field(default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata=ASSET_PIPELINE)
     """Hub id or local diffusers-format directory of the teacher pipeline (unet, vae, text encoder(s), tokenizer(s), scheduler)."""
     revision: Optional[str] = None
     """Hub revision of the teacher (branch, tag or commit)."""
@@ -23,9 +25,9 @@ class ModelConfig:
     architecture: str = "auto"
     """Model family (train/families/): sd (UNet, one CLIP text encoder), sdxl (UNet, two encoders, pooled embedding and
     size/crop ids), a registered plug-in's name, or auto: found from the teacher's model_index.json."""
-    vae: Optional[str] = None
+    vae: Optional[str] = field(default=None, metadata=ASSET_MODEL)
     """Hub id or directory of a replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix); default: the teacher's."""
-    student_init: Optional[str] = None
+    student_init: Optional[str] = field(default=None, metadata=ASSET_MODEL)
     """Directory or hub id of a UNet to start the student from; default: a copy of the teacher's UNet."""
     gradient_checkpointing: Union[Literal["auto"], bool] = False
     """Recompute the student's (and the VAE decoder's) activations in the backward to save memory, at the cost of a

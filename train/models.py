@@ -24,6 +24,7 @@ import torch.nn as nn
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from addpipe.assets import looks_local  # noqa: F401 - also this module's public name
 from addpipe.errors import UserError
 
 MIN_TOKENIZER_VOCAB = 1000
@@ -31,14 +32,6 @@ MIN_TOKENIZER_VOCAB = 1000
 
 class ModelLoadError(UserError, RuntimeError):
     """A model directory or hub id that cannot be loaded, with what was tried."""
-
-
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id: it exists, is spelled like a path, or is not `owner/name` (hub ids have exactly
-    one slash, e.g. `demo_out/models/teacher` cannot be one), or its first part is a local directory (`runs/x`)."""
-    if name.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(name)):
-        return True
-    return name.count("/") > 1 or ("/" in name and os.path.isdir(name.split("/")[0]))
 
 
 def missing_directory(name: str, needed_for: str) -> "ModelLoadError":

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from addpipe.assets import ASSET_MODEL
 from addpipe.train.config import TrainConfig
 
 DEFAULT_NEGATIVE_PROMPT = (
@@ -20,9 +21,9 @@ AUGMENT_POLICIES = ("color", "translation", "cutout")
 
 @dataclass
 class DiscriminatorConfig:
-    feature_network: str = "facebook/dinov2-small"
+    feature_network: str = field(default="facebook/dinov2-small", metadata=ASSET_MODEL)
     """Hub id or local directory of the frozen DINOv2 ViT (transformers) whose tokens the heads read."""
-    image_encoder: Optional[str] = None
+    image_encoder: Optional[str] = field(default=None, metadata=ASSET_MODEL)
     """DINOv2 for the image condition c_img (CLS of the real image); default: the feature network itself."""
     num_heads: int = 5
     """Number of heads, on evenly spaced transformer layers (StyleGAN-T uses 5)."""
@@ -38,7 +39,7 @@ class DiscriminatorConfig:
     """Group size of the heads' local batch norm; without normalisation the heads did not learn (docs/method.md)."""
     text_conditioning: bool = True
     """Project the text embedding into the heads' output."""
-    text_encoder: Optional[str] = None
+    text_encoder: Optional[str] = field(default=None, metadata=ASSET_MODEL)
     """Hub id or local directory of a CLIP text model with projection (transformers CLIPTextModelWithProjection and
     its tokenizer) whose projected embedding of the caption is c_text. The paper uses CLIP ViT-g-14
     (laion/CLIP-ViT-g-14-laion2B-s12B-b42K); unset, c_text comes from the teacher's own text encoders
