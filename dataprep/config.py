@@ -6,6 +6,7 @@ Field docstrings are read back for `--dry-run` and for the error listing valid k
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -71,6 +72,10 @@ class DownloadConfig:
     """URL schemes that may be fetched. Any other (file:, ftp:, data:, a relative path ...) is a failed row with the reason
     'scheme not allowed: <scheme>', never opened: img2dataset's urllib would read local files and decode data: URLs.
     Every redirect hop obeys it too (a refused hop: 'redirect refused: scheme not allowed: <scheme>')."""
+    allowed_file_roots: list[str] = field(default_factory=list)
+    """Directories that `file:` URLs may read, with `file` in allowed_schemes (`addpipe prep --images DIR` sets both):
+    a file outside them, symbolic links resolved, is a failed row 'file outside the allowed roots'. `file` may not be
+    allowed without them."""
     allowed_networks: list[str] = field(default_factory=list)
     """Non-global networks that may be fetched from, in CIDR form (e.g. [127.0.0.1/32] for a loopback test server,
     [10.1.0.0/16] for an intranet mirror). Any other loopback, private, link-local, multicast or reserved address
@@ -81,6 +86,10 @@ class DownloadConfig:
         self.allowed_schemes = [str(s).strip().lower() for s in self.allowed_schemes]
         if not self.allowed_schemes or not all(self.allowed_schemes):
             raise ValueError(f"download.allowed_schemes must name at least one scheme (e.g. [http, https]), got {self.allowed_schemes}")
+        if "file" in self.allowed_schemes and not self.allowed_file_roots:
+            raise ValueError("download.allowed_schemes includes file: name the directories it may read in "
+                             "download.allowed_file_roots (addpipe prep --images DIR sets both)")
+        self.allowed_file_roots = [os.path.realpath(os.path.expanduser(str(r))) for r in self.allowed_file_roots]
         try:
             self.allowed_networks = [str(ipaddress.ip_network(str(n).strip(), strict=False)) for n in self.allowed_networks]
         except ValueError as error:

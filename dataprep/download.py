@@ -98,7 +98,7 @@ def download(urls_parquet: Path, carried_columns: list[str], rows: int, config: 
 
     from addpipe.dataprep.fetch import Guard, guarded_img2dataset
 
-    guard = Guard(tuple(config.allowed_schemes), tuple(config.allowed_networks))
+    guard = Guard(tuple(config.allowed_schemes), tuple(config.allowed_networks), tuple(config.allowed_file_roots))
     with spark_session(config), guarded_img2dataset(guard), quiet_bar_off_terminal():
         img2dataset_download(
             url_list=str(urls_parquet),

@@ -79,6 +79,7 @@ class Guard:
 
     allowed_schemes: tuple[str, ...] = ("http", "https")
     allowed_networks: tuple[str, ...] = ()
+    allowed_file_roots: tuple[str, ...] = ()
     networks: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -213,6 +214,23 @@ class GuardedFTPHandler(urllib.request.FTPHandler):
         return super().ftp_open(req)
 
 
+class GuardedFileHandler(urllib.request.FileHandler):
+    """file: URLs, only for files inside the guard's allowed roots (the path as the OS resolves it, symbolic links
+    and `..` included), and only on this host."""
+
+    def __init__(self, guard: Guard):
+        super().__init__()
+        self.guard = guard
+
+    def file_open(self, req):
+        path = os.path.realpath(urllib.request.url2pathname(req.selector))
+        if req.host and req.host not in ("localhost", "127.0.0.1"):
+            raise Refused(f"file on another host: {req.host}")
+        if not any(os.path.commonpath([path, root]) == root for root in self.guard.allowed_file_roots):
+            raise Refused("file outside the allowed roots")
+        return super().file_open(req)
+
+
 def build_opener(guard: Guard) -> urllib.request.OpenerDirector:
     """urllib's default opener with every network handler guarded, and handlers only for the allowed schemes."""
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
@@ -225,7 +243,7 @@ def build_opener(guard: Guard) -> urllib.request.OpenerDirector:
     if "ftp" in schemes:
         handlers.append(GuardedFTPHandler(guard))
     if "file" in schemes:
-        handlers.append(urllib.request.FileHandler())
+        handlers.append(GuardedFileHandler(guard))
     if "data" in schemes:
         handlers.append(urllib.request.DataHandler())
     opener = urllib.request.OpenerDirector()

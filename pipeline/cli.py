@@ -273,6 +273,23 @@ def _prep_config(out: Optional[Path], urls: Optional[str], config: Optional[Path
     return cfg
 
 
+def _local_images(images: Path, urls: Optional[str], out: Optional[Path]) -> str:
+    """`prep --images DIR`: the table of DIR's images, written under <out>/input (the same on every rerun)."""
+    from addpipe.dataprep.images import local_image_table
+    from addpipe.files import write_parquet_atomic
+
+    if urls is not None:
+        raise UserError("--images and --urls name two inputs: give one")
+    if out is None:
+        raise UserError("--images needs --out (where the table of the images, the shards and the report go)")
+    table = local_image_table(images)
+    path = out / "input" / "local_images.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(table, path)
+    typer.echo(f"{len(table)} image(s) under {images}, {int((table['caption'] != '').sum())} with a caption file")
+    return str(path)
+
+
 def _prep_failures(run):
     """Runs a prep stage, turning failures caused by input or settings into clear errors."""
     from addpipe.dataprep.prep import PrepError
@@ -289,6 +306,8 @@ def _prep_failures(run):
 def prep(
     ctx: typer.Context,
     urls: Optional[str] = typer.Option(None, "--urls", help="URL table: parquet, csv, tsv or jsonl (optionally .gz), or a directory"),
+    images: Optional[Path] = typer.Option(None, "--images", help="Instead of --urls: the image files under this "
+                                          "directory, captions from sidecar <name>.txt files"),
     out: Optional[Path] = _OUT,
     config: Optional[Path] = _CONFIG,
     overrides: Optional[List[str]] = _SET,
@@ -300,6 +319,11 @@ def prep(
     from addpipe.dataprep.prep import run_prep
     from addpipe.config import to_yaml
 
+    if images is not None:
+        urls = _local_images(images, urls, out)
+        overrides = list(overrides or []) + ["input.url_column=url", "input.caption_column=caption",
+                                             "download.allowed_schemes=[file]",
+                                             f"download.allowed_file_roots=[{images.expanduser().resolve()}]"]
     cfg = _prep_config(out, urls, config, overrides)
     if dry_run:
         typer.echo(to_yaml(cfg, with_docs=True))

@@ -28,7 +28,8 @@ from PIL import Image
 from addpipe.dataprep.config import InputConfig
 from addpipe.dataprep.dedup import near_duplicates
 from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
-from image_server import curation_rows, hostile_redirect_rows, hostile_scheme_rows, jpeg, sample_photos, serve_rows
+from image_server import (ImageServer, Route, curation_rows, digit_photo, hostile_redirect_rows, hostile_scheme_rows, jpeg,
+                          png, sample_photos, serve_rows)
 from conftest import REPO, run_cli
 from test_train import clean_env
 
@@ -528,3 +529,76 @@ def test_cli_errors_are_clear_and_leave_no_output(tmp_path, curated):
     else:  # a local Spark session, its executors running this interpreter (which has img2dataset)
         assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "o" / "download").exists()
+
+
+def shard_samples(out: Path) -> list[tuple[str, bytes]]:
+    """(caption, image bytes) of every sample of the output shards, in shard and member order."""
+    found = []
+    for tar_path in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            members = {}
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        found += [(m["txt"].decode(), m["jpg"]) for _, m in sorted(members.items())]
+    return found
+
+
+@pytest.mark.slow
+def test_images_on_disk_curate_as_the_same_images_served_over_http(curated, dedup_settings, tmp_path):
+    """`prep --images DIR` equals `prep --urls` of the same files served on loopback, sample for sample: the same
+    resizing, scores, filters, dedup, report and shards; a caption comes from the image's sidecar .txt; a link out of
+    DIR is a failed row, never read."""
+    china, flower = sample_photos()
+    files = {  # name -> (bytes, caption or None for no sidecar); read in path order
+        "a/china.jpg": (jpeg(china), "a photo of a temple roof"),
+        "a/flower.png": (png(flower), "a flower in a garden"),
+        "b/cmyk.jpg": (jpeg(china.transpose(Image.FLIP_LEFT_RIGHT), mode="CMYK"), "a temple printed in cmyk"),
+        "b/digit.jpg": (jpeg(digit_photo(40, 200)), "a handwritten digit in colour"),
+        "c/no-caption.jpg": (jpeg(digit_photo(41, 200)), None),
+        "c/truncated.jpg": (jpeg(flower)[:6000], "half of a flower"),
+        "d/china-copy.jpg": (jpeg(china), "the same temple again"),
+    }
+    images = tmp_path / "images"
+    for name, (body, caption) in files.items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / name).write_bytes(body)
+        if caption is not None:
+            (images / name).with_suffix(".txt").write_text(caption + "\n")
+    (images / ".hidden").mkdir()
+    (images / ".hidden" / "x.jpg").write_bytes(jpeg(flower))  # hidden: not an input
+    (images / "z-outside.jpg").symlink_to(curated["root"] / "local.jpg")  # points out of DIR: refused, never read
+    settings = [*curated["settings"][:-4], *dedup_settings]  # the base settings, with dedup
+
+    local = addpipe("prep", "--images", str(images), "--out", str(tmp_path / "local"), *settings)
+    assert "8 image(s) under" in local.stdout and "6 with a caption file" in local.stdout
+    routes = {"/" + name: Route(body, "image/png" if name.endswith(".png") else "image/jpeg")
+              for name, (body, _) in files.items()}
+    with ImageServer(routes) as server:
+        table = pd.DataFrame({"url": [server.url("/" + name) for name in files],
+                              "caption": [caption or "" for _, caption in files.values()]})
+        table.to_parquet(tmp_path / "urls.parquet")
+        addpipe("prep", "--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "web"), *settings)
+
+    local_samples, web_samples = shard_samples(tmp_path / "local"), shard_samples(tmp_path / "web")
+    assert [caption for caption, _ in local_samples] == ["a photo of a temple roof", "a flower in a garden",
+                                                        "a temple printed in cmyk", "a handwritten digit in colour"]
+    assert local_samples == web_samples
+    reasons = pd.read_parquet(tmp_path / "local" / "shards" / "_decisions.parquet").set_index("path")["reason"]
+    assert reasons["c/no-caption.jpg"] == "caption_empty" and reasons["d/china-copy.jpg"] == "exact_duplicate"
+    assert reasons["c/truncated.jpg"].startswith("failed_to_resize")
+    assert reasons["z-outside.jpg"] == "failed_to_download: file outside the allowed roots"
+    web_report = json.loads((tmp_path / "web" / "report.json").read_text())
+    local_report = json.loads((tmp_path / "local" / "report.json").read_text())
+    assert local_report["kept"] == web_report["kept"] == 4
+    outside = dict(local_report["reasons"])
+    assert outside.pop("failed_to_download: file outside the allowed roots") == 1 and outside == web_report["reasons"]
+
+    rerun = addpipe("prep", "--images", str(images), "--out", str(tmp_path / "local"), *settings)  # resumes: all done
+    assert shard_samples(tmp_path / "local") == local_samples and "kept 4 of 8 rows" in rerun.stdout
+    both = run_cli("prep", "--images", str(images), "--urls", "x.parquet", "--out", str(tmp_path / "x"))
+    assert both.returncode == 2 and "give one" in both.stderr
+    with pytest.raises(ValueError, match="allowed_file_roots"):
+        from addpipe.dataprep.config import DownloadConfig
+
+        DownloadConfig(allowed_schemes=["file"])
