@@ -73,10 +73,13 @@ def train(
     if dry_run:
         from addpipe.train.plan import dry_run as describe_dry_run
 
+        from addpipe.train.preflight import check
+
         try:
             typer.echo(describe_dry_run(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1")), gpu_memory))
         except ValueError as error:  # an unknown method, a world size below 1
             raise UserError(str(error)) from error
+        check(cfg)  # what the run would stop on: --dry-run fails the same way
         return
     from addpipe.train.loop import train as run_training
     from addpipe.train.preemption import REQUEUE_EXIT, Preempted

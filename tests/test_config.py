@@ -113,11 +113,17 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 def test_cli_dry_run_prints_documented_config():
     result = run_cli("train", "-c", str(REPO / "configs/sdxl_add.yaml"), "--zero", "3", "--dry-run", "optim.student_lr=2e-6")
-    assert result.returncode == 0, result.stderr
     assert "student_lr: 2.0e-06" in result.stdout and "zero: 3" in result.stdout
     assert "# Peak AdamW learning rate of the student." in result.stdout
     # hub ids with the hub unreachable: the memory plan says why it is missing, the rest is printed
     assert "# memory plan: not available:" in result.stdout and "stabilityai/stable-diffusion-xl-base-1.0" in result.stdout
+    # ... and the dry run fails as the run would, one line per problem: each model not in the cache, the shards
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [line.strip() for line in result.stderr.splitlines()]
+    assert "error: 6 problems:" in lines, result.stderr
+    assert ("model.teacher: stabilityai/stable-diffusion-xl-base-1.0 is not in the cache (the default HF cache) "
+            "(HF_HUB_OFFLINE=1: run `addpipe fetch` where there is a network)") in lines
+    assert any(line.startswith("data.shards: ") for line in lines)
 
 
 def test_cli_unknown_key_exits_with_message():

@@ -234,6 +234,9 @@ class Trainer:
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run (or continue) a training run; returns the exported student directory. SIGUSR1 or SIGTERM end it early
     with a checkpoint, as Preempted (train/preemption.py)."""
+    from addpipe.train.preflight import check
+
+    check(config)  # paths, offline models, shards, run directory: before the lock, DeepSpeed and any model load
     try:
         with STOP as stop:  # installed before the models load: a signal during start-up still counts
             return Trainer(config, resume=resume).run(stop)
