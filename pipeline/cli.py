@@ -14,8 +14,10 @@ from addpipe.errors import UserError as BaseUserError
 
 # Plain (click) help, not typer's rich panels: rich help labels every flag `<bool>` as if it took a value, and
 # costs a further ~0.3 s of imports on every --help. -h works everywhere: click's child contexts inherit it.
+# Off a terminal click assumes 80 columns and cuts each command's one-line description at about 45 characters:
+# 120 columns keep them whole in the command lists (and in a log file).
 _APP = dict(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-            context_settings={"help_option_names": ["-h", "--help"]})
+            context_settings={"help_option_names": ["-h", "--help"], "terminal_width": 120, "max_content_width": 120})
 app = typer.Typer(no_args_is_help=True, help="Adversarial Diffusion Distillation: prep -> train -> sample -> eval.", **_APP)
 
 
@@ -37,7 +39,7 @@ class UserError(BaseUserError):
     """A command's own refusal of its arguments (printed without a traceback)."""
 
 
-@app.command()
+@app.command(short_help="Train a student (ADD, Diffusion2GAN, LoRA) on one process or many (torchrun, srun); --dry-run plans it.")
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.student_lr=1e-5 data.shards='/d/{000..099}.tar'"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (configs/*.yaml)"),
@@ -94,7 +96,7 @@ def train(
         typer.echo(f"student exported to {student}")
 
 
-@app.command()
+@app.command(short_help="Download the models a config names into the hub cache for offline nodes; offline, check them.")
 def fetch(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the training config, e.g. model.teacher=org/name"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="Training config whose models to fetch (configs/*.yaml)"),
@@ -336,7 +338,7 @@ def prep(
                f"(report: {Path(cfg.out) / 'report.md'})")
 
 
-@prep_app.command("download")
+@prep_app.command("download", short_help="Stage 1: normalise the URL table and download it with img2dataset (or Spark).")
 def prep_download(urls: Optional[str] = typer.Option(None, "--urls", help="URL table"), out: Optional[Path] = _OUT,
                   config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET) -> None:
     """Stage 1: normalise the URL table and download it with img2dataset (download.distributor=pyspark to scale out)."""
@@ -346,7 +348,7 @@ def prep_download(urls: Optional[str] = typer.Option(None, "--urls", help="URL t
     typer.echo(f"downloaded {len(shards)} shard(s)")
 
 
-@prep_app.command("embed")
+@prep_app.command("embed", short_help="Stage 2: CLIP embeddings and scores of this task's shards (a SLURM array task).")
 def prep_embed(out: Optional[Path] = _OUT, config: Optional[Path] = _CONFIG, overrides: Optional[List[str]] = _SET,
                task_index: int = typer.Option(int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)), "--task-index", help="This task's index (default $SLURM_ARRAY_TASK_ID)"),
                task_count: int = typer.Option(int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)), "--task-count", help="Number of tasks (default $SLURM_ARRAY_TASK_COUNT)")) -> None:
@@ -367,7 +369,7 @@ def prep_merge(out: Optional[Path] = _OUT, config: Optional[Path] = _CONFIG, ove
     typer.echo(f"kept {report['kept']} of {report['input_rows']} rows -> {report['shard_pattern']}")
 
 
-@prep_app.command("encode")
+@prep_app.command("encode", short_help="Optional: the teacher's latents and text embeddings into the shards.")
 def prep_encode(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides of the training config, e.g. data.resolution=1024"),
     shards: str = typer.Option(..., "--shards", help="Shards to encode in place: brace pattern or directory"),
@@ -412,7 +414,8 @@ def _slurm_errors(run):
         raise UserError(str(error)) from None
 
 
-@slurm_app.command("train", context_settings={"allow_extra_args": True,
+@slurm_app.command("train", short_help="Submit `addpipe train` as one SLURM job that requeues itself on preemption.",
+                   context_settings={"allow_extra_args": True,
                                                "ignore_unknown_options": True})
 def slurm_train(
     ctx: typer.Context,
@@ -656,7 +659,7 @@ def eval_elo(
     typer.echo(f"report: {result['report']['markdown']}")
 
 
-@eval_app.command("metrics")
+@eval_app.command("metrics", short_help="Per arm against a reference set: FD, FD-infinity, KID, precision, recall, CLIP score, with intervals.")
 def eval_metrics(
     study: Path = _STUDY,
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference images: a directory or WebDataset shards"),

@@ -14,8 +14,11 @@ from test_train import clean_env, cli
 
 def test_help_at_every_level_and_the_version():
     root = cli("-h").stdout
-    for command in ("train", "pairs", "sample", "demo", "prep", "slurm", "eval"):
+    for command in ("train", "fetch", "pairs", "sample", "demo", "prep", "slurm", "eval"):
         assert f"  {command} " in root, command
+    for group in ([], ["eval"], ["prep"], ["slurm"]):  # off a terminal too, each command's description is whole
+        listing = cli(*group, "-h").stdout.split("Commands:")[1]
+        assert "..." not in listing, listing
     assert cli("--help").stdout == root
     from addpipe import __version__
 
