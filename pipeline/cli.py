@@ -193,8 +193,12 @@ def sample(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     untrained_steps: bool = typer.Option(False, "--untrained-steps",
                                          help="Allow a step count whose timesteps the student was not trained on"),
+    plain: bool = typer.Option(False, "--plain", help="The images alone, side by side at their size, without labels"),
 ) -> None:
-    """Sample from an exported student on the timesteps it was trained on: deterministic for a seed, no guidance."""
+    """Sample from an exported student on the timesteps it was trained on: deterministic for a seed, no guidance.
+
+    The PNG is a grid with each prompt above its image and the steps and seed beside them, small images upscaled
+    (nearest neighbour) to 256 pixels so they stay readable; --plain writes the bare images."""
     from addpipe.devices import resolve_device
     from addpipe.train.sampling import generate, load_student, sample_timesteps, save_grid, vae_downsample_factor
 
@@ -206,7 +210,12 @@ def sample(
         raise UserError(str(error)) from error
     size = resolution or components.unet.config.sample_size * vae_downsample_factor(components)
     images = generate(components.unet, components, schedule, list(prompt), timesteps, seed, size, target)
-    save_grid(images.cpu(), out, rows=1)
+    if plain:
+        save_grid(images.cpu(), out, rows=1)
+    else:
+        from addpipe.eval.report import labelled_grid
+
+        labelled_grid(images.float().cpu(), [f"{steps} step(s), seed {seed}"], list(prompt), out, cell=max(size, 256))
     typer.echo(f"wrote {out} ({len(prompt)} image(s), {steps} step(s), timesteps {timesteps})")
 
 
@@ -729,6 +738,10 @@ def main() -> None:
         STOP.__enter__()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if not any(os.path.exists(f"/dev/{name}") for name in ("nvidiactl", "nvidia0", "kfd")):
+        # no GPU device: DeepSpeed (imported by libraries that only check for it) would warn on every command
+        # that it falls back to the CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     invoke()
 
 

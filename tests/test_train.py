@@ -400,6 +400,13 @@ def test_sample_cli_is_deterministic_on_the_trained_timesteps(tiny_sd, tiny_dino
         assert done.exit_code == 0 and "timesteps [999, 600, 300]" in done.output, done.output
         outputs.append((tmp_path / name).read_bytes())
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+    with Image.open(tmp_path / "a.png") as labelled:  # the prompt above, steps and seed beside, 16 px upscaled to 256
+        assert labelled.size == (150 + 256 + 4, 56 + 256 + 4)
+    plain = CliRunner().invoke(app, ["sample", "--student", str(run / "student"), "--prompt", "a", "--prompt", "b",
+                                     "--steps", "3", "--plain", "--out", str(tmp_path / "plain.png")])
+    assert plain.exit_code == 0, plain.output
+    with Image.open(tmp_path / "plain.png") as bare:  # two 16 px images with save_grid's 2 px padding
+        assert bare.size == (2 + 2 * (16 + 2), 2 + 16 + 2)
     bad = run_cli("sample", "--student", str(run / "student"), "--prompt", "x", "--steps", "2")
     assert bad.returncode == 2 and "trained on timesteps [999, 600, 300]: it samples with [1, 3] step(s)" in bad.stderr
     assert "--untrained-steps" in bad.stderr and "Traceback" not in bad.stderr
