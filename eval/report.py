@@ -25,13 +25,81 @@ def plot_ratings(ratings: dict[str, Any], title: str, path: Path) -> Path:
     axis.errorbar(values, range(len(arms)), xerr=[np.maximum(values - low, 0), np.maximum(high - values, 0)], fmt="o", capsize=4, color="tab:blue", label="Bradley–Terry, 95% CI")
     axis.scatter([ratings["elo"][a] for a in arms], range(len(arms)), marker="x", color="tab:orange", label="online Elo")
     axis.set_yticks(range(len(arms)), arms)
-    axis.set_xlabel("rating (Elo scale)")
+    axis.set_xlim(*rating_axis(values, low, high))
+    axis.set_xlabel("rating (Elo scale; 100 points = a 64% win probability)")
     axis.set_title(f"{title} ({ratings['votes']} votes)")
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+MIN_RATING_SPAN = 100.0
+"""The ratings plot shows at least this many Elo points (a 100-point gap is a 64% win probability), so a 3-point
+spread, which is no preference at all, does not fill the axis and look like one."""
+
+
+def rating_axis(values, low, high) -> tuple[float, float]:
+    """The ratings plot's x range: the points and intervals, widened to MIN_RATING_SPAN when they span less."""
+    lowest, highest = float(min(np.min(low), np.min(values))), float(max(np.max(high), np.max(values)))
+    pad = max(0.0, MIN_RATING_SPAN - (highest - lowest)) / 2 + 5
+    return lowest - pad, highest + pad
+
+
+def separated(ratings: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(arm, the arms it is rated above with confidence): its Bradley–Terry 95% interval lies wholly above theirs."""
+    bt = ratings["bradley_terry"]
+    found = []
+    for arm in ratings["arms"]:
+        if "low" not in bt[arm]:
+            continue
+        below = [other for other in ratings["arms"] if other != arm and "high" in bt[other]
+                 and bt[arm]["low"] > bt[other]["high"]]
+        if below:
+            found.append((arm, below))
+    return found
+
+
+def rating_verdict(ratings: dict[str, Any]) -> str:
+    """The ratings in words: which preferences the 95% intervals resolve, and that the rest are not resolved."""
+    if not any("low" in entry for entry in ratings["bradley_terry"].values()):
+        return "No intervals (too few votes to bootstrap): no preference can be read from these ratings."
+    pairs = separated(ratings)
+    if not pairs:
+        return (f"**Verdict: the raters prefer no arm over another.** Every arm's 95% interval overlaps every other's "
+                f"({ratings['votes']} votes): the differences in rating are within what chance gives.")
+    resolved = "; ".join(f"{arm} above {', '.join(below)}" for arm, below in pairs)
+    count = sum(len(below) for _, below in pairs)
+    total = len(ratings["arms"]) * (len(ratings["arms"]) - 1) // 2
+    return (f"**Verdict: {resolved}** (95% intervals apart); the other {total - count} of {total} pairs of arms "
+            "overlap: not resolved.")
+
+
+def speed_verdict(arms: dict[str, dict[str, Any]]) -> str:
+    """The fastest arm against the slowest, by median latency per image."""
+    timed = {arm: entry["latency_median_s"] for arm, entry in arms.items() if entry.get("latency_median_s")}
+    if len(timed) < 2:
+        return ""
+    fast, slow = min(timed, key=timed.get), max(timed, key=timed.get)
+    return (f"{fast} is {timed[slow] / timed[fast]:.1f}× faster than {slow} ({timed[fast]:.3g} s against "
+            f"{timed[slow]:.3g} s per image, median).")
+
+
+def distance_verdict(arms: dict[str, dict[str, Any]], name: str = "kid", title: str = "KID") -> str:
+    """Which arms are resolved as worse than the best on one distance (their interval lies wholly above the best
+    arm's), in words."""
+    scored = {arm: entry for arm, entry in arms.items() if name in entry and entry.get("intervals", {}).get(name)}
+    if len(scored) < 2:
+        return ""
+    best = min(scored, key=lambda arm: scored[arm][name])
+    ceiling = scored[best]["intervals"][name][1]
+    worse = [arm for arm in scored if arm != best and scored[arm]["intervals"][name][0] > ceiling]
+    if not worse:
+        return (f"On {title}, {best} is lowest but no arm is resolved from it: every interval overlaps its own. "
+                "More prompts narrow the intervals.")
+    return (f"On {title}, {best} is lowest; resolved as worse (interval wholly above {best}'s): {', '.join(worse)}; "
+            f"not resolved from it: {', '.join(a for a in scored if a not in worse and a != best) or 'none'}.")
 
 
 def plot_win_rates(ratings: dict[str, Any], title: str, path: Path) -> Path:
@@ -125,11 +193,13 @@ def metrics_section(metrics: dict[str, Any]) -> list[str]:
              "count and is biased upwards at few samples; FD∞ and KID are not: compare arms on those when counts differ.", "",
              "| arm | steps | " + " | ".join(title for _, title, _ in DISTANCES) + " | CLIP score | adherence | median latency (s) | p90 latency (s) |",
              "|---|---:|" + "---:|" * len(DISTANCES) + "---:|---:|---:|---:|"]
+    verdicts = [v for v in (distance_verdict(arms, "kid", "KID"), distance_verdict(arms, "fd_infinity", "FD∞"),
+                            speed_verdict(arms)) if v]
     for arm, entry in arms.items():
         ad = with_interval(entry, "adherence", ".1%", value=entry.get("adherence", {}).get("all"))
         lines.append(f"| {arm} | {entry['steps']} | " + " | ".join(distance_cells(entry)) + f" | {with_interval(entry, 'clip_score', '.2f')} | "
                      f"{ad} | {with_interval(entry, 'latency_median_s', '.3g')} | {entry['latency_p90_s']:.3g} |")
-    return lines + [""]
+    return lines + [""] + ([" ".join(verdicts), ""] if verdicts else [])
 
 
 def plot_distances(arms: dict[str, dict[str, Any]], path: Path) -> Optional[Path]:
@@ -162,6 +232,18 @@ def plot_distances(arms: dict[str, dict[str, Any]], path: Path) -> Optional[Path
     return path
 
 
+def vote_counts(analysis: dict[str, Any]) -> str:
+    """Where every vote went: golden pairs (screening, not rated), raters screened out, and the rated ones."""
+    raters = analysis["raters"].values()
+    total = sum(r["votes"] for r in raters)
+    golden = sum(r["golden_votes"] for r in raters)
+    dropped = sum(r["votes"] - r["golden_votes"] for r in raters if not r["kept"])
+    rated = total - golden - dropped
+    per_question = ", ".join(f"{q} {r['votes']}" for q, r in analysis["questions"].items() if r and q != "combined")
+    return (f"{total} votes in all: {golden} on golden pairs (the screening's known answers, never rated), {dropped} "
+            f"from raters the screening dropped, and {rated} rated ({per_question}; 'combined' pools the questions).")
+
+
 def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[dict[str, Any]] = None) -> dict[str, Path]:
     out = Path(study_dir) / "report"
     out.mkdir(exist_ok=True)
@@ -177,6 +259,7 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
     kept = [n for n, r in analysis["raters"].items() if r["kept"]]
     lines.append(f"Raters: {len(analysis['raters'])}, kept after golden-pair screening: {len(kept)} "
                  f"(min accuracy {analysis['settings']['min_golden_accuracy']}, min golden votes {analysis['settings']['min_golden_votes']}).")
+    lines.append(vote_counts(analysis))
     lines.append("")
     for question, ratings in analysis["questions"].items():
         if not ratings:
@@ -190,7 +273,7 @@ def write_report(study_dir: Path, analysis: dict[str, Any], metrics: Optional[di
             rank_ci = f"{bt['rank_low']}–{bt['rank_high']}" if "rank_low" in bt else ""
             lines.append(f"| {rank} | {arm} | {bt['rating']:.0f} | {interval} | {rank_ci} | {ratings['elo'][arm]:.0f} | "
                          f"{info.get('steps', '')} | {info.get('latency_median_s', float('nan')):.3g} |")
-        lines += ["", f"![ratings](ratings_{question}.png) ![win rates](winrate_{question}.png)", ""]
+        lines += ["", rating_verdict(ratings), "", f"![ratings](ratings_{question}.png) ![win rates](winrate_{question}.png)", ""]
     if analysis["categories"]:
         lines += ["## Per category (both questions, Bradley–Terry)", "", "| category | votes | order |", "|---|---:|---|"]
         for category, ratings in analysis["categories"].items():

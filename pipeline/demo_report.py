@@ -121,7 +121,20 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
               "image count, FD∞ (FD extrapolated to infinitely many images), KID (kernel distance, unbiased, ×10³), "
               "precision (fidelity) and recall (diversity). Adherence: the share of images in which that classifier sees "
               "what the prompt asked for. Brackets: 95% intervals.", ""]
+    from addpipe.eval.report import distance_verdict, rating_verdict, speed_verdict, vote_counts
+
     lines += metric_rows(summary["metrics"], real=summary.get("real")) + [""]
+    verdicts = [v for v in (distance_verdict(summary["metrics"]["arms"], "kid", "KID"),
+                            distance_verdict(summary["metrics"]["arms"], "fd_infinity", "FD∞"),
+                            speed_verdict(summary["metrics"]["arms"])) if v]
+    if verdicts:
+        lines += [" ".join(verdicts), ""]
+    real_adherence = (summary.get("real") or {}).get("adherence")
+    if isinstance(real_adherence, (int, float)):
+        lines += [f"The real digits score {real_adherence:.1%} on adherence, not 100%: that is the classifier's own error "
+                  "on real, varied handwriting (its held-out accuracy is in the Models table). A generated arm at or "
+                  "above the real row draws digits the classifier finds easier to read than real ones; it does not "
+                  "follow prompts better than the data.", ""]
     if plot_distances(summary["metrics"]["arms"], plots / "distances.png"):
         lines += ["![distances with their 95% intervals](plots/distances.png)", ""]
     if summary.get("real"):
@@ -140,7 +153,7 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
                   f"{len(judging.get('judges', []))} judge raters voted through the rating server and database "
                   f"({answered}); "
                   f"{sum(r['kept'] for r in ratings['raters'].values())} of {len(ratings['raters'])} passed the golden-pair screening. "
-                  "Bradley–Terry ratings with 95% bootstrap intervals:", ""]
+                  "Bradley–Terry ratings with 95% bootstrap intervals. " + vote_counts(ratings), ""]
         for question, result in ratings["questions"].items():
             if not result:
                 continue
@@ -149,7 +162,7 @@ def write_demo_report(out: Path, summary: dict[str, Any]) -> Path:
                 bt = result["bradley_terry"][arm]
                 ci_text = f"{bt['low']:.0f}–{bt['high']:.0f}" if "low" in bt else ""
                 lines.append(f"| {arm} | {bt['rating']:.0f} | {ci_text} | {result['elo'][arm]:.0f} |")
-            lines.append("")
+            lines += ["", rating_verdict(result), ""]
         report_plots = sorted((out / "study" / "report").glob("*.png"))
         lines += [" ".join(f"![{p.stem}]({os.path.relpath(p, out)})" for p in report_plots), "",
                   "Full study report: [study/report/report.html](study/report/report.html)", ""]

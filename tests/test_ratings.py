@@ -96,3 +96,40 @@ def test_golden_pairs_score_raters():
     assert accuracy.loc["r1", "golden_votes"] == 2 and accuracy.loc["r1", "votes"] == 4
     assert reliable_raters(table, min_accuracy=0.75, min_golden=2) == {"r1"}
     assert reliable_raters(table, min_accuracy=0.75, min_golden=3) == set()
+
+
+def ratings_of(**arms) -> dict:
+    """A ratings entry as analysis.ratings_for returns it: arm -> (rating, low, high), best first."""
+    order = sorted(arms, key=lambda a: -arms[a][0])
+    return {"arms": order, "votes": 600, "elo": {a: arms[a][0] for a in order},
+            "bradley_terry": {a: {"rating": r, "low": lo, "high": hi} for a, (r, lo, hi) in arms.items()}}
+
+
+def test_the_report_says_in_words_what_the_intervals_resolve():
+    from addpipe.eval.report import distance_verdict, rating_axis, rating_verdict, speed_verdict, vote_counts
+
+    overlapping = ratings_of(**{"teacher-4": (1002, 999, 1003), "teacher-50": (1000, 998, 1002), "add-1": (998, 997, 1002)})
+    assert rating_verdict(overlapping).startswith("**Verdict: the raters prefer no arm over another.**")
+    apart = ratings_of(a=(1100, 1080, 1120), b=(1000, 980, 1020), c=(990, 970, 1010))
+    assert rating_verdict(apart) == ("**Verdict: a above b, c** (95% intervals apart); the other 1 of 3 pairs of arms "
+                                     "overlap: not resolved.")
+    # a 5-point spread is drawn on a 100-point axis (plus margins), a wide one as it is
+    assert rating_axis([1000, 998], [997, 996], [1003, 1001]) == (996 - 51.5, 1003 + 51.5)  # (100 - 7) / 2 + 5
+    assert rating_axis([1200, 900], [1150, 850], [1250, 950]) == (845, 1255)
+
+    arms = {"add-1": {"latency_median_s": 0.0509, "kid": 0.0068, "intervals": {"kid": [-0.043, 0.057]}},
+            "teacher-50": {"latency_median_s": 2.1081, "kid": -0.0018, "intervals": {"kid": [-0.046, 0.043]}},
+            "teacher-1": {"latency_median_s": 0.02, "kid": 0.085, "intervals": {"kid": [0.062, 0.108]}}}
+    assert speed_verdict(arms) == "teacher-1 is 105.4× faster than teacher-50 (0.02 s against 2.11 s per image, median)."
+    assert distance_verdict(arms) == ("On KID, teacher-50 is lowest; resolved as worse (interval wholly above "
+                                      "teacher-50's): teacher-1; not resolved from it: add-1.")
+    del arms["teacher-1"]
+    assert distance_verdict(arms).startswith("On KID, teacher-50 is lowest but no arm is resolved from it")
+
+    analysis = {"raters": {"a": {"votes": 4040, "golden_votes": 40, "kept": True},
+                           "b": {"votes": 4032, "golden_votes": 32, "kept": True},
+                           "c": {"votes": 4024, "golden_votes": 24, "kept": False}},
+                "questions": {"quality": {"votes": 4000}, "adherence": {"votes": 4000}, "combined": {"votes": 8000}}}
+    assert vote_counts(analysis) == ("12096 votes in all: 96 on golden pairs (the screening's known answers, never "
+                                     "rated), 4000 from raters the screening dropped, and 8000 rated (quality 4000, "
+                                     "adherence 4000; 'combined' pools the questions).")
