@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -194,6 +195,8 @@ def generate_study(study_dir: Path, arms: list[Arm], prompts: list[Prompt], seed
         (study_dir / "images" / arm.name).mkdir(exist_ok=True)
         pipe(todo[0].text, latents=initial_latents(pipe, seed, resolution).to(target, torch_dtype), height=resolution,
              width=resolution, output_type="pil", **kwargs)  # warm-up: the first call pays for lazy initialisation
+        if not sys.stderr.isatty():  # no bar off a terminal: one line per arm says what runs
+            logger.info("generate: arm %s, %d prompt(s)", arm.name, len(todo))
         with generations.open("a") as log:
             for prompt in tqdm(todo, desc=f"generate {arm.name}", disable=None):
                 latents = initial_latents(pipe, seed + prompt.id, resolution).to(target, torch_dtype)

@@ -404,6 +404,8 @@ def run_demo(settings: DemoSettings) -> Path:
 
     def timed(name: str, run):
         reused = finished[name]()
+        if not reused:  # a line when a stage starts, so a long one (evaluation: minutes) is not silence in a log
+            logger.info("demo stage %s: started", name)
         begin = time.perf_counter()
         value = run()
         if reused:  # seconds None: done by a run that kept no timings
