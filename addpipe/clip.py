@@ -125,12 +125,13 @@ def load_clip(config: EmbedConfig) -> ClipEmbedder:
 
 
 @contextlib.contextmanager
-def quiet_root_logger():
+def quiet_root_logger(at_least: int = logging.WARNING):
     """open_clip reports each step of building a model with `logging.info` on the root logger ("INFO root: Loaded
-    ViT-L-14 model config.", "Loading pretrained ... weights"): noise in every prep log. Its warnings still pass."""
+    ViT-L-14 model config.", "Loading pretrained ... weights"): noise in every prep log. Inside, the root logger
+    passes only records of `at_least` (its warnings by default)."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, at_least))
     try:
         yield
     finally:

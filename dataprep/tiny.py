@@ -6,7 +6,6 @@ JSON file plus a checkpoint file, and an aesthetic-predictor state dict with the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -17,16 +16,11 @@ import torch
 TINY_CLIP_NAME = "addpipe-tiny-clip"
 
 
-@contextlib.contextmanager
 def quiet_open_clip():
-    """open_clip reports each step of building a model on the root logger (INFO, and a WARNING for random weights)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+    """open_clip's building steps off the root logger, its WARNING for random weights too (random is the point here)."""
+    from addpipe.clip import quiet_root_logger
+
+    return quiet_root_logger(logging.ERROR)
 
 
 def build_tiny_clip(directory: Path, embed_dim: int = 32, image_size: int = 32, seed: int = 0) -> dict[str, str]:
@@ -74,9 +68,9 @@ def train_clip(settings: dict[str, str], images: list, captions: list[str], step
         raise ValueError(f"train_clip needs at least two (image, caption) pairs of equal count, got {len(images)} "
                          f"images and {len(captions)} captions")
     open_clip.add_model_config(settings["model_config"])
-    with quiet_open_clip():
+    with quiet_open_clip():  # the tokenizer's lookup logs its steps at INFO on the root logger too
         model, _, preprocess = open_clip.create_model_and_transforms(settings["model"], pretrained=settings["pretrained"])
-    tokenizer = open_clip.get_tokenizer(settings["model"])
+        tokenizer = open_clip.get_tokenizer(settings["model"])
     pixels = torch.stack([preprocess(image) for image in images])
     tokens = tokenizer(list(captions))
     generator = torch.Generator().manual_seed(seed)

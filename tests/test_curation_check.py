@@ -3,6 +3,8 @@ of matching from shuffled captions, and the tiny CLIP training that makes both m
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -43,7 +45,7 @@ def test_caption_separation_is_one_for_a_perfect_score_and_a_half_for_noise():
         caption_separation(captions[:1], texts[:1], texts[:1])
 
 
-def test_train_clip_learns_the_captions_and_overwrites_its_checkpoint(tmp_path):
+def test_train_clip_learns_the_captions_and_overwrites_its_checkpoint(tmp_path, caplog):
     import open_clip
 
     from addpipe.dataprep.digits import digit_images
@@ -53,8 +55,10 @@ def test_train_clip_learns_the_captions_and_overwrites_its_checkpoint(tmp_path):
     images, captions = [image for _, image, _ in data], [caption for caption, _, _ in data]
     settings = build_tiny_clip(tmp_path / "clip", embed_dim=32, image_size=32)
     before = {k: v.clone() for k, v in torch.load(settings["pretrained"]).items()}
-    result = train_clip(settings, images, captions, steps=40, batch_size=48, progress=False)
+    with caplog.at_level(logging.INFO):
+        result = train_clip(settings, images, captions, steps=40, batch_size=48, progress=False)
     assert result["last_loss"] < 0.7 * result["first_loss"]
+    assert [r.getMessage() for r in caplog.records if r.name == "root"] == []  # open_clip's steps: not in the demo's log
     model, _, preprocess = open_clip.create_model_and_transforms(settings["model"], pretrained=settings["pretrained"])
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
