@@ -36,6 +36,7 @@ def study(tiny_sd, student, tmp_path_factory):
     return {"dir": directory, "args": args, "student": student}
 
 
+@pytest.mark.slow  # a subprocess
 def test_generation_is_paired_and_resumable(study):
     directory = study["dir"]
     lines = [json.loads(l) for l in (directory / "generations.jsonl").read_text().splitlines()]

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TINY_CONFIG, run_cli, tiny_overrides
 
 # Runs `addpipe train` in a fresh interpreter through the CLI's own error mapping, then reports what was imported.
@@ -31,6 +33,7 @@ def probe(*args: str) -> tuple[dict, str]:
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
 
+@pytest.mark.slow  # a subprocess
 def test_every_problem_is_named_at_once_before_deepspeed_or_any_model_loads(tiny_sd, tiny_dino, digit_shards, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")

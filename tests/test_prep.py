@@ -84,6 +84,7 @@ def merge(curated, *extra: str) -> dict:
     return json.loads((curated["out"] / "report.json").read_text())
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_every_input_row_is_accounted_for_with_its_reason(curated):
     report = json.loads((curated["out"] / "report.json").read_text())
     rows = curated["rows"]
@@ -104,6 +105,7 @@ def test_every_input_row_is_accounted_for_with_its_reason(curated):
             assert image.format == "PNG" and image.width > 100
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_off_a_terminal_progress_is_plain_lines(curated):
     """A SLURM log is not a terminal: img2dataset's bar would write carriage returns there (one endless line)."""
     log = curated["stdout"] + curated["stderr"]
@@ -111,6 +113,7 @@ def test_off_a_terminal_progress_is_plain_lines(curated):
     assert "Starting the downloading" in log  # img2dataset's own plain lines still reach the log
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_urls_with_other_schemes_are_refused_counted_and_never_read(curated):
     """file:, ftp:, data:, javascript:, paths and wrapped or padded variants: a failed row each, with its reason and
     its original url, counted in the report; the local image they point at is in no shard."""
@@ -136,6 +139,7 @@ def test_urls_with_other_schemes_are_refused_counted_and_never_read(curated):
     assert set(listing.loc[listing["name"].str.startswith("scheme-"), "status"]) == {"failed_to_download"}
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_redirects_to_other_schemes_and_loopback_addresses_are_refused_per_row_and_counted(curated):
     """A 302 to ftp:, file: or a loopback address outside download.allowed_networks: a failed row each, with its reason,
     in the shard's parquet and _stats.json and the report, never kept (the file: target's bytes are in no shard)."""
@@ -209,6 +213,7 @@ def test_empty_malformed_and_zero_byte_tables_fail_naming_the_file_before_any_st
         assert not out.exists(), (name, sorted(p.name for p in out.rglob("*")))
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_embeddings_use_clip_retrievals_layout_and_scores_match_their_definitions(curated):
     import open_clip
 
@@ -244,6 +249,7 @@ def test_embeddings_use_clip_retrievals_layout_and_scores_match_their_definition
     assert checked == (table["status"] == "success").sum() >= 16
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_clip_and_aesthetic_thresholds_drop_exactly_the_rows_below_them(curated):
     table = decisions(curated["out"])
     entering = table[table["reason"] == "kept"]
@@ -287,6 +293,7 @@ def dedup_settings(curated):
     return ["--set", "dedup.enabled=true", "--set", f"dedup.threshold={threshold!r}", "--set", "dedup.block_size=4"]
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_exact_and_near_duplicates_are_removed_across_shards(curated, dedup_settings):
     report = merge(curated, *dedup_settings)
     result = decisions(curated["out"])
@@ -297,6 +304,7 @@ def test_exact_and_near_duplicates_are_removed_across_shards(curated, dedup_sett
     assert report["kept"] == sum(r.expected == "kept" for r in curated["rows"])
 
 
+@pytest.mark.slow  # on the module's prep run: a subprocess of about 25 s
 def test_output_shards_follow_the_contract_and_the_trainer_reads_them(curated):
     from addpipe.train.config import DataConfig
     from addpipe.train.data import TrainingData

@@ -224,6 +224,7 @@ def test_a_non_finite_loss_ends_as_a_clear_error(request, tmp_path):
     assert nan.returncode == 2 and "error: non-finite loss at step 1" in nan.stderr and "Traceback" not in nan.stderr
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("limit, expected", [(0, "cannot write {run}/.lock: File too large"),
                                              (200_000, "saving checkpoint step 2 failed: cannot write {run}/checkpoints/")])
 def test_a_full_run_directory_is_named_not_a_traceback(request, tmp_path, limit, expected):
