@@ -75,16 +75,19 @@ def assets(config: Any, prefix: str = "") -> Iterator[Asset]:
             yield asset
 
 
-def _walk(config: Any, prefix: str) -> Iterator[Asset]:
+def marked_fields(config: Any, prefix: str = "") -> Iterator[tuple[str, str, str, Any]]:
+    """(dotted key, value, asset kind, the section holding it) of every non-empty field marked as an asset."""
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         key = f"{prefix}{item.name}"
         if dataclasses.is_dataclass(value):
-            yield from _walk(value, key + ".")
-            continue
-        kind = item.metadata.get("asset")
-        if not kind or not isinstance(value, str) or not value:
-            continue
+            yield from marked_fields(value, key + ".")
+        elif item.metadata.get("asset") and isinstance(value, str) and value:
+            yield key, value, item.metadata["asset"], config
+
+
+def _walk(config: Any, prefix: str) -> Iterator[Asset]:
+    for key, value, kind, config in marked_fields(config, prefix):
         if kind == "open_clip":
             if not looks_local(value):
                 yield Asset(kind, f"{getattr(config, 'model')}@{value}", key)

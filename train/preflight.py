@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from addpipe.assets import Asset, assets, fetch_all, looks_local, offline
+from addpipe.assets import Asset, assets, fetch_all, looks_local, marked_fields, offline
 from addpipe.errors import UserError
 
 
@@ -19,18 +19,10 @@ class PreflightError(UserError, RuntimeError):
     """What would make the run fail, found before it starts."""
 
 
-def _local_models(config, prefix: str = "") -> list[tuple[str, str, str]]:
+def _local_models(config) -> list[tuple[str, str, str]]:
     """(key, value, kind) of every model field that names a local path."""
-    import dataclasses
-
-    found = []
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        if dataclasses.is_dataclass(value):
-            found += _local_models(value, f"{prefix}{item.name}.")
-        elif item.metadata.get("asset") in ("pipeline", "model") and isinstance(value, str) and value and looks_local(value):
-            found.append((f"{prefix}{item.name}", value, item.metadata["asset"]))
-    return found
+    return [(key, value, kind) for key, value, kind, _ in marked_fields(config)
+            if kind in ("pipeline", "model") and looks_local(value)]
 
 
 def problems(config) -> list[str]:

@@ -8,13 +8,11 @@ kind of directory than a built-in one).
 
 from __future__ import annotations
 
-import logging
-from importlib.metadata import entry_points
 
+from addpipe.plugins import load_entry_points
 from addpipe.train.families.base import Denoiser, ModelFamily
 from addpipe.train.families.unet import StableDiffusion, StableDiffusionXL
 
-logger = logging.getLogger(__name__)
 
 _FAMILIES: dict[str, ModelFamily] = {}
 _discovered = False
@@ -38,14 +36,7 @@ def _discover() -> None:
     if _discovered:
         return
     _discovered = True
-    for entry in entry_points(group="addpipe.families"):
-        try:
-            loaded = entry.load()
-        except Exception as error:  # a broken third-party plug-in must not take the built-in families down with it
-            logger.warning("model family plug-in %s (%s) failed to load: %s", entry.name, entry.value, error)
-            continue
-        if isinstance(loaded, type) and issubclass(loaded, ModelFamily) and loaded.name not in _FAMILIES:
-            register_family(loaded)
+    load_entry_points("addpipe.families", ModelFamily, _FAMILIES, register_family, "model family")
 
 
 def family(name: str) -> ModelFamily:

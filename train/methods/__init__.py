@@ -9,12 +9,10 @@ the config, without an edit to the loop, the backends or any file here.
 from __future__ import annotations
 
 import importlib
-import logging
-from importlib.metadata import entry_points
 
+from addpipe.plugins import load_entry_points
 from addpipe.train.methods.base import Method, Phase
 
-logger = logging.getLogger(__name__)
 
 BUILT_IN = ("addpipe.train.methods.add", "addpipe.train.methods.diffusion2gan")
 """Packages whose import registers the built-in methods."""
@@ -39,14 +37,7 @@ def _discover() -> None:
     _discovered = True
     for module in BUILT_IN:
         importlib.import_module(module)
-    for entry in entry_points(group="addpipe.methods"):
-        try:
-            loaded = entry.load()
-        except Exception as error:  # a broken third-party plug-in must not take the built-in methods down with it
-            logger.warning("method plug-in %s (%s) failed to load: %s", entry.name, entry.value, error)
-            continue
-        if isinstance(loaded, type) and issubclass(loaded, Method) and loaded.name not in _METHODS:
-            register(loaded)
+    load_entry_points("addpipe.methods", Method, _METHODS, register, "method")
 
 
 def method_class(name: str) -> type[Method]:
