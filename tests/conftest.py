@@ -93,6 +93,16 @@ def leftover_processes() -> list[tuple[int, str]]:
     return [(pid, commands[pid]) for pid in sorted(commands) if pid in marked or descends(pid)]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, what the README's test command runs) a module runs on one worker,
+    so its module-scoped fixtures (a shared reference run, a seven-config torchrun launch) are built once; the tests
+    on a local SLURM or Spark cluster all run on one worker, so one cluster starts, and their waits on the scheduler
+    overlap the other worker's computing."""
+    for item in items:
+        group = "cluster" if item.get_closest_marker("cluster") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_unconfigure(config):
     """End, and name, any process a test started and did not stop."""
     if not Path("/proc/self/environ").exists():

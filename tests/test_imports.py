@@ -185,3 +185,19 @@ def test_the_checker_finds_each_kind_of_bad_import():
     ]
     for folder, source in fine:
         assert check_sample(folder, source) == [], (folder, source)
+
+
+def test_every_package_in_the_tree_is_in_the_wheel():
+    """pyproject's explicit package list names every folder with an __init__.py, or a non-editable install (a wheel
+    on a cluster) would lack it while the editable one here still imports it."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"addpipe" if name == "addpipe" else f"addpipe.{name}": path
+               for name, path in [("addpipe", "addpipe")] + [(k.split(".", 1)[1], v) for k, v in config["package-dir"].items() if k != "addpipe"]}
+    found = set()
+    for package, folder in folders.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found == set(config["packages"]), f"missing from pyproject: {sorted(found - set(config['packages']))}"
