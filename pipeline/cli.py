@@ -142,6 +142,34 @@ def fetch(
                + (" (and TORCH_HOME as here, for the aesthetic weights)" if any(a.kind == "url" for a in paths) else ""))
 
 
+@app.command(short_help="Turn a single-file .safetensors/.ckpt fine-tune into the diffusers folder training loads.")
+def convert(
+    checkpoint: Path = typer.Argument(..., help="The single-file checkpoint (original SD/SDXL layout)"),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the diffusers pipeline"),
+    like: Optional[str] = typer.Option(None, "--like", help="A diffusers folder or hub id of the same architecture, for "
+                                       "the configs, tokenizers and scheduler [default: the base model diffusers infers "
+                                       "from the checkpoint's keys]"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16 for the saved weights"),
+) -> None:
+    """Convert a single-file fine-tune (what most shared SD 1.5/2.1 and SDXL fine-tunes are) into a diffusers folder,
+    through diffusers' from_single_file; pass the folder as model.teacher= afterwards. Offline, --like must be a
+    local folder or a hub id already in the cache (addpipe fetch)."""
+    import torch
+
+    from addpipe.train.families.single_file import ConversionError, convert_single_file
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise UserError(f"--dtype {dtype}: one of {', '.join(dtypes)}")
+    try:
+        summary = convert_single_file(checkpoint, out, like, dtypes[dtype])
+    except ConversionError as error:
+        raise UserError(str(error)) from error
+    typer.echo(f"converted {checkpoint} ({summary['family']}, configs from {summary['like']}) into {out}: "
+               f"{', '.join(summary['components'])}")
+    typer.echo(f"train on it with: addpipe train --config CONFIG model.teacher={out}")
+
+
 @app.command()
 def pairs(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. pairs.guidance=8 pairs.steps=50"),

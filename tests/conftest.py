@@ -93,6 +93,7 @@ def leftover_processes() -> list[tuple[int, str]]:
     return [(pid, commands[pid]) for pid in sorted(commands) if pid in marked or descends(pid)]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (its own hook turns them into node-id suffixes)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`, what the README's test command runs) a module runs on one worker,
     so its module-scoped fixtures (a shared reference run, a seven-config torchrun launch) are built once; the tests
@@ -122,6 +123,13 @@ def tiny_sd(tmp_path_factory) -> Path:
     from addpipe.train.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "sd", "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from addpipe.train.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3") / "pipe")
 
 
 @pytest.fixture(scope="session")

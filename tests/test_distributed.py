@@ -52,8 +52,8 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def student_weights(run):
-    return load_file(str(next((run / "student/unet").glob("*.safetensors"))))
+def student_weights(run, folder="unet"):
+    return load_file(str(next((run / "student" / folder).glob("*.safetensors"))))
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,17 @@ RESHARD_COMMON = {**COMMON, "optim.ema_decay": 0, "optim.ema_halflife_kimg": 0.0
                   "engine.zero": 3}
 
 
+# A flow-matching SD3 teacher (tests/test_flow.py): the same ADD steps on one rank and on two, on each backend.
+SD3 = {"deepspeed": {"engine.zero": 3}, "fsdp2": {"model.frozen_placement": "partition"}}
+
+
 def match_overrides(tiny_sd, tiny_dino, digit_shards, run, backend, processes, extra):
     return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=3, **COMMON, **layout(processes),
                           **{"engine.backend": backend, **extra})
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
+def runs(tiny_sd, tiny_sd3, tiny_dino, digit_shards, tmp_path_factory):
     """Every training run of this module: the one-rank ones in this process, all the two-rank ones in a single torchrun
     launch (one start-up instead of seven). -> {key: (run directory, report)}; the keys: ("match", backend,
     processes), ("first", backend, processes) (steps 1-2 of the resharding runs), ("resume", first, second)
@@ -119,6 +123,12 @@ def runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
         plan(("match", backend, processes), run, match_overrides(tiny_sd, tiny_dino, digit_shards, run, backend,
                                                                  processes, extra), processes)
     plan("whole", root / "whole", reshard(root / "whole", 4, "fsdp2", 1), 1)
+    for backend, extra in SD3.items():
+        for processes in (1, 2):
+            run = root / f"sd3-{backend}-{processes}"
+            plan(("sd3", backend, processes), run, tiny_overrides(
+                tiny_sd3, tiny_dino, digit_shards, run, steps=2, **COMMON, **layout(processes),
+                **{"engine.backend": backend, "student.num_timesteps": 2, **extra}), processes)
     firsts = sorted({first for first, _ in RESHARD}, key=lambda layout_: layout_[1])  # one-rank halves first
     for backend, processes in firsts:
         run = root / f"first-{backend}-{processes}"
@@ -182,5 +192,19 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_and_backend(first, seco
         for term in TERMS:
             assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), (a["step"], term)
     a, b = student_weights(whole), student_weights(split)
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-3, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", list(SD3))
+def test_an_sd3_teacher_trains_alike_on_one_rank_and_two(backend, runs):
+    (one, _), (two, report) = runs[("sd3", backend, 1)], runs[("sd3", backend, 2)]
+    assert report["world_size"] == 2
+    assert all(count <= report["full_numel"] // 2 + 5000 for count in report["local_numel_per_rank"]), report
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        for term in TERMS:
+            assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), (a["step"], term)
+    a, b = student_weights(one, "transformer"), student_weights(two, "transformer")
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-3, msg=key)

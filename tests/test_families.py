@@ -63,7 +63,7 @@ def test_a_family_is_chosen_by_name_or_found_from_the_directory_and_unknown_ones
     assert load_teacher(load(TrainConfig, TINY_CONFIG, [f"model.teacher={marked}"]).model).family is family("sd-clip-skip")
 
     with pytest.raises(ConfigError, match="model.architecture='nope' is not a known model family: auto or one of "
-                                          ".*sd, sd-clip-skip, sdxl"):
+                                          ".*sd, sd-clip-skip, sd3, sdxl"):
         load(TrainConfig, TINY_CONFIG, ["model.architecture=nope"])
     unknown = tmp_path / "not_a_t2i_model"
     unknown.mkdir()

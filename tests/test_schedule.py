@@ -96,7 +96,7 @@ def test_v_target_at_pure_noise_is_minus_x0():
     x0, eps = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
     torch.testing.assert_close(diffusion_target(x0, eps, alpha, sigma, "v_prediction"), -x0)
     with pytest.raises(ValueError, match="prediction_type"):
-        diffusion_target(x0, eps, alpha, sigma, "flow")
+        diffusion_target(x0, eps, alpha, sigma, "x_prediction")
 
 
 def test_warmup_is_linear_then_constant():

@@ -164,17 +164,22 @@ def frozen_vae_and_text(config, family, dtype: torch.dtype) -> tuple[nn.Module, 
     """The teacher's VAE (on the meta device), the line of the frozen VAE and text encoders, and the width of the
     pooled text embedding."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     model = config.model
     vae_config = model_config(AutoencoderKL, model.vae) if model.vae else model_config(AutoencoderKL, model.teacher, "vae")
     vae = meta(lambda: AutoencoderKL.from_config(vae_config))
-    text_params, pooled = 0, 0
+    text_params, encoders = 0, []
     for sub, cls in family.text_encoders():
-        text_config = CLIPTextConfig.from_pretrained(model.teacher, subfolder=sub)
+        try:
+            text_config = cls.config_class.from_pretrained(model.teacher, subfolder=sub)
+        except OSError:
+            if sub in family.optional_text_encoders:  # a pipeline without it (SD3 without T5)
+                continue
+            raise
         encoder = meta(lambda: cls(text_config))
         text_params += count(encoder)
-        pooled = text_config.projection_dim if cls is CLIPTextModelWithProjection else text_config.hidden_size
+        encoders.append((cls, text_config))
+    pooled = family.pooled_width(encoders)
     # a VAE that must be upcast (force_upcast) is held in fp32 where the run would use fp16 (train/models.py)
     vae_bytes = (4 if dtype == torch.float16 and vae.config.force_upcast else dtype.itemsize) * count(vae)
     line = Line("VAE + text encoders (frozen)", count(vae) + text_params, weights=vae_bytes + dtype.itemsize * text_params)

@@ -126,14 +126,12 @@ class TeacherComponents:
 
     @property
     def pooled_dim(self) -> int:
-        """Width of the pooled text embedding (the discriminator's text condition)."""
-        encoder = self.text_encoders[-1]
-        config = encoder.config
-        return config.projection_dim if isinstance(encoder, CLIPTextModelWithProjection) else config.hidden_size
+        """Width of the pooled text embedding (the discriminator's text condition), as the family builds it."""
+        return self.family.pooled_dim(self)
 
     def text_embedding_dim(self, kind: str) -> int:
         """Width of TextConditioning.discriminator_embedding(kind)."""
-        return self.pooled_dim if kind == "pooled" else int(self.unet.config.cross_attention_dim)
+        return self.pooled_dim if kind == "pooled" else self.family.token_dim(self)
 
     @property
     def latent_scale(self) -> float:

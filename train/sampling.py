@@ -31,7 +31,7 @@ def sample_trajectory(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.
     x, predictions = noise, []
     for index, timestep in enumerate(timesteps):
         t = torch.full((x.shape[0],), int(timestep), dtype=torch.long, device=x.device)
-        output = denoiser(x, t).float()
+        output = denoiser(x, schedule.model_time(t)).float()
         alpha, sigma = schedule.at(t, x.ndim)
         predictions.append(predicted_x0(output, x, alpha, sigma, schedule.prediction_type))
         if index < len(timesteps) - 1:

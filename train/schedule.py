@@ -1,15 +1,20 @@
 """Noise schedules and parameterisations: alpha/sigma tables, student timesteps, x0 from a network output.
 
-Forward process (docs/method.md): x_t = alpha_t * x_0 + sigma_t * eps, with alpha_t = sqrt(alphabar_t) and
-sigma_t = sqrt(1 - alphabar_t) taken from a diffusers scheduler's config. The student's table is
-rescaled to zero terminal SNR, so alpha at T-1 is exactly 0: the student starts from pure noise, and
-its output must be a v- or x0-prediction, which stays finite there.
+Forward process (docs/method.md): x_t = alpha_t * x_0 + sigma_t * eps over integer timesteps t = 0..T-1.
+- DDPM-style (SD, SDXL): alpha_t = sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t) from a diffusers scheduler's
+  betas; the student's table may be rescaled to zero terminal SNR, so alpha at T-1 is exactly 0: the student
+  starts from pure noise, and its output must be a v- or x0-prediction, which stays finite there.
+- Flow matching (SD3, FLUX.1; a FlowMatchEulerDiscreteScheduler config): alpha_t = 1 - sigma_t with sigma_t the
+  teacher's shifted sigma of (t + 1) / T, so sigma at T-1 is 1 (pure noise) by construction; the network predicts
+  the velocity v = eps - x_0, and is called with the time sigma_t * T (`model_time`), not the index.
+Everything downstream (losses, weightings, the sampler) is written in alpha_t and sigma_t, so it serves both.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
@@ -22,6 +27,8 @@ class NoiseSchedule:
     alphas: torch.Tensor
     sigmas: torch.Tensor
     prediction_type: str
+    model_times: Optional[torch.Tensor] = None
+    """What the denoiser is called with at each index (sigma_t * T for flow matching); None: the index itself."""
 
     @property
     def num_train_timesteps(self) -> int:
@@ -34,7 +41,19 @@ class NoiseSchedule:
         return self.alphas[timesteps].view(shape), self.sigmas[timesteps].view(shape)
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
-        return NoiseSchedule(self.alphas.to(device), self.sigmas.to(device), self.prediction_type)
+        times = None if self.model_times is None else self.model_times.to(device)
+        return NoiseSchedule(self.alphas.to(device), self.sigmas.to(device), self.prediction_type, times)
+
+    def model_time(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The denoiser's time input for integer timesteps: the timesteps themselves for a DDPM-style UNet, sigma_t * T
+        (a float) for a flow-matching transformer."""
+        if self.model_times is None:
+            return timesteps
+        return self.model_times[timesteps.to(self.model_times.device).long()]
+
+    @property
+    def flow(self) -> bool:
+        return self.prediction_type == "flow"
 
 
 def betas_from_config(config) -> torch.Tensor:
@@ -51,8 +70,43 @@ def betas_from_config(config) -> torch.Tensor:
     raise ValueError(f"unsupported beta_schedule {kind!r} (linear and scaled_linear are supported)")
 
 
-def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str | None = None) -> NoiseSchedule:
-    """Build a NoiseSchedule from a diffusers scheduler config (a dict or FrozenDict)."""
+def is_flow_matching(config) -> bool:
+    """Whether a diffusers scheduler config is a flow-matching one (SD3, FLUX.1)."""
+    return "FlowMatch" in str(config.get("_class_name", ""))
+
+
+def shift_sigmas(sigmas: torch.Tensor, config, image_tokens: Optional[int] = None) -> torch.Tensor:
+    """The scheduler's timestep shift of unshifted sigmas in (0, 1]. SD3: the static shift s*sigma / (1 + (s-1)*sigma)
+    (shift 3.0). FLUX.1 (use_dynamic_shifting): exp(mu) / (exp(mu) + (1/sigma - 1)) with mu linear in the image's
+    token count between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as diffusers'
+    calculate_shift has it: more tokens, more time at high noise."""
+    if config.get("use_dynamic_shifting", False):
+        if image_tokens is None:
+            raise ValueError("this flow-matching scheduler shifts by resolution (use_dynamic_shifting): the image's "
+                             "token count is needed")
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = base + (top - base) * (image_tokens - base_len) / (max_len - base_len)
+        return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    shift = float(config.get("shift", 1.0))
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flow_schedule(config, image_tokens: Optional[int] = None) -> NoiseSchedule:
+    """sigma_t = shift((t + 1) / T), alpha_t = 1 - sigma_t, velocity prediction, time input sigma_t * T: index t is
+    the FlowMatchEulerDiscreteScheduler's training timestep t + 1 (sigma_max = 1 at t = T-1, sigma_min = shift(1/T))."""
+    steps = int(config.get("num_train_timesteps", 1000))
+    unshifted = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    sigmas = shift_sigmas(unshifted, config, image_tokens)
+    return NoiseSchedule((1.0 - sigmas).float(), sigmas.float(), "flow", (sigmas * steps).float())
+
+
+def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str | None = None,
+                         image_tokens: Optional[int] = None) -> NoiseSchedule:
+    """Build a NoiseSchedule from a diffusers scheduler config (a dict or FrozenDict). A flow-matching config gives
+    the flow schedule, whatever the other arguments say (its terminal sigma is 1; its parameterisation is fixed)."""
+    if is_flow_matching(config):
+        return flow_schedule(config, image_tokens)
     betas = betas_from_config(config)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
@@ -70,6 +124,11 @@ def schedule_from_config(config, zero_terminal_snr: bool, prediction_type: str |
 
 def student_parameterisation(student_config, teacher_scheduler: dict) -> tuple[str, bool]:
     """(prediction type, zero terminal SNR) of the student: the teacher's own where the config says auto."""
+    if is_flow_matching(teacher_scheduler):
+        if student_config.prediction_type not in ("auto", "flow") or student_config.zero_terminal_snr not in ("auto", True):
+            raise ValueError("a flow-matching teacher's student keeps its parameterisation (velocity, sigma = 1 at the "
+                             "last timestep): leave student.prediction_type and student.zero_terminal_snr at auto")
+        return "flow", True
     teacher_prediction = teacher_scheduler.get("prediction_type", "epsilon")
     teacher_zero_snr = bool(teacher_scheduler.get("rescale_betas_zero_snr", False))
     prediction = teacher_prediction if student_config.prediction_type == "auto" else student_config.prediction_type
@@ -90,9 +149,9 @@ def student_parameterisation(student_config, teacher_scheduler: dict) -> tuple[s
     return prediction, zero_snr
 
 
-def pipeline_schedule(config) -> NoiseSchedule:
+def pipeline_schedule(config, image_tokens: Optional[int] = None) -> NoiseSchedule:
     """The schedule a pipeline was trained with, as its own scheduler config says (rescale_betas_zero_snr included)."""
-    return schedule_from_config(config, bool(config.get("rescale_betas_zero_snr", False)))
+    return schedule_from_config(config, bool(config.get("rescale_betas_zero_snr", False)), image_tokens=image_tokens)
 
 
 def student_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -122,7 +181,10 @@ def predicted_x0(
 ) -> torch.Tensor:
     """x0 implied by a network output. v: x0 = alpha*x_t - sigma*v (at alpha = 0 simply -v). epsilon: divides by
     alpha, which no epsilon schedule makes 0 (schedule_from_config refuses zero terminal SNR for one); not checked
-    here, since reading alpha back would make the host wait for the device on every call."""
+    here, since reading alpha back would make the host wait for the device on every call. flow (v = eps - x0):
+    x0 = x_t - sigma*v."""
+    if prediction_type == "flow":
+        return x_t - sigma * output
     if prediction_type == "v_prediction":
         return alpha * x_t - sigma * output
     if prediction_type == "sample":
@@ -136,7 +198,9 @@ def diffusion_target(
     x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
     """What a network of `prediction_type` is trained to output for x_t = alpha*x0 + sigma*noise
-    (v = alpha*noise - sigma*x0, Salimans & Ho 2022)."""
+    (v = alpha*noise - sigma*x0, Salimans & Ho 2022; flow matching's velocity: noise - x0)."""
+    if prediction_type == "flow":
+        return noise - x0
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
@@ -149,7 +213,10 @@ def diffusion_target(
 def predicted_eps(
     output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
-    """eps implied by a network output (teachers run at t < T-1, where sigma > 0)."""
+    """eps implied by a network output (teachers run at t < T-1, where sigma > 0). flow: eps = x_t + alpha*v
+    (x_t = (1-sigma) x0 + sigma eps and v = eps - x0)."""
+    if prediction_type == "flow":
+        return x_t + alpha * output
     if prediction_type == "epsilon":
         return output
     if prediction_type == "v_prediction":

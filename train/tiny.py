@@ -137,6 +137,83 @@ def build_tiny_pipeline(
     return directory
 
 
+def write_t5_tokenizer(directory: str | Path) -> Path:
+    """A T5-style (SentencePiece unigram, "▁" word starts, </s> appended) fast tokenizer over printable ASCII, its
+    letter pairs and the words of the demo's prompts: enough pieces for any English prompt, written as
+    tokenizer.json so that T5TokenizerFast loads it without sentencepiece."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pieces = ["<pad>", "</s>", "<unk>"]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += ["▁" + c for c in chars] + list(chars)
+    pieces += [start + a + b for start in ("▁", "") for a in string.ascii_lowercase for b in string.ascii_lowercase]
+    words = "a an the of on in with and digit zero one two three four five six seven eight nine red green blue"
+    pieces += ["▁" + w for w in words.split() if "▁" + w not in pieces]
+    vocab = [(piece, 0.0 if i < 3 else -float(len(piece))) for i, piece in enumerate(pieces)]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=2))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                             special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                    model_max_length=512).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_sd3_pipeline(directory: str | Path, latent_size: int = 8, seed: int = 0, shift: float = 3.0,
+                            with_t5: bool = True, layers: int = 2) -> Path:
+    """A complete diffusers-format SD3-style pipeline directory with random weights: an SD3Transformer2DModel (patch
+    2), CLIP-L- and CLIP-G-style text encoders with projections, a T5 encoder (or none: `with_t5=False`, saved as
+    SD3 without T5 is), a 16-channel VAE with a shift factor, and the flow-matching scheduler with SD3's shift."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    clip_hidden, projection, max_length = 16, 16, 16
+    t5_width = 2 * clip_hidden  # the CLIPs' tokens are zero-padded to T5's width: it must be at least their sum
+    transformer = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=2, in_channels=16, out_channels=16, num_layers=layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=t5_width, caption_projection_dim=16,
+        pooled_projection_dim=2 * projection, pos_embed_max_size=latent_size // 2 * 2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=2 * latent_size, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    clip_dir = write_clip_tokenizer(directory / "_tokenizer_src", max_length)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    encoders = [CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, True, projection, max_length))
+                for _ in range(2)]
+    t5_tokenizer, t5 = None, None
+    if with_t5:
+        t5_tokenizer = T5TokenizerFast.from_pretrained(write_t5_tokenizer(directory / "_t5_src"))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=t5_width, d_kv=8, d_ff=2 * t5_width,
+                                     num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=tokenizer,
+        text_encoder_2=encoders[1], tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    ).save_pretrained(directory)
+    for source in ("_tokenizer_src", "_t5_src"):
+        if (directory / source).exists():
+            for path in sorted((directory / source).iterdir()):
+                path.unlink()
+            (directory / source).rmdir()
+    return directory
+
+
 def build_tiny_dinov2(directory: str | Path, image_size: int = 32, hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
     """A random-init DINOv2-architecture ViT saved in transformers' format."""
     from transformers import Dinov2Config, Dinov2Model

@@ -1,4 +1,5 @@
-"""Model families behind one interface (base.py): the UNet families built in (unet.py), others as plug-ins.
+"""Model families behind one interface (base.py): the UNet families (unet.py: SD 1.x/2.x, SDXL) and the flow-matching
+transformer SD3/SD3.5 (sd3.py) built in, others as plug-ins.
 
 A family registers itself with `register_family`, from its own module or from an installed package's
 `addpipe.families` entry point; `model.architecture: <name>` chooses it, or `auto` finds it from the pipeline's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from addpipe.plugins import load_entry_points
 from addpipe.train.families.base import Denoiser, ModelFamily
+from addpipe.train.families.sd3 import StableDiffusion3
 from addpipe.train.families.unet import StableDiffusion, StableDiffusionXL
 
 
@@ -29,6 +31,7 @@ def register_family(family: type[ModelFamily]) -> type[ModelFamily]:
 
 register_family(StableDiffusion)
 register_family(StableDiffusionXL)
+register_family(StableDiffusion3)
 
 
 def _discover() -> None:

@@ -74,6 +74,35 @@ class ModelFamily(ABC):
         """`model` bound to one batch's conditioning: what the sampler steps."""
         return lambda x, t: self.denoise(model, x, t, conditioning, micro, dtype)
 
+    lora: bool = True
+    """Whether LoRA students (train/lora.py) are supported for the family."""
+    optional_text_encoders: frozenset[str] = frozenset()
+    """Subfolders of text encoders a pipeline may leave out (SD3's T5); the rest must be there."""
+
+    def pooled_width(self, encoders: list[tuple[type, Any]]) -> int:
+        """Width of the pooled text embedding from the text encoders' (class, config): by default the last one's
+        projection (or hidden) width."""
+        from transformers import CLIPTextModelWithProjection
+
+        cls, config = encoders[-1]
+        return config.projection_dim if issubclass(cls, CLIPTextModelWithProjection) else config.hidden_size
+
+    def pooled_dim(self, components: "TeacherComponents") -> int:
+        """Width of the pooled text embedding of loaded components."""
+        return self.pooled_width([(type(e), e.config) for e in components.text_encoders])
+
+    def planning_output(self, model: Callable, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """One forward of the denoiser on planning_inputs' meta tensors (a UNet takes the timestep second)."""
+        return model(x, torch.zeros(x.shape[0], dtype=torch.long, device=x.device), **kwargs, return_dict=False)[0]
+
+    def token_width(self, denoiser_config: dict[str, Any]) -> int:
+        """Width of the denoiser's text tokens from its config (a UNet's cross_attention_dim)."""
+        return int(denoiser_config["cross_attention_dim"])
+
+    def token_dim(self, components: "TeacherComponents") -> int:
+        """Width of the denoiser's text tokens of loaded components."""
+        return self.token_width(components.unet.config)
+
     @abstractmethod
     def pipeline(self, components: "TeacherComponents", scheduler, denoiser: Optional[nn.Module] = None):
         """`components` as the family's diffusers pipeline, with `denoiser` in place of the teacher's when given."""
@@ -93,3 +122,30 @@ class ModelFamily(ABC):
                         dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
         """The denoiser's latent input and keyword inputs at `batch` x `latent_size`², as meta tensors (the memory
         plan counts one forward on them)."""
+
+
+def load_vae_and_scheduler(model_config, dtype: torch.dtype, scheduler_class: type) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher's VAE (or model.vae's), held in fp32 where it must be upcast, and its raw scheduler config (the
+    class, prediction type, shift and zero-SNR flag as the authors wrote them): what every family loads alike."""
+    from diffusers import AutoencoderKL
+
+    from addpipe.train.models import ModelLoadError, load_pretrained, needs_upcast
+
+    name, revision = model_config.teacher, model_config.revision
+    vae = (load_pretrained(AutoencoderKL, model_config.vae, torch_dtype=dtype) if model_config.vae
+           else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, revision=revision,
+                                variant=model_config.variant))
+    if needs_upcast(vae, dtype):  # held in fp32 from the start: switching dtypes between a forward and its backward is not safe
+        vae.to(torch.float32)
+    try:
+        scheduler_config = dict(scheduler_class.load_config(name, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not read the scheduler config of {name}: {error}") from error
+    return vae, scheduler_config
+
+
+def freeze(*modules: Optional[nn.Module]) -> None:
+    for module in modules:
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()

@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from addpipe.train.families.base import ModelFamily
+from addpipe.train.families.base import ModelFamily, freeze, load_vae_and_scheduler
 
 
 class StableDiffusion(ModelFamily):
@@ -34,23 +34,16 @@ class StableDiffusion(ModelFamily):
         return [("text_encoder", CLIPTextModel)]
 
     def load(self, model_config, dtype: torch.dtype, with_denoiser: bool = True):
-        from diffusers import AutoencoderKL, DDPMScheduler
+        from diffusers import DDPMScheduler
         from transformers import CLIPTokenizer
 
-        from addpipe.train.models import ModelLoadError, TeacherComponents, check_tokenizer, load_pretrained, needs_upcast
+        from addpipe.train.models import TeacherComponents, check_tokenizer, load_pretrained
 
         name, revision = model_config.teacher, model_config.revision
         common = {"revision": revision, "variant": model_config.variant}
         unet = (load_pretrained(self.denoiser_class(), name, self.denoiser_folder, torch_dtype=dtype, **common)
                 if with_denoiser else None)
-        vae = (load_pretrained(AutoencoderKL, model_config.vae, torch_dtype=dtype) if model_config.vae
-               else load_pretrained(AutoencoderKL, name, "vae", torch_dtype=dtype, **common))
-        if needs_upcast(vae, dtype):  # held in fp32 from the start: switching dtypes between a forward and its backward is not safe
-            vae.to(torch.float32)
-        try:  # the raw scheduler config: its class, prediction type and zero-SNR flag as the authors wrote them
-            scheduler_config = dict(DDPMScheduler.load_config(name, subfolder="scheduler", revision=revision))
-        except (OSError, ValueError) as error:
-            raise ModelLoadError(f"could not read the scheduler config of {name}: {error}") from error
+        vae, scheduler_config = load_vae_and_scheduler(model_config, dtype, DDPMScheduler)
         tokenizers, text_encoders = [], []
         for index, (sub, cls) in enumerate(self.text_encoders()):
             tokenizer_folder = "tokenizer" if index == 0 else f"tokenizer_{index + 1}"
@@ -58,9 +51,7 @@ class StableDiffusion(ModelFamily):
             check_tokenizer(tokenizer, f"{name}/{tokenizer_folder}")
             tokenizers.append(tokenizer)
             text_encoders.append(load_pretrained(cls, name, sub, torch_dtype=dtype, **common))
-        for module in [m for m in (unet, vae, *text_encoders) if m is not None]:
-            module.requires_grad_(False)
-            module.eval()
+        freeze(unet, vae, *text_encoders)
         return TeacherComponents(self.name, unet, vae, text_encoders, tokenizers, scheduler_config, name,
                                  zero_unconditional=self.zero_unconditional(name, revision))
 

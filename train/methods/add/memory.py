@@ -60,7 +60,7 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
         image_config = Dinov2Config.from_pretrained(disc.image_encoder)
         frozen_disc += count(meta(lambda: Dinov2Model(image_config)))
         image_dim = image_config.hidden_size
-    text_dim = pooled if disc.text_embedding == "pooled" else int(unet_config["cross_attention_dim"])
+    text_dim = pooled if disc.text_embedding == "pooled" else family.token_width(unet_config)
     if disc.text_encoder:
         clip_config = clip_text_config(disc.text_encoder)
         text_dim = clip_config.projection_dim
@@ -86,7 +86,7 @@ def _activations(config, student, vae, dino, unet_config, family, dtype) -> tupl
     counter, kwargs, x = student_inputs(config, student, vae, unet_config, family, dtype)
     with counter.counting(student, vae), torch.autocast("cpu", enabled=False):
         student = student.to(dtype)
-        out = student(x, torch.zeros(batch, dtype=torch.long, device="meta"), **kwargs, return_dict=False)[0]
+        out = family.planning_output(student, x, kwargs)
         if config.distill.resolved_space == "pixel" or config.distill.adversarial:
             vae = vae.to(dtype)
             pixels = vae.decode(out[:, : vae.config.latent_channels], return_dict=False)[0]

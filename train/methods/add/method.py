@@ -79,6 +79,9 @@ class ADD(Method):
         config, device, dtype = self.config, self.device, self.dtype
         self.teacher = load_teacher(config.model, dtype=dtype)
         lora = config.student.lora
+        if lora.enabled and not self.teacher.family.lora:
+            raise ValueError(f"student.lora: LoRA students are not supported for {self.teacher.family.name} teachers "
+                             "yet; train the full student (unset student.lora.enabled)")
         if lora.enabled:  # one UNet: the teacher's, adapted; the backend below places it as the student
             student = self.teacher.unet
             trainable = add_adapters(student, lora)
@@ -273,7 +276,8 @@ class ADD(Method):
         time_ids = None if inputs.time_ids is None else inputs.time_ids.repeat(len(branches), 1)
         k = len(branches)
         with torch.no_grad(), autocast(self.device, self.dtype):
-            output = self.teacher.family.denoise(self.teacher_unet, x_t.repeat(k, 1, 1, 1), teacher_t.repeat(k),
+            output = self.teacher.family.denoise(self.teacher_unet, x_t.repeat(k, 1, 1, 1),
+                                                 self.teacher_schedule.model_time(teacher_t).repeat(k),
                                                  conditioning, time_ids).float()
             prediction = self.teacher_schedule.prediction_type
             if cfg.weighting == "nfsd":
@@ -296,7 +300,8 @@ class ADD(Method):
         with autocast(self.device, self.dtype):
             # In bf16 DeepSpeed holds the student in bf16 and, on CUDA, turns torch.autocast off inside the engine's
             # forward (it follows only its own `torch_autocast` setting): the inputs must arrive in the weights' dtype.
-            output = self.teacher.family.denoise(self.student.forward, x_s.to(self.dtype), timesteps, inputs.conditioning,
+            output = self.teacher.family.denoise(self.student.forward, x_s.to(self.dtype),
+                                                 self.student_schedule.model_time(timesteps), inputs.conditioning,
                                                  inputs.time_ids, self.dtype)
             x0 = predicted_x0(output.float(), x_s, alpha, sigma, self.student_schedule.prediction_type)
             need_pixels = cfg.adversarial or cfg.resolved_space == "pixel"

@@ -67,6 +67,10 @@ class Diffusion2GAN(Method):
             raise ModelLoadError("method diffusion2gan needs d2g.lpips: LatentLPIPS weights (a published "
                                  "<encoder>_latest_vgg16_tuned.pth, or the one `addpipe demo` trains)")
         self.teacher = load_teacher(config.model, dtype=dtype)
+        if self.teacher.family.denoiser_folder != "unet":
+            raise ModelLoadError(f"method diffusion2gan needs a UNet teacher (its discriminator is the teacher's UNet "
+                                 f"encoder, its pairs come from a DDIM sampler); {config.model.teacher} is "
+                                 f"{self.teacher.family.summary}: use method add")
         channels = int(self.teacher.unet.config.in_channels)
         self.lpips = LatentLPIPS.from_pretrained(d2g.lpips, latent_channels=channels, augment=d2g.augment or None).to(device)
         discriminator = (UNetEncoderDiscriminator(self.teacher.unet).float().to(device) if d2g.adversarial else None)
@@ -167,7 +171,8 @@ class Diffusion2GAN(Method):
         alpha, sigma = self.student_schedule.at(t, state.noise.ndim)
         terms: dict[str, torch.Tensor] = {}
         with autocast(self.device, self.dtype):
-            output = self.teacher.family.denoise(self.student.forward, state.noise.to(self.dtype), t, state.conditioning,
+            output = self.teacher.family.denoise(self.student.forward, state.noise.to(self.dtype),
+                                                 self.student_schedule.model_time(t), state.conditioning,
                                                  state.time_ids, self.dtype)
             fake = predicted_x0(output.float(), state.noise, alpha, sigma, self.student_schedule.prediction_type)
             terms["loss/lpips"] = self.ensemble_lpips(fake.float(), state.target, state).mean()
