@@ -93,15 +93,40 @@ def leftover_processes() -> list[tuple[int, str]]:
     return [(pid, commands[pid]) for pid in sorted(commands) if pid in marked or descends(pid)]
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (its own hook turns them into node-id suffixes)
+CLUSTER_MODULES = ("test_clusters.py",)
+CLUSTER_WORDS = ("slurm", "spark", "real_cluster")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit pytest-xdist sends to one worker (`-n 2`, what the README's test command runs): a module, so that its
+    module-scoped fixtures (a shared reference run, a seven-config torchrun launch) are built once; and one unit for
+    every test on a local SLURM or Spark cluster (found by name; pytest_collection_modifyitems checks that the names
+    cover the `cluster` mark), so that one cluster starts and its scheduler's waits overlap the other worker's
+    computing."""
+    module, _, name = nodeid.partition("::")
+    if module.endswith(CLUSTER_MODULES) or any(word in name for word in CLUSTER_WORDS):
+        return "cluster"
+    return module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own loadgroup marks do not reach its scheduler under pytest 9.2 (node ids are no longer assignable),
+    # so the grouping is a scheduler of ours: LoadScopeScheduling with the scope above.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleAndCluster(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return ByModuleAndCluster(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, what the README's test command runs) a module runs on one worker,
-    so its module-scoped fixtures (a shared reference run, a seven-config torchrun launch) are built once; the tests
-    on a local SLURM or Spark cluster all run on one worker, so one cluster starts, and their waits on the scheduler
-    overlap the other worker's computing."""
-    for item in items:
-        group = "cluster" if item.get_closest_marker("cluster") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+    unscoped = [item.nodeid for item in items if item.get_closest_marker("cluster") and xdist_scope(item.nodeid) != "cluster"]
+    if unscoped:
+        raise pytest.UsageError(f"cluster tests the xdist scope would not keep together (name them with one of "
+                                f"{CLUSTER_WORDS} or list their module in CLUSTER_MODULES): {unscoped}")
 
 
 def pytest_unconfigure(config):
@@ -222,3 +247,4 @@ def slurm(tmp_path_factory):
 def spark(tmp_path_factory):
     """A Spark standalone master and two workers on 127.0.0.1 (tests/spark_cluster.py)."""
     yield from _cluster("spark_cluster", tmp_path_factory)
+

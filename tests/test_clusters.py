@@ -128,7 +128,11 @@ def test_slurm_train_preempted_checkpoints_requeues_and_equals_torchrun(request,
     run = tmp_path / "run"
     overrides = settings(request, run, backend)
     job, log = submit(slurm, tmp_path, overrides, "--time", "20:00")
-    wait_until(lambda: len(logged_steps(run)) >= 2, 300, "two logged steps")
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 2, 300, "two logged steps")
+    except AssertionError as error:  # say where it stood: pending, running silent, or failed
+        raise AssertionError(f"{error}; job {job} {slurm.job_state(job)}, {len(logged_steps(run))} step(s) logged; "
+                             f"its log:\n{log.read_text()[-4000:] if log.exists() else '(none yet)'}") from None
     if interrupt == "requeue-then-preempt":
         slurm.run("scontrol", "requeue", job)
 

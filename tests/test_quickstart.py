@@ -38,6 +38,7 @@ def readme_commands() -> list[str]:
 def test_the_readme_quickstart_runs_on_the_tiny_models(tiny_sd, tiny_dino, tiny_student, tmp_path):
     from addpipe.dataprep.digits import digit_images
     from addpipe.dataprep.tiny import build_tiny_aesthetic, build_tiny_clip
+    from ldm_checkpoint import write_sd_single_file
 
     photos = tmp_path / "my_photos"
     photos.mkdir()
@@ -51,7 +52,11 @@ def test_the_readme_quickstart_runs_on_the_tiny_models(tiny_sd, tiny_dino, tiny_
                      "filter.min_clip_similarity": "null", "filter.min_resolution": 32, "download.image_size": 32}
     config = tmp_path / "my_config.yaml"  # the user's config: configs/tiny.yaml with the tiny DINOv2
     config.write_text(TINY_CONFIG.read_text().replace("demo_out/models/dinov2", str(tiny_dino)))
-    paths = {"configs/sdxl_add.yaml": str(config), "/models/my-sdxl": str(tiny_sd), "/data/my_photos": str(photos),
+    finetune = tmp_path / "my-finetune.safetensors"  # the tiny teacher as one file in the original layout
+    write_sd_single_file(tiny_sd, finetune)
+    paths = {"configs/sdxl_add.yaml": str(config), "/models/my-sdxl": str(tmp_path / "my-sdxl"),
+             "my-sdxl-finetune.safetensors": str(finetune), "stabilityai/stable-diffusion-xl-base-1.0": str(tiny_sd),
+             "/data/my_photos": str(photos),
              "/data/curated": str(tmp_path / "curated"), "runs/sdxl_add/student": str(tiny_student),
              "studies/mine": str(tmp_path / "study"), "fox.png": str(tmp_path / "fox.png")}
     extra = {"fetch": [arg for key, value in tiny_curation.items() if key.startswith(("embed.pretrained", "filter.aes"))
@@ -82,6 +87,7 @@ def test_the_readme_quickstart_runs_on_the_tiny_models(tiny_sd, tiny_dino, tiny_
             result = run_cli(*args, cwd=tmp_path)
         assert result.returncode == 0, f"{command}\n-> {args}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         ran.append(" ".join(words[:3]))
-    assert len(ran) == 9, ran  # all but the submission and the serving loop
+    assert len(ran) == 10, ran  # all but the submission and the serving loop
+    assert ran[0] == "addpipe convert my-sdxl-finetune.safetensors"  # the converted teacher is what the rest used
     assert (tmp_path / "fox.png").is_file() and (tmp_path / "study" / "metrics.json").is_file()
     assert (tmp_path / "study" / "invites.csv").is_file()
