@@ -231,3 +231,13 @@ def fetch_all(found: list[Asset], cache_dir: Optional[str] = None) -> tuple[dict
         except AssetError as error:
             problems.append(str(error))
     return paths, problems
+
+
+def missing_offline(config: Any, kinds: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Offline (HF_HUB_OFFLINE=1), the hub models and weight URLs `config` names that are not in the cache, one line
+    each, found from the cache alone (no retries of an unreachable hub); online, nothing."""
+    if not offline():
+        return []
+    found = [a for a in assets(config) if kinds is None or a.kind in kinds]
+    _, missing = fetch_all(found)
+    return [f"{line} (HF_HUB_OFFLINE=1: run `addpipe fetch` where there is a network)" for line in missing]

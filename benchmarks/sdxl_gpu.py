@@ -64,6 +64,17 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               hidden_act="quick_gelu", projection_dim=768)
 CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                  hidden_act="gelu", projection_dim=1280)
+# stabilityai/stable-diffusion-3.5-large and -medium, transformer/config.json; the SD3 VAE (16 latent channels,
+# a shift factor, no quant convs); T5 v1.1 XXL's encoder (text_encoder_3). 8.06e9, 2.24e9 and 4.76e9 parameters.
+SD35_LARGE = dict(attention_head_dim=64, caption_projection_dim=2432, in_channels=16, joint_attention_dim=4096,
+                  num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2, pooled_projection_dim=2048,
+                  pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128)
+SD35_MEDIUM = dict(SD35_LARGE, caption_projection_dim=1536, num_attention_heads=24, num_layers=24,
+                   dual_attention_layers=tuple(range(13)), pos_embed_max_size=384)
+SD3_VAE = dict(SDXL_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu")
 DINOV2_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                     image_size=518, layerscale_value=1.0)
 

@@ -95,12 +95,29 @@ def out_dir(config: PrepConfig) -> Path:
     return Path(os.path.expanduser(config.out))
 
 
-def run_download(config: PrepConfig) -> list[int]:
-    """Normalise the input table and download it; -> the shard ids."""
+def check_input(config: PrepConfig) -> Path:
+    """The URL table exists and an output directory is given; -> the output directory."""
     table = os.path.expanduser(config.input.urls or "")
     if table and "://" not in table and not Path(table).exists():  # the first thing wrong is the first thing said
         raise PrepError(f"URL table {config.input.urls} does not exist")
-    root = out_dir(config)
+    return out_dir(config)
+
+
+def check_models_present(config: PrepConfig) -> None:
+    """Offline, the models the scores need (open_clip weights, the aesthetic predictor) must be cached: said before
+    the download starts, not after it, and without retrying the hub."""
+    from addpipe.assets import missing_offline
+
+    missing = missing_offline(config)
+    if missing:
+        raise PrepError("\n".join(missing) if len(missing) == 1 else
+                        f"{len(missing)} models missing:\n" + "\n".join(f"  {line}" for line in missing))
+
+
+def run_download(config: PrepConfig, models_first: bool = False) -> list[int]:
+    """Normalise the input table and download it; -> the shard ids. `models_first` (the whole prep): once the table
+    is known good, check that the scoring models are there before downloading anything."""
+    root = check_input(config)
     settings = input_settings(config)
     check_fingerprint(root / "input", settings, rebuild=False, record=False)
     # validates the table before anything is recorded
@@ -108,6 +125,8 @@ def run_download(config: PrepConfig) -> list[int]:
     check_fingerprint(root / "input", settings, rebuild=False)
     write_text_atomic(root / "prep_config.yaml", to_yaml(config))
     logger.info("input: %d rows, carrying columns %s", rows, carried)
+    if models_first:
+        check_models_present(config)
     return download_stage.download(urls, carried, rows, config.download, root / "download")
 
 
@@ -123,6 +142,7 @@ def run_embed(config: PrepConfig, task_index: int = 0, task_count: int = 1) -> l
     (a rerun or requeued task skips those already scored, and says so)."""
     if not 0 <= task_index < task_count:
         raise PrepError(f"task index {task_index} is outside 0..{task_count - 1}")
+    check_models_present(config)
     root = out_dir(config)
     mine = [s for s in downloaded_shards(root) if s % task_count == task_index]
     settings = embed_settings(config)
@@ -184,6 +204,6 @@ def run_merge(config: PrepConfig) -> dict[str, Any]:
 
 
 def run_prep(config: PrepConfig) -> dict[str, Any]:
-    run_download(config)
+    run_download(config, models_first=True)
     run_embed(config)
     return run_merge(config)

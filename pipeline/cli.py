@@ -29,10 +29,16 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+DEBUG = {"on": os.environ.get("ADDPIPE_DEBUG", "") not in ("", "0")}
+
+
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
-                                       help="Print the version and exit")) -> None:
+                                       help="Print the version and exit"),
+          debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected error (also: "
+                                     "ADDPIPE_DEBUG=1)")) -> None:
     """Adversarial Diffusion Distillation: prep -> train -> sample -> eval."""
+    DEBUG["on"] = DEBUG["on"] or debug
 
 
 class UserError(BaseUserError):
@@ -781,6 +787,20 @@ def invoke(args: Optional[List[str]] = None) -> None:
     except BaseUserError as error:  # every stage's input errors subclass it (addpipe/errors.py)
         typer.echo(f"error: {error}", err=True)
         sys.exit(2)
+    except Exception as error:  # a defect, not the input: one line, and the traceback kept in a file
+        if DEBUG["on"]:
+            raise
+        import tempfile
+        import traceback
+
+        text = "".join(traceback.format_exception(error))
+        with tempfile.NamedTemporaryFile("w", prefix="addpipe-traceback-", suffix=".txt", delete=False) as file:
+            file.write(text)
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        typer.echo(f"error: unexpected {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                   f" (at {Path(frame.filename).name}:{frame.lineno}; the traceback is in {file.name}, or rerun with "
+                   "addpipe --debug to print it). Please report it with that file.", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

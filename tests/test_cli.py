@@ -103,3 +103,28 @@ def test_a_missing_study_is_named_not_a_database_traceback(tmp_path):
 def test_a_missing_url_table_is_named_before_a_missing_out(tmp_path):
     result = run_cli("prep", "--urls", str(tmp_path / "missing.parquet"))
     assert result.returncode == 2 and f"URL table {tmp_path / 'missing.parquet'} does not exist" in result.stderr
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_file_or_printed_with_debug(tmp_path, monkeypatch):
+    import re
+
+    from addpipe.pipeline import cli as cli_module
+    from addpipe.train.families import single_file
+
+    def broken(*args, **kwargs):
+        return {}["a defect"]
+
+    monkeypatch.setattr(single_file, "convert_single_file", broken)
+    result = run_cli("convert", tmp_path / "x.safetensors", "--out", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: unexpected KeyError: 'a defect' (at test_cli.py:") and "addpipe --debug" in line
+    saved = re.search(r"the traceback is in (\S+\.txt)", line).group(1)
+    assert "Traceback" in open(saved).read() and "broken" in open(saved).read()
+    monkeypatch.setitem(cli_module.DEBUG, "on", False)
+    try:
+        run_cli("--debug", "convert", tmp_path / "x.safetensors", "--out", tmp_path / "out")
+    except KeyError as error:  # --debug lets it through, traceback and all
+        assert error.args == ("a defect",)
+    else:
+        raise AssertionError("--debug did not let the error through")

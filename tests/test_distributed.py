@@ -208,3 +208,61 @@ def test_an_sd3_teacher_trains_alike_on_one_rank_and_two(backend, runs):
     a, b = student_weights(one, "transformer"), student_weights(two, "transformer")
     for key in a:
         torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-3, msg=key)
+
+
+# HSDP: four ranks as 2 x 2 (sharded within pairs, replicated across them) against one rank; four data streams either
+# way (one rank with four loader workers, or four ranks with one each); batch norm per sample, as a rank holds one.
+HSDP_COMMON = {**RESHARD_COMMON, "discriminator.virtual_batch_size": 1, "engine.backend": "fsdp2",
+               "model.frozen_placement": "partition"}
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tiny_sd, tiny_dino, digit_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hsdp")
+
+    def overrides(run, steps, processes):
+        return tiny_overrides(tiny_sd, tiny_dino, digit_shards, run, steps=steps, **HSDP_COMMON,
+                              **{"data.batch_size": 4 // processes, "data.num_workers": 4 // processes,
+                                 "engine.shard_group": 2 if processes == 4 else 0})
+
+    jobs = [{"report": root / f"{name}.json", "overrides": overrides(root / name, steps, 4)}
+            for name, steps in (("hsdp-whole", 4), ("hsdp-first", 2))]
+    torchrun_batch(jobs, root, processes=4)
+    reports = {name: json.loads((root / f"{name}.json").read_text()) for name in ("hsdp-whole", "hsdp-first")}
+    reports["one-whole"] = run_worker("train", 1, None, overrides(root / "one-whole", 4, 1))
+    import shutil
+
+    shutil.copytree(root / "hsdp-first", root / "one-resumed")
+    reports["one-resumed"] = run_worker("train", 1, None, overrides(root / "one-resumed", 4, 1), resume=True)
+    return {name: (root / name, report) for name, report in reports.items()}
+
+
+@pytest.mark.slow
+def test_hsdp_on_2x2_ranks_equals_one_rank_and_its_checkpoint_resumes_on_one(hsdp_runs):
+    run, report = hsdp_runs["hsdp-whole"]
+    assert report["world_size"] == 4
+    half = report["full_numel"] // 2  # each rank holds half of the student (a pair's shard), not a quarter
+    assert all(half - 5000 <= count <= half + 5000 for count in report["local_numel_per_rank"]), report
+    reference = hsdp_runs["one-whole"][0]
+    for other in (run, hsdp_runs["one-resumed"][0]):
+        for a, b in zip(metrics(other), metrics(reference), strict=True):
+            for term in TERMS:
+                assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), (other.name, a["step"], term)
+        ours, theirs = student_weights(other), student_weights(reference)
+        for key in theirs:
+            torch.testing.assert_close(ours[key].float(), theirs[key].float(), atol=1e-4, rtol=1e-3, msg=key)
+    resumed = hsdp_runs["one-resumed"][1]
+    assert resumed["step_at_start"] == 2 and resumed["world_size"] == 1
+
+
+def test_a_shard_group_is_fsdp2s_and_must_divide_the_ranks(tiny_sd, tiny_dino, digit_shards, tmp_path):
+    from addpipe.config import ConfigError, load
+    from addpipe.train.backends.fsdp2 import FSDP2Backend
+    from addpipe.train.config import TrainConfig
+
+    base = tiny_overrides(tiny_sd, tiny_dino, digit_shards, tmp_path / "run")
+    with pytest.raises(ConfigError, match="engine.shard_group .*FSDP2's"):
+        load(TrainConfig, TINY_CONFIG, base + ["engine.backend=deepspeed", "engine.shard_group=2"])
+    config = load(TrainConfig, TINY_CONFIG, base + ["engine.backend=fsdp2", "engine.shard_group=2"])
+    with pytest.raises(ValueError, match="engine.shard_group=2 does not divide the 1 ranks"):
+        FSDP2Backend(config.engine, torch.device("cpu"), torch.float32)

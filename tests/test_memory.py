@@ -49,9 +49,7 @@ def sdxl_configs(directory):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, Dinov2Config
 
-    spec = importlib.util.spec_from_file_location("sdxl_gpu", REPO / "benchmarks" / "sdxl_gpu.py")
-    sdxl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sdxl)
+    sdxl = benchmark_constants()
     with torch.device("meta"):
         UNet2DConditionModel(**sdxl.SDXL_UNET).save_config(directory / "unet")
         AutoencoderKL(**sdxl.SDXL_VAE).save_config(directory / "vae")
@@ -61,6 +59,57 @@ def sdxl_configs(directory):
                                                             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
     Dinov2Config(**sdxl.DINOV2_SMALL).save_pretrained(directory / "dinov2")
     return directory
+
+
+def sd35_configs(directory, transformer):
+    """An SD3.5 pipeline's published architecture as config files only: the transformer given, CLIP-L and
+    OpenCLIP-bigG with projections, T5-XXL's encoder, the SD3 VAE."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, Dinov2Config, T5Config
+
+    sdxl = benchmark_constants()
+    with torch.device("meta"):
+        SD3Transformer2DModel(**transformer).save_config(directory / "transformer")
+        AutoencoderKL(**sdxl.SD3_VAE).save_config(directory / "vae")
+    CLIPTextConfig(**sdxl.CLIP_L).save_pretrained(directory / "text_encoder")
+    CLIPTextConfig(**sdxl.CLIP_BIGG).save_pretrained(directory / "text_encoder_2")
+    T5Config(**sdxl.T5_XXL).save_pretrained(directory / "text_encoder_3")
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"]}))
+    Dinov2Config(**sdxl.DINOV2_SMALL).save_pretrained(directory / "dinov2")
+    return directory
+
+
+def test_the_sd35_large_plan_counts_its_networks_and_needs_its_sharding(tmp_path):
+    """configs/sd35_add.yaml with SD3.5-large's architecture on 8 x 80 GB: the transformer's 8.06e9 parameters twice
+    (student and frozen teacher), T5-XXL's 4.76e9 frozen, and a verdict that follows the sharding: ZeRO-3 over 8 ranks
+    with the frozen teacher partitioned fits, one rank does not."""
+    sdxl = benchmark_constants()
+    teacher = sd35_configs(tmp_path, sdxl.SD35_LARGE)
+
+    def plan(world, *extra):
+        return plan_memory(load(TrainConfig, REPO / "configs/sd35_add.yaml", [
+            f"model.teacher={teacher}", f"discriminator.feature_network={teacher / 'dinov2'}",
+            "discriminator.image_encoder=null", "model.gradient_checkpointing=true", *extra]), world)
+
+    eight = plan(8, "model.frozen_placement=partition")
+    found = lines(eight)
+    assert found["student transformer"].params == pytest.approx(8.0566e9, rel=1e-3)
+    assert found["teacher transformer"].params == found["student transformer"].params
+    assert found["teacher transformer"].weights == pytest.approx(found["student transformer"].weights)  # 1/8 each
+    text = found["VAE + text encoders"].params
+    assert text == pytest.approx(4.7623e9 + 0.1237e9 + 0.6946e9 + 0.0838e9, rel=0.01)  # T5, CLIP-L, CLIP-bigG, VAE
+    assert eight.fits(80), eight.describe(80)
+    one = plan(1)
+    assert not one.fits(80) and "does NOT fit 80 GiB" in one.describe(80)
+
+
+def benchmark_constants():
+    spec = importlib.util.spec_from_file_location("sdxl_gpu", REPO / "benchmarks" / "sdxl_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_sdxl_plan_is_within_15_percent_of_the_peaks_measured_on_an_h100(tmp_path):

@@ -524,6 +524,11 @@ def test_input_formats_and_column_errors(tmp_path):
 def test_cli_errors_are_clear_and_leave_no_output(tmp_path, curated):
     result = run_cli("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "no column 'url'" in result.stderr and "URL, TEXT, name" in result.stderr
+    # offline (the suite's HF_HUB_OFFLINE=1) with the default models, none cached: named before any download
+    result = run_cli("prep", "--urls", str(curated["root"] / "laion.parquet"), "--out", str(tmp_path / "o4"),
+                     "--set", "input.url_column=URL", "--set", "input.caption_column=TEXT")
+    assert result.returncode == 2 and "models missing" in result.stderr and "embed.pretrained" in result.stderr, result.stderr
+    assert "addpipe fetch" in result.stderr and not (tmp_path / "o4" / "download").exists()
     result = run_cli("prep", "--out", str(tmp_path / "o2"), "--set", "filter.min_clipsim=0.3")
     assert result.returncode == 2 and "unknown config key" in result.stderr and "min_clip_similarity" in result.stderr
     result = run_cli("prep", "merge", "--out", str(tmp_path / "never"))

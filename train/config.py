@@ -235,11 +235,19 @@ class EngineConfig:
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after each block's forward (ZeRO-3-like memory); false keeps them until the
     backward (ZeRO-2-like: more memory, one gather fewer)."""
+    shard_group: int = 0
+    """FSDP2: shard the models within groups of this many consecutive ranks and replicate them across the groups
+    (HSDP, a 2-D device mesh: replicate x shard). The GPUs of one node is the usual choice: the parameter gathers
+    stay on the node's links, and only the gradient all-reduce crosses nodes. 0: shard over all ranks."""
 
     def __post_init__(self) -> None:
         if self.backend == "fsdp2" and "nvme" in (self.offload_optimizer, self.offload_param):
             raise ValueError("NVMe offload is DeepSpeed's: with engine.backend=fsdp2 use offload_param=cpu (FSDP2's "
                              "CPUOffloadPolicy) or engine.backend=deepspeed")
+        if self.shard_group < 0:
+            raise ValueError(f"engine.shard_group must be 0 (all ranks) or a group size, got {self.shard_group}")
+        if self.shard_group and self.backend != "fsdp2":
+            raise ValueError("engine.shard_group (HSDP) is FSDP2's: set engine.backend=fsdp2, or leave it 0")
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"engine.zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.discriminator_zero is not None and self.discriminator_zero not in (0, 1, 2, 3):

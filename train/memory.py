@@ -149,7 +149,14 @@ def plan_memory(config, world_size: int = 1, dtype: Optional[torch.dtype] = None
     if planner is None:
         raise ValueError(f"method {config.method} has no memory plan (Method.memory_plan)")
     dtype = dtype or (torch.float32 if config.engine.precision == "fp32" else torch.bfloat16)
-    return planner(config, world_size, dtype)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # casting meta models warns "modules that should be kept in float32: []"
+    try:
+        return planner(config, world_size, dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
 
 
 def family_of(model):

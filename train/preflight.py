@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from addpipe.assets import Asset, assets, fetch_all, looks_local, marked_fields, offline
+from addpipe.assets import Asset, looks_local, marked_fields, missing_offline
 from addpipe.errors import UserError
 
 
@@ -33,13 +33,16 @@ def problems(config) -> list[str]:
     found = []
     for key, value, kind in _local_models(config):
         path = Path(os.path.expanduser(value))
-        if not path.is_dir():
+        if path.is_file() and kind == "pipeline":
+            found.append(f"{key}: {value} is a single-file checkpoint: convert it first, `addpipe convert {value} "
+                         "--out DIR`, then pass DIR")
+        elif not path.is_dir():
             found.append(f"{key}: directory not found: {value} (a hub id is `owner/name`)")
         elif kind == "pipeline":
             index = path / "model_index.json"
             if not index.is_file():
                 found.append(f"{key}: {value} is not a diffusers pipeline directory (no model_index.json); a single-file "
-                             "checkpoint must be converted to one first")
+                             "checkpoint becomes one with `addpipe convert`")
             else:
                 import json
 
@@ -49,10 +52,8 @@ def problems(config) -> list[str]:
                     found.append(f"{key}: {error}")
         elif not (path / "config.json").is_file():
             found.append(f"{key}: {value} has no config.json: not a saved model directory")
-    if offline():  # hub ids must be in the cache: say which are not, now, instead of retrying the hub
-        hub = [a for a in assets(config) if a.kind in ("pipeline", "model")]
-        _, missing = fetch_all(hub)
-        found += [f"{line} (HF_HUB_OFFLINE=1: run `addpipe fetch` where there is a network)" for line in missing]
+    # offline, hub ids must be in the cache: say which are not, now, instead of retrying the hub
+    found += missing_offline(config, ("pipeline", "model"))
     try:
         expand_shards(config.data.shards)
     except ShardError as error:

@@ -46,7 +46,7 @@ class FSDP2Trained(Trained):
                  shard: bool, mesh, mp_policy, offload_policy, reshard_after_forward: bool):
         from torch.distributed.fsdp import fully_shard
 
-        self.name, self.sharded, self.settings = name, shard, settings
+        self.name, self.sharded, self.settings, self.mesh = name, shard, settings, mesh
         self.shards_parameters = shard
         wanted = {id(p) for p in trainable}
         names = [n for n, p in module.named_parameters() if id(p) in wanted]
@@ -203,7 +203,11 @@ class FSDP2Trained(Trained):
             state["step"] = torch.tensor(float(steps))
 
     def describe(self) -> str:
-        return "FSDP2 fully_shard" if self.sharded else "replicated (gradients all-reduced)"
+        if not self.sharded:
+            return "replicated (gradients all-reduced)"
+        if self.mesh.ndim == 2:
+            return f"FSDP2 HSDP: sharded over {self.mesh.shape[1]} ranks, replicated {self.mesh.shape[0]}x"
+        return "FSDP2 fully_shard"
 
 
 class FSDP2Backend(Backend):
@@ -214,7 +218,15 @@ class FSDP2Backend(Backend):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
         self.config, self.device, self.dtype = engine_config, device, dtype
-        self.mesh = init_device_mesh(device.type, (distributed.world_size(),))
+        world = distributed.world_size()
+        group = engine_config.shard_group or world
+        if world % group:
+            raise ValueError(f"engine.shard_group={group} does not divide the {world} ranks: use a divisor of "
+                             f"{world} (the GPUs per node), or 0 to shard over all ranks")
+        if group == world:
+            self.mesh = init_device_mesh(device.type, (world,))
+        else:  # HSDP: fully_shard on a 2-D mesh shards over the inner dimension and replicates over the outer one
+            self.mesh = init_device_mesh(device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
         self.mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                           if dtype == torch.bfloat16 else MixedPrecisionPolicy())
         offload = "cpu" in (engine_config.offload_param, engine_config.offload_optimizer)
@@ -230,7 +242,7 @@ class FSDP2Backend(Backend):
 
     @staticmethod
     def state_bytes(engine, params: int, dtype: torch.dtype, world: int, sharded: bool, ema: bool) -> StateBytes:
-        share = 1 / world if sharded else 1.0
+        share = 1 / min(engine.shard_group or world, world) if sharded else 1.0  # HSDP: a shard group's share
         # the shards are the fp32 masters; one gathered block in the compute dtype at a time (not counted here:
         # a block of an SDXL UNet is a few hundred MB)
         out = StateBytes(weights=4 * params * share, gradients=4 * params * share, optimizer=8 * params * share,
@@ -264,7 +276,9 @@ class FSDP2Backend(Backend):
         precision = "bf16 gathers, fp32 reductions and fp32 shards" if engine.precision == "bf16" else (
             "bf16 gathers where the GPU supports it" if engine.precision == "auto" else "fp32")
         offload = ", shards and optimizer on the CPU" if "cpu" in (engine.offload_param, engine.offload_optimizer) else ""
-        return {"student": f"FSDP2: each UNet block and the root sharded over all ranks ({precision}{offload})",
+        over = (f"within groups of {engine.shard_group} ranks, replicated across the groups (HSDP)"
+                if engine.shard_group else "over all ranks")
+        return {"student": f"FSDP2: each denoiser block and the root sharded {over} ({precision}{offload})",
                 "discriminator heads": "replicated, gradients all-reduced",
                 "frozen teacher UNet": ("FSDP2: sharded by block, no optimizer" if config.model.frozen_placement == "partition"
                                         else "replicated on every rank"),

@@ -26,6 +26,7 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
     plan = MemoryPlan(world, str(dtype).replace("torch.", ""))
 
     denoiser, folder = family.denoiser_class(), family.denoiser_folder
+    kind = "UNet" if folder == "unet" else folder  # what the plan's lines call the denoiser
     unet_config = model_config(denoiser, model.student_init or model.teacher, None if model.student_init else folder)
     student = meta(lambda: denoiser.from_config(unet_config))
     student_params = count(student)
@@ -39,14 +40,14 @@ def plan_add(config, world_size: int, dtype: torch.dtype) -> MemoryPlan:
         plan.lines.append(trained_state(f"student LoRA adapters, rank {lora.rank} (trained)", adapters, engine, dtype,
                                         world, True, ema))
         sharded = backend_class(engine.backend).shards_weights(engine)
-        plan.lines.append(Line("UNet base (frozen; teacher = adapters off)", student_params,
+        plan.lines.append(Line(f"{kind} base (frozen; teacher = adapters off)", student_params,
                                weights=b * student_params / (world if sharded else 1),
                                note="sharded with the student" if sharded else "replicated"))
     else:
-        plan.lines.append(trained_state("student UNet (trained)", student_params, engine, dtype, world, True, ema))
+        plan.lines.append(trained_state(f"student {kind} (trained)", student_params, engine, dtype, world, True, ema))
         teacher_unet_params = count(meta(lambda: denoiser.from_config(model_config(denoiser, model.teacher, folder))))
         partition = model.frozen_placement == "partition"
-        plan.lines.append(Line("teacher UNet (frozen)", teacher_unet_params,
+        plan.lines.append(Line(f"teacher {kind} (frozen)", teacher_unet_params,
                                weights=b * teacher_unet_params / (world if partition else 1),
                                note="sharded" if partition else "replicated"))
     vae, frozen, pooled = frozen_vae_and_text(config, family, dtype)
